@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make demo` renders the bundled clip, `make test` runs the tests.
+# Both create .venv and install everything they need on their own.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU machines get torch 2.13.0 (a CPU build where one is on the index); set TORCH_SPEC to override.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps "gfpgan==1.3.8"
+	@if $(PY) -c "import torchvision" 2>/dev/null; then echo "warning: torchvision is installed; see DESIGN.md"; fi
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cluster.render +task=test models=tiny
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) outputs multirun models/tiny

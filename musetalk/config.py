@@ -1,0 +1,44 @@
+"""Typed configuration of the per-frame pipeline. Hydra's DictConfig never reaches musetalk/:
+cluster/ converts it to these frozen dataclasses at the boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FaceConfig:
+    detector: str = "s3fd"  # s3fd (face-alignment) | haar (OpenCV cascade, no weights needed)
+    crop: str = "landmarks"  # landmarks (upstream v1.5 rule from 68 FAN landmarks) | box (detector box + bbox_shift)
+    bbox_shift: int = 0  # pixels added to the box's top edge in `box` crop mode
+    extra_margin: int = 10  # pixels added below the chin (upstream v1.5), clipped to the frame
+    detect_max_side: int = 640  # detection runs on frames downscaled so the longer side is at most this
+    smooth_radius: int = 2  # temporal box smoothing over source frames [s - r, s + r]
+    batch_size: int = 8  # detector batch (padded to this size so results never depend on batch-mates)
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    mode: str = "jaw"  # face-parsing mode as upstream: jaw | raw | neck
+    parsing: bool = True  # False: pure feathered-ellipse mask, no face parsing
+    upper_boundary_ratio: float = 0.5  # the mask's top part (of the blend square) is zeroed
+    expand: float = 1.5  # blend square side = 2 * int(max(w, h) // 2 * expand)
+    ellipse_feather: float = 0.15  # feather width of the ellipse as a fraction of its radii
+
+
+@dataclass(frozen=True)
+class EnhanceConfig:
+    enabled: bool = False
+    upscale: int = 1  # 1, 2 or 4: resolution of the enhanced face before it is pasted
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    models_dir: str = "models"
+    tiny: bool = False  # models_dir holds the random-weight stand-ins (changes only the fetch hint)
+    device: str = "auto"
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (CPU always computes in float32)
+    batch_size: int = 8  # VAE/UNet batch; every batch is padded to this size (shard invariance)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
