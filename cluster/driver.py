@@ -1,0 +1,264 @@
+"""The driver: plan a job, run its shards on a pool of RenderWorker actors, stitch the segments.
+
+Ray is started once per process (an embedded local cluster by default) and reused by every job
+in it, so a Hydra multirun sweep renders job after job on the same cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm import tqdm
+
+from cluster.config import ClusterConfig, JobConfig
+from cluster.progress import ProgressActor
+from cluster.worker import JobInputs, RenderWorker
+from musetalk.pipeline import STAGES, ShardStats
+from shards.errors import FarmError, RenderError
+from shards.media import concat_and_mux, load_audio, probe_audio, probe_video
+from shards.plan import Plan, dispatch_order, plan_shards, shard_length_frames
+
+logger = logging.getLogger(__name__)
+
+
+def connect(cfg: ClusterConfig) -> None:
+    """Start (or join) Ray once per process; later jobs in the same process reuse it."""
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        logger.info("connecting to Ray cluster at %s", cfg.address)
+        ray.init(address=cfg.address, logging_level=logging.WARNING)
+    else:
+        logger.info("starting an embedded local Ray cluster")
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+
+
+def pool_shape(cfg: ClusterConfig) -> tuple[int, float]:
+    """(number of workers, GPUs per worker) from the cluster's resources and the config."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    per = cfg.gpus_per_worker if gpus else 0.0
+    if cfg.workers is not None:
+        return cfg.workers, per
+    if gpus:
+        return max(1, int(gpus / per)), per
+    return cfg.cpu_workers, 0.0
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    output: str
+    frames: int
+    face_frames: int
+    shards: int
+    workers: int
+    seconds: float
+    fps: float
+    stage_seconds: dict[str, float]
+    worker_frames: dict[str, int]
+    retries: int
+    enhance_fallbacks: int
+    parsing_fallbacks: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"output      {self.output}",
+            f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers",
+            f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards",
+            "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
+            "workers     " + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
+        ]
+        if self.enhance_fallbacks or self.parsing_fallbacks:
+            out.append(
+                f"fallbacks   enhance {self.enhance_fallbacks} frames, face parsing {self.parsing_fallbacks} source frames"
+            )
+        return out
+
+
+class _Pool:
+    """Workers plus what each has in flight; dead workers are replaced."""
+
+    def __init__(self, job: JobConfig, progress, size: int, gpus: float) -> None:
+        self.job, self.progress, self.gpus = job, progress, gpus
+        self.actors = [self._start() for _ in range(size)]
+        self.load = [0] * size
+        names = ray.get([a.ready.remote() for a in self.actors])
+        logger.info("worker pool ready: %s", ", ".join(names))
+
+    def _start(self):
+        c = self.job.cluster
+        remote = ray.remote(RenderWorker).options(
+            num_gpus=self.gpus, num_cpus=c.cpus_per_worker, max_restarts=0, max_task_retries=0
+        )
+        return remote.remote(self.job.pipeline, self.progress, max(1, int(c.cpus_per_worker)))
+
+    def least_loaded(self) -> int | None:
+        i = min(range(len(self.actors)), key=lambda k: self.load[k])
+        return i if self.load[i] < self.job.cluster.max_in_flight else None
+
+    def replace(self, i: int) -> None:
+        logger.warning("worker %d died; starting a replacement", i)
+        self.actors[i] = self._start()
+        self.load[i] = 0
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+
+def run_job(job: JobConfig) -> JobSummary:
+    """Render one job end to end; the output appears atomically or not at all."""
+    start = time.perf_counter()
+    info = probe_video(job.video)
+    probe_audio(job.audio)
+    samples = load_audio(job.audio)
+    shard_frames = shard_length_frames(job.shard_length, job.shard_seconds, info.fps)
+    plan = plan_shards(
+        source_frames=info.frame_count,
+        total_samples=len(samples),
+        sample_rate=16000,
+        fps=info.fps,
+        shard_frames=shard_frames,
+        overlap=job.overlap,
+        min_overlap=job.pipeline.face.smooth_radius,
+    )
+    logger.info(
+        "plan: %d output frames at %s fps from %d source frames, %d shards",
+        plan.output_frames,
+        plan.fps,
+        plan.source_frames,
+        len(plan.shards),
+    )
+    connect(job.cluster)
+    run_dir = job.output.parent / f".{job.output.stem}.run"
+    seg_dir = run_dir / "segments"
+    seg_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plan.json").write_text(plan.to_json())
+
+    job_id = uuid.uuid4().hex[:12]
+    if job.cluster.inputs == "object_store":
+        inputs = JobInputs(
+            job_id,
+            job.video.suffix,
+            video_ref=[ray.put(job.video.read_bytes())],
+            audio_ref=[ray.put(samples)],
+        )
+    else:
+        inputs = JobInputs(
+            job_id, job.video.suffix, video_path=str(job.video.resolve()), audio_path=str(job.audio.resolve())
+        )
+    progress = ProgressActor.remote()
+    size, gpus = pool_shape(job.cluster)
+    pool = _Pool(job, progress, size, gpus)
+    try:
+        stats, retries = _dispatch(plan, pool, inputs, job, seg_dir, progress)
+    finally:
+        pool.shutdown()
+        ray.kill(progress)
+    segments = [seg_dir / f"{s.name}.mkv" for s in plan.shards]
+    concat_and_mux(segments, job.audio, job.output, plan.fps, plan.output_frames, job.encode)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    summary = _summarise(job, plan, stats, size, seconds, retries)
+    if job.summary:
+        job.output.with_suffix(".summary.json").write_text(summary.to_json())
+    return summary
+
+
+def _dispatch(plan: Plan, pool: _Pool, inputs: JobInputs, job: JobConfig, seg_dir: Path, progress):
+    pending = deque((s, 1) for s in dispatch_order(plan))
+    in_flight: dict = {}
+    done: dict[int, ShardStats] = {}
+    retries = 0
+    bar = tqdm(total=plan.output_frames, unit="frame", desc="render", dynamic_ncols=True, mininterval=1.0)
+    try:
+        while pending or in_flight:
+            while pending and (i := pool.least_loaded()) is not None:
+                shard, attempt = pending.popleft()
+                ref = pool.actors[i].render.remote(inputs, plan, shard, job.encode)
+                in_flight[ref] = (shard, attempt, i)
+                pool.load[i] += 1
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            bar.n = min(plan.output_frames, ray.get(progress.total.remote()))
+            bar.refresh()
+            for ref in ready:
+                shard, attempt, i = in_flight.pop(ref)
+                pool.load[i] -= 1
+                try:
+                    data, st = ray.get(ref)
+                except RayActorError as err:
+                    if pool.actors[i] is not None and _actor_dead(pool, i):
+                        pool.replace(i)
+                    retries += _retry(pending, shard, attempt, job, err)
+                    continue
+                except RayTaskError as err:
+                    cause = err.cause if isinstance(err.cause, BaseException) else err
+                    if isinstance(cause, FarmError):
+                        raise cause from None
+                    retries += _retry(pending, shard, attempt, job, cause)
+                    continue
+                (seg_dir / f"{shard.name}.mkv").write_bytes(data)
+                done[shard.index] = st
+                logger.info("%s done on %s: %d frames", shard.name, st.worker, st.frames)
+        bar.n = plan.output_frames
+        bar.refresh()
+    finally:
+        bar.close()
+    return [done[s.index] for s in plan.shards], retries
+
+
+def _actor_dead(pool: _Pool, i: int) -> bool:
+    try:
+        ray.get(pool.actors[i].ready.remote(), timeout=30)
+        return False
+    except (RayActorError, ray.exceptions.GetTimeoutError):
+        return True
+
+
+def _retry(pending: deque, shard, attempt: int, job: JobConfig, err: BaseException) -> int:
+    if attempt >= job.cluster.max_attempts:
+        raise RenderError(
+            f"{shard.name} (frames {shard.start}..{shard.end - 1}) failed {attempt} times, last: {err}; "
+            "see the worker log above, or raise cluster.max_attempts"
+        )
+    logger.warning("%s failed (attempt %d of %d): %s; retrying", shard.name, attempt, job.cluster.max_attempts, err)
+    pending.appendleft((shard, attempt + 1))
+    return 1
+
+
+def _summarise(job: JobConfig, plan: Plan, stats: list[ShardStats], workers: int, seconds: float, retries: int):
+    stage = {k: round(sum(s.seconds.get(k, 0.0) for s in stats), 3) for k in STAGES}
+    per_worker: dict[str, int] = {}
+    for s in stats:
+        per_worker[s.worker] = per_worker.get(s.worker, 0) + s.frames
+    return JobSummary(
+        output=str(job.output),
+        frames=plan.output_frames,
+        face_frames=sum(s.face_frames for s in stats),
+        shards=len(plan.shards),
+        workers=workers,
+        seconds=round(seconds, 3),
+        fps=round(plan.output_frames / seconds, 3),
+        stage_seconds=stage,
+        worker_frames=per_worker,
+        retries=retries,
+        enhance_fallbacks=sum(s.enhance_fallbacks for s in stats),
+        parsing_fallbacks=sum(s.parsing_fallbacks for s in stats),
+    )

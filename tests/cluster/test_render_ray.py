@@ -1,0 +1,124 @@
+"""The sharded renderer on a real local Ray cluster: shard invariance, the CLI, errors, a multirun sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import ray
+
+from cluster.config import REPO_ROOT
+from cluster.driver import run_job
+from musetalk.pipeline import render_local
+from tests.helpers import decode_all, job_for, trimmed_audio
+
+
+@pytest.fixture(scope="module")
+def short_audio(demo_media, tmp_path_factory):
+    return trimmed_audio(demo_media.audio, tmp_path_factory.mktemp("audio") / "short.wav", 2.0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_shard_invariance_across_shardings_and_workers(local_ray, tiny_models, demo_media, short_audio, tmp_path):
+    base = job_for(tiny_models, demo_media.video, short_audio, tmp_path / "ref.mp4", "shards.length=1000")
+    ref = render_local(demo_media.video, short_audio, base.output, base.pipeline, encode=base.encode)
+    assert len(ref.plan.shards) == 1
+    expected = decode_all(ref.output)
+    assert len(expected) == 50
+    for length, overlap, workers in [(13, 2, 2), (17, 6, 1)]:
+        out = tmp_path / f"sharded_{length}.mp4"
+        job = job_for(
+            tiny_models, demo_media.video, short_audio, out,
+            f"shards.length={length}", f"shards.overlap={overlap}", f"cluster.workers={workers}",
+        )
+        summary = run_job(job)
+        assert summary.shards >= 3 and summary.frames == 50
+        got = decode_all(out)
+        assert len(got) == len(expected)
+        for t, (a, b) in enumerate(zip(expected, got, strict=True)):
+            assert np.array_equal(a, b), f"frame {t} differs with shards.length={length} overlap={overlap}"
+        written = json.loads(out.with_suffix(".summary.json").read_text())
+        assert written["frames"] == 50 and sum(written["worker_frames"].values()) == 50
+        assert not (out.parent / f".{out.stem}.run").exists()
+
+
+def _cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.render", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+
+
+def _common(tiny_models, demo_media, audio) -> list[str]:
+    return [
+        "+task=test", "models=tiny", f"models.dir={tiny_models}", f"task.video={demo_media.video}",
+        f"task.audio={audio}", "task.make_demo=false", "cluster.num_cpus=2", "face.crop=box",
+    ]
+
+
+def test_cli_renders_playable_mp4_with_audio(tiny_models, demo_media, short_audio, tmp_path):
+    ray.shutdown()
+    out = tmp_path / "cli.mp4"
+    proc = _cli(*_common(tiny_models, demo_media, short_audio), f"task.output={out}", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "frames      50" in proc.stdout
+    with av.open(str(out)) as f:
+        kinds = sorted(s.type for s in f.streams)
+        assert kinds == ["audio", "video"]
+        assert f.streams.video[0].codec_context.name == "h264"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["frames"] == 50 and metrics["fps"] > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "needle", "code"),
+    [
+        ("task.video={tmp}/missing.mp4", "missing.mp4", 2),
+        ("task.audio={tmp}/notes.txt", "notes.txt", 2),
+        ("task.video={audio}", "no video stream", 2),
+        ("render.batch_size=0", "render.batch_size", 2),
+        ("models=musetalk_v15 models.dir={tmp}/nowhere", "scripts.download_models", 3),
+    ],
+)
+def test_cli_bad_input_one_line_error_and_no_output(tiny_models, demo_media, short_audio, tmp_path, override, needle, code):
+    (tmp_path / "notes.txt").write_text("not audio")
+    out = tmp_path / "bad.mp4"
+    args = [*_common(tiny_models, demo_media, short_audio), f"task.output={out}", f"hydra.run.dir={tmp_path}/run"]
+    extra = override.format(tmp=tmp_path, audio=short_audio).split()
+    if extra[0].startswith("models="):
+        args = [a for a in args if not a.startswith("models")]
+    proc = _cli(*args, *extra)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_multirun_sweep_writes_summary(tiny_models, demo_media, tmp_path):
+    audio = trimmed_audio(demo_media.audio, tmp_path / "tiny.wav", 0.8)
+    sweep = tmp_path / "sweep"
+    proc = _cli(
+        "-m", *_common(tiny_models, demo_media, audio), "render.batch_size=2,4", "enhance=none,gfpgan",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((sweep / "sweep_summary.json").read_text())
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["frames"] == 20 for r in rows)
+    assert sorted(r["overrides"] for r in rows) == sorted(
+        f"render.batch_size={b} enhance={e}" for b in (2, 4) for e in ("none", "gfpgan")
+    )
+    for r in range(4):
+        outputs = list((sweep / str(r)).glob("*.mp4"))
+        assert len(outputs) == 1 and outputs[0].stat().st_size > 0
+    assert "sweep summary" in proc.stdout

@@ -1,0 +1,39 @@
+"""Small helpers shared by tests (imported as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from hydra import compose, initialize_config_dir
+
+from cluster.config import CONF_DIR, JobConfig, job_from_config
+
+from shards.media import load_audio, probe_video, read_frames
+
+
+def decode_all(path: Path) -> list[np.ndarray]:
+    info = probe_video(path)
+    return list(read_frames(info, 0, info.frame_count))
+
+
+def trimmed_audio(src: Path, dst: Path, seconds: float) -> Path:
+    """A WAV with the first ``seconds`` of ``src`` at 16 kHz."""
+    samples = load_audio(src)[: int(seconds * 16000)]
+    sf.write(dst, samples, 16000, subtype="PCM_16")
+    return dst
+
+
+def job_for(models: Path, video: Path, audio: Path, out: Path, *overrides: str) -> JobConfig:
+    """The tiny-model test job composed from the real config, lossless, box crop."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "+task=test", "models=tiny", f"models.dir={models}", f"task.video={video}", f"task.audio={audio}",
+                f"task.output={out}", "task.make_demo=false", "output.lossless=true", "render.batch_size=4",
+                "face.crop=box", *overrides,
+            ],
+        )
+    return job_from_config(cfg)
