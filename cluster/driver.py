@@ -192,19 +192,22 @@ def _dispatch(plan: Plan, pool: _Pool, inputs: JobInputs, job: JobConfig, seg_di
         while pending or in_flight:
             while pending and (i := pool.least_loaded()) is not None:
                 shard, attempt = pending.popleft()
-                ref = pool.actors[i].render.remote(inputs, plan, shard, job.encode)
-                in_flight[ref] = (shard, attempt, i)
+                actor = pool.actors[i]
+                ref = actor.render.remote(inputs, plan, shard, job.encode)
+                in_flight[ref] = (shard, attempt, i, actor)
                 pool.load[i] += 1
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             bar.n = min(plan.output_frames, ray.get(progress.total.remote()))
             bar.refresh()
             for ref in ready:
-                shard, attempt, i = in_flight.pop(ref)
-                pool.load[i] -= 1
+                shard, attempt, i, actor = in_flight.pop(ref)
+                current = pool.actors[i] is actor  # False once the slot holds a replacement
+                if current:
+                    pool.load[i] -= 1
                 try:
                     data, st = ray.get(ref)
                 except RayActorError as err:
-                    if pool.actors[i] is not None and _actor_dead(pool, i):
+                    if current:
                         pool.replace(i)
                     retries += _retry(pending, shard, attempt, job, err)
                     continue
@@ -222,14 +225,6 @@ def _dispatch(plan: Plan, pool: _Pool, inputs: JobInputs, job: JobConfig, seg_di
     finally:
         bar.close()
     return [done[s.index] for s in plan.shards], retries
-
-
-def _actor_dead(pool: _Pool, i: int) -> bool:
-    try:
-        ray.get(pool.actors[i].ready.remote(), timeout=30)
-        return False
-    except (RayActorError, ray.exceptions.GetTimeoutError):
-        return True
 
 
 def _retry(pending: deque, shard, attempt: int, job: JobConfig, err: BaseException) -> int:
