@@ -1,0 +1,406 @@
+"""Face detection, 68-point landmarks, crop boxes, temporal box smoothing and the 256x256 face crop.
+
+Detectors: face-alignment's S3FD (``models/face-alignment/s3fd-*.pth``) or OpenCV's frontal-face Haar
+cascade (no weight file). Landmarks: face-alignment's 2D FAN, run on the crop face-alignment itself uses.
+A frame's result never depends on the other frames of the call: network batches are padded to a fixed
+size, and smoothing reads a fixed window. That keeps the render identical however the video is sharded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from face_alignment.detection.sfd.bbox import decode, nms
+from face_alignment.detection.sfd.net_s3fd import s3fd
+from face_alignment.models import FAN
+from face_alignment.utils import CENTER_Y_OFFSET, REFERENCE_SCALE, crop, get_preds_fromhm
+
+from musetalk.config import FaceConfig
+from musetalk.layout import ModelLayout
+from shards.errors import ConfigError, WeightsError
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in full-frame pixels, x2/y2 exclusive
+
+DETECTORS = ("s3fd", "haar")
+CROP_MODES = ("landmarks", "box")
+CROP_SIZE = 256
+MIN_SIDE = 8  # a crop box narrower or shorter than this is unusable
+NOSE_LANDMARK = 29  # upstream v1.5: face_land_mark[29] (0-based, 68-point scheme) is the box's mid line
+
+# face-alignment's S3FD conventions (sfd/detect.py, sfd_detector.py): BGR input minus this mean, a
+# candidate threshold on the softmax face score, NMS at IoU 0.3, then a final score threshold.
+S3FD_MEAN_BGR = (104.0, 117.0, 123.0)
+S3FD_VARIANCES = (0.1, 0.2)
+S3FD_CANDIDATE_SCORE = 0.05
+S3FD_NMS_IOU = 0.3
+S3FD_MIN_SCORE = 0.5
+
+HAAR_FILE = "haarcascade_frontalface_default.xml"
+HAAR_SCALE_FACTOR = 1.1
+HAAR_MIN_NEIGHBORS = 5
+HAAR_MIN_SIZE = 24
+
+_HOURGLASS_KEY = re.compile(r"^m(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The largest face of one frame."""
+
+    box: tuple[float, float, float, float]  # detector box x1, y1, x2, y2, full-frame pixels (may exceed it)
+    score: float  # S3FD: softmax face score; Haar: number of merged neighbour detections
+    landmarks: np.ndarray | None = None  # (68, 2) float32 full-frame (x, y), when landmarks were computed
+
+
+class FaceAnalyzer:
+    """Finds the largest face per frame and, for ``crop == "landmarks"``, its 68 FAN landmarks.
+
+    Built from already-loaded parts (see :func:`load_face_analyzer`): exactly one of ``s3fd_net`` /
+    ``haar`` for ``cfg.detector``, and ``fan`` when ``cfg.crop == "landmarks"``.
+    """
+
+    def __init__(
+        self,
+        cfg: FaceConfig,
+        device: torch.device,
+        *,
+        s3fd_net: torch.nn.Module | None = None,
+        haar: cv2.CascadeClassifier | None = None,
+        fan: torch.nn.Module | None = None,
+    ) -> None:
+        _validate(cfg)
+        if cfg.detector == "s3fd" and s3fd_net is None:
+            raise ValueError("detector s3fd needs s3fd_net")
+        if cfg.detector == "haar" and haar is None:
+            raise ValueError("detector haar needs a Haar cascade")
+        if cfg.crop == "landmarks" and fan is None:
+            raise ValueError("crop=landmarks needs a FAN")
+        self.cfg = cfg
+        self.device = device
+        self.s3fd_net = s3fd_net.eval() if s3fd_net is not None and cfg.detector == "s3fd" else None
+        self.haar = haar if cfg.detector == "haar" else None
+        self.fan = fan.eval() if fan is not None and cfg.crop == "landmarks" else None
+
+    def detect(self, frames: Sequence[np.ndarray]) -> list[Detection | None]:
+        """Largest face per frame of (H, W, 3) uint8 BGR frames, or None where there is none.
+
+        Detection runs on copies shrunk to ``cfg.detect_max_side`` (boxes come back in full-frame pixels);
+        S3FD and FAN batches are padded to ``cfg.batch_size`` so no result depends on its batch-mates.
+        """
+        for i, frame in enumerate(frames):
+            if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+                raise ValueError(f"frame {i}: expected (H, W, 3) uint8 BGR, got {frame.shape} {frame.dtype}")
+        boxes: list[np.ndarray | None] = [None] * len(frames)  # (5,) x1, y1, x2, y2, score full-frame
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, frame in enumerate(frames):
+            by_shape.setdefault(frame.shape, []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.cfg.batch_size):
+                chunk = indices[start : start + self.cfg.batch_size]
+                for i, box in zip(chunk, self._detect_chunk([frames[i] for i in chunk]), strict=True):
+                    boxes[i] = box
+        landmarks: list[np.ndarray | None] = [None] * len(frames)
+        if self.fan is not None:
+            with_face = [i for i, box in enumerate(boxes) if box is not None]
+            for start in range(0, len(with_face), self.cfg.batch_size):
+                chunk = with_face[start : start + self.cfg.batch_size]
+                found = self._landmarks([frames[i] for i in chunk], [boxes[i] for i in chunk])
+                for i, points in zip(chunk, found, strict=True):
+                    landmarks[i] = points
+        return [
+            None
+            if box is None
+            else Detection(
+                box=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+                score=float(box[4]),
+                landmarks=points,
+            )
+            for box, points in zip(boxes, landmarks, strict=True)
+        ]
+
+    def _detect_chunk(self, frames: list[np.ndarray]) -> list[np.ndarray | None]:
+        """Largest face box (5,) [x1, y1, x2, y2, score] in full-frame pixels for same-size frames."""
+        height, width = frames[0].shape[:2]
+        small = [_downscale(frame, self.cfg.detect_max_side) for frame in frames]
+        sx, sy = width / small[0].shape[1], height / small[0].shape[0]
+        if self.s3fd_net is not None:
+            found = self._s3fd(small)
+        else:
+            found = [self._haar(image) for image in small]
+        result: list[np.ndarray | None] = []
+        for dets in found:
+            if len(dets) == 0:
+                result.append(None)
+                continue
+            areas = (dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])
+            best = dets[int(np.argmax(areas))].astype(np.float64)
+            best[[0, 2]] *= sx
+            best[[1, 3]] *= sy
+            result.append(best)
+        return result
+
+    @torch.inference_mode()
+    def _s3fd(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """S3FD boxes (N, 5) per (h, w, 3) uint8 BGR image, after NMS and the score threshold."""
+        n = len(images)
+        batch = np.stack(images + [images[-1]] * (self.cfg.batch_size - n))  # padded: batch-mate invariance
+        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
+        x = x - torch.tensor(S3FD_MEAN_BGR, device=self.device).view(1, 3, 1, 1)
+        outputs = self.s3fd_net(x)
+        levels = [
+            (F.softmax(outputs[k], dim=1)[:n, 1].cpu().numpy(), outputs[k + 1][:n].cpu().numpy())
+            for k in range(0, len(outputs), 2)
+        ]
+        return [_s3fd_decode(levels, i) for i in range(n)]
+
+    def _haar(self, image: np.ndarray) -> np.ndarray:
+        """Haar cascade boxes (N, 5) [x1, y1, x2, y2, neighbours] for one (h, w, 3) uint8 BGR image."""
+        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        rects, neighbours = self.haar.detectMultiScale2(
+            gray,
+            scaleFactor=HAAR_SCALE_FACTOR,
+            minNeighbors=HAAR_MIN_NEIGHBORS,
+            minSize=(HAAR_MIN_SIZE, HAAR_MIN_SIZE),
+        )
+        if len(rects) == 0:
+            return np.zeros((0, 5))
+        rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4)
+        rects[:, 2:] += rects[:, :2]
+        return np.concatenate([rects, np.asarray(neighbours, dtype=np.float64).reshape(-1, 1)], axis=1)
+
+    @torch.inference_mode()
+    def _landmarks(self, frames: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """(68, 2) float32 full-frame landmarks per face, face-alignment's crop and heatmap decoding."""
+        centers, scales, crops = [], [], []
+        for frame, box in zip(frames, boxes, strict=True):
+            x1, y1, x2, y2 = (float(v) for v in box[:4])
+            center = np.array([x2 - (x2 - x1) / 2.0, y2 - (y2 - y1) / 2.0 - (y2 - y1) * CENTER_Y_OFFSET])
+            scale = (x2 - x1 + y2 - y1) / REFERENCE_SCALE
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)  # FAN was trained on RGB
+            crops.append(crop(rgb, center, scale).transpose(2, 0, 1).astype(np.float32) / 255.0)
+            centers.append(center)
+            scales.append(scale)
+        n = len(crops)
+        batch = np.stack(crops + [crops[-1]] * (self.cfg.batch_size - n))  # padded like detection
+        heatmaps = self.fan(torch.from_numpy(batch).to(self.device))[-1][:n].float().cpu().numpy()
+        result = []
+        for i in range(n):
+            _, points, _ = get_preds_fromhm(heatmaps[i : i + 1], centers[i], scales[i])
+            result.append(points.reshape(-1, 2).astype(np.float32))
+        return result
+
+
+def _s3fd_decode(levels: list[tuple[np.ndarray, np.ndarray]], i: int) -> np.ndarray:
+    """Boxes (N, 5) of image ``i`` from per-level (B, h, w) face scores and (B, 4, h, w) offsets."""
+    found = []
+    for level, (scores, offsets) in enumerate(levels):
+        stride = 2 ** (level + 2)  # 4, 8, ..., 128; anchors are 4 strides wide
+        ys, xs = np.nonzero(scores[i] > S3FD_CANDIDATE_SCORE)
+        if len(ys) == 0:
+            continue
+        anchor = np.full(len(xs), stride * 4.0)
+        priors = np.stack([stride / 2 + xs * stride, stride / 2 + ys * stride, anchor, anchor], axis=1)
+        boxes = decode(offsets[i][:, ys, xs].T.astype(np.float64), priors, S3FD_VARIANCES)
+        found.append(np.concatenate([boxes, scores[i][ys, xs, None].astype(np.float64)], axis=1))
+    if not found:
+        return np.zeros((0, 5))
+    dets = np.concatenate(found)
+    dets = dets[nms(dets, S3FD_NMS_IOU)]
+    return dets[dets[:, 4] > S3FD_MIN_SCORE]
+
+
+def _downscale(frame: np.ndarray, max_side: int) -> np.ndarray:
+    """The frame shrunk (INTER_AREA) so its longer side is at most ``max_side``; unchanged if it already is."""
+    height, width = frame.shape[:2]
+    if max(height, width) <= max_side:
+        return frame
+    ratio = max_side / max(height, width)
+    size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+
+
+def _validate(cfg: FaceConfig) -> None:
+    problems = []
+    if cfg.detector not in DETECTORS:
+        problems.append(f"face.detector must be one of {', '.join(DETECTORS)}, got {cfg.detector!r}")
+    if cfg.crop not in CROP_MODES:
+        problems.append(f"face.crop must be one of {', '.join(CROP_MODES)}, got {cfg.crop!r}")
+    if cfg.detect_max_side < 32:
+        problems.append(f"face.detect_max_side must be >= 32, got {cfg.detect_max_side}")
+    if cfg.batch_size < 1:
+        problems.append(f"face.batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.smooth_radius < 0:
+        problems.append(f"face.smooth_radius must be >= 0, got {cfg.smooth_radius}")
+    if cfg.extra_margin < 0:
+        problems.append(f"face.extra_margin must be >= 0, got {cfg.extra_margin}")
+    if problems:
+        raise ConfigError("invalid face config: " + "; ".join(problems))
+
+
+def load_face_analyzer(layout: ModelLayout, cfg: FaceConfig, device: torch.device) -> FaceAnalyzer:
+    """Load the detector named by ``cfg.detector`` and, for ``cfg.crop == "landmarks"``, the FAN."""
+    _validate(cfg)
+    s3fd_net = _load_s3fd(layout, device) if cfg.detector == "s3fd" else None
+    haar = _load_haar() if cfg.detector == "haar" else None
+    fan = _load_fan(layout, device) if cfg.crop == "landmarks" else None
+    return FaceAnalyzer(cfg, device, s3fd_net=s3fd_net, haar=haar, fan=fan)
+
+
+def _load_s3fd(layout: ModelLayout, device: torch.device) -> torch.nn.Module:
+    what = "S3FD face detector"
+    path = layout.require(layout.s3fd, what)
+    net = s3fd()
+    _load_strict(net, _read_state_dict(layout, path, what), layout, path, what)
+    return net.to(device).eval()
+
+
+def _load_fan(layout: ModelLayout, device: torch.device) -> torch.nn.Module:
+    """FAN with as many hourglass modules as the file has (the real 2DFAN4 has 4)."""
+    what = "FAN landmark network"
+    path = layout.require(layout.fan, what)
+    state = _read_state_dict(layout, path, what)
+    modules = {int(m.group(1)) for key in state if (m := _HOURGLASS_KEY.match(key))}
+    if not modules:
+        raise layout.malformed(path, what, "no hourglass module keys (m0.*)")
+    net = FAN(max(modules) + 1)
+    _load_strict(net, state, layout, path, what)
+    return net.to(device).eval()
+
+
+def _load_haar() -> cv2.CascadeClassifier:
+    path = Path(cv2.data.haarcascades) / HAAR_FILE
+    cascade = cv2.CascadeClassifier(str(path))
+    if cascade.empty():
+        raise WeightsError(
+            f"missing OpenCV Haar cascade: expected {path}; reinstall `opencv-python<5` (it ships the cascades)"
+        )
+    return cascade
+
+
+def _read_state_dict(layout: ModelLayout, path: Path, what: str) -> Mapping[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise layout.malformed(path, what, f"not a torch weights file ({first_line})") from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise layout.malformed(path, what, f"expected a state dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def _load_strict(
+    net: torch.nn.Module, state: Mapping[str, torch.Tensor], layout: ModelLayout, path: Path, what: str
+) -> None:
+    """``load_state_dict`` that turns key and shape mismatches into one-line WeightsErrors."""
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise layout.malformed(path, what, f"tensor shapes do not match the network: {detail}") from err
+    problems = []
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys {_few(result.unexpected_keys)}")
+    if result.missing_keys:
+        problems.append(f"missing keys {_few(result.missing_keys)}")
+    if problems:
+        raise layout.malformed(path, what, ", ".join(problems))
+
+
+def _few(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
+
+
+def crop_box(det: Detection | None, frame_shape: tuple[int, int], cfg: FaceConfig) -> Box | None:
+    """The crop box of a detection in a frame of shape (H, W[, C]); None when there is no usable face.
+
+    ``landmarks`` (upstream v1.5): x from the landmarks' min/max, bottom = max y, top = y29 - (bottom - y29);
+    falls back to ``box`` when landmarks are missing or the box is degenerate. ``box``: the detector box,
+    top moved down by ``bbox_shift``. Both then add ``extra_margin`` below; everything is clipped to the frame.
+    """
+    if det is None:
+        return None
+    if cfg.crop not in CROP_MODES:
+        raise ConfigError(
+            f"invalid face config: face.crop must be one of {', '.join(CROP_MODES)}, got {cfg.crop!r}"
+        )
+    height, width = int(frame_shape[0]), int(frame_shape[1])
+    box = None
+    if cfg.crop == "landmarks":
+        if det.landmarks is None:
+            logger.debug("no landmarks for the face at %s; using the detector box", det.box)
+        else:
+            box = _landmark_box(det.landmarks, width, height)
+            if box is None:
+                logger.debug("degenerate landmark box for the face at %s; using the detector box", det.box)
+    if box is None:
+        box = _detector_box(det.box, cfg.bbox_shift, width, height)
+        if box is None:
+            logger.debug("degenerate detector box %s (bbox_shift %d); no crop", det.box, cfg.bbox_shift)
+            return None
+    x1, y1, x2, y2 = box
+    return (x1, y1, x2, min(y2 + cfg.extra_margin, height))
+
+
+def _landmark_box(landmarks: np.ndarray, width: int, height: int) -> Box | None:
+    points = np.floor(np.asarray(landmarks, dtype=np.float64)).astype(np.int64)  # upstream: int landmarks
+    x1, x2 = int(points[:, 0].min()), int(points[:, 0].max())
+    y2 = int(points[:, 1].max())
+    nose_y = int(points[NOSE_LANDMARK, 1])
+    y1 = nose_y - (y2 - nose_y)
+    return _clipped(x1, y1, x2, y2, width, height)
+
+
+def _detector_box(box: Sequence[float], bbox_shift: int, width: int, height: int) -> Box | None:
+    x1, y1, x2, y2 = (math.floor(v) for v in box)
+    return _clipped(x1, y1 + bbox_shift, x2, y2, width, height)
+
+
+def _clipped(x1: int, y1: int, x2: int, y2: int, width: int, height: int) -> Box | None:
+    x1, x2 = min(max(x1, 0), width), min(max(x2, 0), width)
+    y1, y2 = min(max(y1, 0), height), min(max(y2, 0), height)
+    if x2 - x1 < MIN_SIDE or y2 - y1 < MIN_SIDE:
+        return None
+    return (x1, y1, x2, y2)
+
+
+def smooth_boxes(boxes: Sequence[Box | None], radius: int) -> list[Box | None]:
+    """Per-coordinate median of the non-None boxes in ``[i - radius, i + radius]``; None stays None.
+
+    A median, not a mean: one wrong box in the window (a misdetection, a landmark fallback) does not move
+    the crop at all, and a real step in position is followed without blur, while steady jitter still
+    shrinks. Each result reads only its own window, so it is the same for any list holding that window.
+    """
+    if radius < 0:
+        raise ValueError(f"smoothing radius must be >= 0, got {radius}")
+    result: list[Box | None] = []
+    for i, box in enumerate(boxes):
+        if box is None or radius == 0:
+            result.append(box if box is None else tuple(int(v) for v in box))
+            continue
+        window = [b for b in boxes[max(0, i - radius) : i + radius + 1] if b is not None]
+        median = np.median(np.asarray(window, dtype=np.float64), axis=0)
+        x1, y1, x2, y2 = (math.floor(v + 0.5) for v in median)
+        result.append((x1, y1, x2, y2))
+    return result
+
+
+def crop_face(frame: np.ndarray, box: Box) -> np.ndarray:
+    """The box of an (H, W, 3) uint8 BGR frame resized to (256, 256, 3) uint8 BGR with Lanczos (upstream)."""
+    x1, y1, x2, y2 = box
+    height, width = frame.shape[:2]
+    if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+        raise ValueError(f"crop box {box} is empty or outside the {width}x{height} frame")
+    return cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)

@@ -1,0 +1,74 @@
+"""Random-weight stand-ins for face-alignment's S3FD and 2D FAN, in the official file formats.
+
+S3FD keeps the real architecture (fixed channels) but its classification heads are pinned so that it
+finds no face anywhere: a random detector would otherwise report thousands of boxes. Tests that need a
+face use the Haar cascade. FAN has one hourglass module instead of four.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from face_alignment.detection.sfd.net_s3fd import s3fd
+from face_alignment.models import FAN
+
+from musetalk.layout import ModelLayout
+
+logger = logging.getLogger(__name__)
+
+# S3FD's classification convs: background logits (all channels but the last) and the face logit (last).
+S3FD_CONF_HEADS = (
+    "conv3_3_norm_mbox_conf",
+    "conv4_3_norm_mbox_conf",
+    "conv5_3_norm_mbox_conf",
+    "fc7_mbox_conf",
+    "conv6_2_mbox_conf",
+    "conv7_2_mbox_conf",
+)
+BACKGROUND_BIAS = 10.0  # face probability ~ exp(-20): far below S3FD's 0.05 candidate threshold
+HEAD_WEIGHT_SCALE = 1e-3  # keeps the input's influence on the logits negligible next to the biases
+
+
+def tiny_s3fd(seed: int) -> torch.nn.Module:
+    """face-alignment's s3fd with seeded random weights whose face score is ~0 everywhere."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = s3fd()
+    with torch.no_grad():
+        for name in S3FD_CONF_HEADS:
+            head = getattr(net, name)
+            head.weight.mul_(HEAD_WEIGHT_SCALE)
+            head.bias.fill_(BACKGROUND_BIAS)
+            head.bias[-1] = -BACKGROUND_BIAS
+    return net.eval()
+
+
+def tiny_fan(seed: int) -> torch.nn.Module:
+    """face-alignment's FAN with one hourglass module and seeded random weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = FAN(1)
+    return net.eval()
+
+
+def write_tiny_face_models(layout: ModelLayout, seed: int) -> None:
+    """Write ``layout.s3fd`` and ``layout.fan`` as plain state dicts (the official formats)."""
+    for path, net in ((layout.s3fd, tiny_s3fd(seed)), (layout.fan, tiny_fan(seed + 1))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path)
+        logger.info("wrote %s", path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="models/tiny", help="models directory to write into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    write_tiny_face_models(ModelLayout.at(args.dir, tiny=True), args.seed)
+
+
+if __name__ == "__main__":
+    main()
