@@ -200,7 +200,7 @@ class FramePipeline:
                 written = writer.close()
         if written != shard.frames:
             raise RuntimeError(f"{shard.name}: wrote {written} frames, expected {shard.frames}")
-        parsing_fallbacks = sum(1 for mat in materials or [] if not mat.parsed)
+        parsing_fallbacks = sum(1 for mat in materials or [] if not mat.parsed) if self.cfg.blend.parsing else 0
         return ShardStats(
             shard=shard.index,
             frames=shard.frames,

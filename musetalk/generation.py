@@ -1,0 +1,253 @@
+"""MuseTalk 1.5 latent generation: load the UNet and the VAE, encode face crops, generate mouths.
+
+The maths follows upstream (see DESIGN.md): masked + reference crops are VAE-encoded (distribution
+mode, scaled by 0.18215) into an 8-channel latent, the UNet runs once at timestep 0 with the audio
+prompt as cross-attention context, and the VAE decodes its 4-channel output back to a 256x256 face.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
+
+from musetalk.layout import ModelLayout
+
+log = logging.getLogger(__name__)
+
+UNET_SCALE = 0.18215  # VAE latent scaling
+CROP_SIZE = 256
+LATENT_SIZE = CROP_SIZE // 8
+MASK_TOP = CROP_SIZE // 2  # rows [128, 256) of the masked copy are blanked
+AUDIO_TOKENS = 50
+AUDIO_DIM = 384
+VAE_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_SHOW_KEYS = 3
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _first(keys: set[str] | list[str]) -> str:
+    shown = sorted(keys)[:_SHOW_KEYS]
+    more = f" (+{len(keys) - len(shown)} more)" if len(keys) > len(shown) else ""
+    return ", ".join(shown) + more
+
+
+def _state_dict_problem(expected: dict[str, torch.Tensor], got: dict[str, object]) -> str | None:
+    """Describe how ``got`` differs from the model's own state dict, or None when it matches exactly."""
+    missing = set(expected) - set(got)
+    unexpected = set(got) - set(expected)
+    not_tensors = [k for k in set(got) & set(expected) if not isinstance(got[k], torch.Tensor)]
+    if not_tensors:
+        return f"values are not tensors for keys {_first(not_tensors)}"
+    wrong_shape = [
+        f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}"  # type: ignore[union-attr]
+        for k, v in sorted(expected.items())
+        if k in got and got[k].shape != v.shape  # type: ignore[union-attr]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatches: {', '.join(wrong_shape[:_SHOW_KEYS])}")
+    return "; ".join(problems) or None
+
+
+def load_unet(layout: ModelLayout, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
+    """Build the MuseTalk UNet from ``musetalk.json`` and load ``unet.pth`` (a plain state dict) strictly."""
+    config_path = layout.require(layout.unet_config, "MuseTalk UNet config")
+    weights_path = layout.require(layout.unet_weights, "MuseTalk UNet weights")
+    what = "MuseTalk UNet config"
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise layout.malformed(config_path, what, f"not readable JSON ({_one_line(err)})") from err
+    if not isinstance(raw, dict):
+        raise layout.malformed(config_path, what, f"expected a JSON object, got {type(raw).__name__}")
+    config = {k: v for k, v in raw.items() if not k.startswith("_")}
+    # Built on the meta device: no random init of ~850M parameters, no second copy in memory.
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise layout.malformed(
+            config_path, what, f"not a UNet2DConditionModel config ({_one_line(err)})"
+        ) from err
+
+    what = "MuseTalk UNet weights"
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise layout.malformed(
+            weights_path, what, f"not a readable torch checkpoint ({_one_line(err)})"
+        ) from err
+    if not isinstance(state, dict):
+        raise layout.malformed(weights_path, what, f"expected a state dict, got {type(state).__name__}")
+    problem = _state_dict_problem(unet.state_dict(), state)
+    if problem:
+        raise layout.malformed(weights_path, what, f"does not match {layout.unet_config.name}: {problem}")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    unet.load_state_dict(state, strict=True, assign=True)
+    unet.eval().requires_grad_(False)
+    log.info("loaded MuseTalk UNet from %s (%s on %s)", weights_path, dtype, device)
+    return unet.to(device)
+
+
+def load_vae(layout: ModelLayout, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    """Load the sd-vae-ft-mse ``AutoencoderKL`` from ``layout.vae_dir`` (config.json + diffusers weights)."""
+    vae_dir = layout.require(layout.vae_dir, "VAE directory")
+    layout.require(vae_dir / "config.json", "VAE config")
+    weights = [vae_dir / name for name in VAE_WEIGHT_FILES if (vae_dir / name).exists()]
+    if not weights:
+        layout.require(vae_dir / VAE_WEIGHT_FILES[0], "VAE weights")
+    try:
+        vae, info = AutoencoderKL.from_pretrained(
+            vae_dir,
+            local_files_only=True,
+            output_loading_info=True,
+            torch_dtype=dtype,
+            low_cpu_mem_usage=is_accelerate_available(),
+        )
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        raise layout.malformed(vae_dir, "VAE", _one_line(err)) from err
+    bad = {
+        "missing": info.get("missing_keys", []),
+        "unexpected": info.get("unexpected_keys", []),
+        "mismatched": [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])],
+    }
+    problems = [f"{len(keys)} {kind} keys: {_first(keys)}" for kind, keys in bad.items() if keys]
+    if problems:
+        raise layout.malformed(weights[0], "VAE weights", "; ".join(problems))
+    vae.eval().requires_grad_(False)
+    log.info("loaded VAE from %s (%s on %s)", weights[0], dtype, device)
+    return vae.to(device)
+
+
+def _spans(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, batch_size):
+        yield start, min(start + batch_size, n)
+
+
+def _pad(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Repeat the last item so the batch has exactly ``size`` items (every kernel sees one shape)."""
+    if batch.shape[0] == size:
+        return batch
+    filler = batch[-1:].expand(size - batch.shape[0], *batch.shape[1:])
+    return torch.cat([batch, filler])
+
+
+def _contiguous_input(_module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+@contextmanager
+def _batch_invariant(*models: torch.nn.Module) -> Iterator[None]:
+    """Feed every GroupNorm a contiguous (NCHW) input while inside the block.
+
+    diffusers' attention blocks hand back channels-last views; PyTorch's CPU GroupNorm kernel for
+    channels-last splits its reductions across threads by position in the whole batch, so an item's
+    result would depend on where it sits in the batch. The NCHW kernel reduces each (item, group) in
+    one thread. Measured on torch 2.13 CPU: the tiny VAE's mid-block differs by ~1e-6 without this.
+    """
+    handles = [
+        module.register_forward_pre_hook(_contiguous_input)
+        for model in models
+        for module in model.modules()
+        if isinstance(module, torch.nn.GroupNorm)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class LatentGenerator:
+    """Runs MuseTalk 1.5's VAE + UNet on 256x256 face crops, in fixed-size batches.
+
+    Every call is split into batches of exactly ``batch_size`` (the last one padded by repeating its
+    last item, the padding dropped), so kernels always see the same shapes and an item's result never
+    depends on which other items share its batch: output is bit-identical however a video is sharded.
+    ``dtype`` is the UNet's compute dtype; the VAE may be in its own (a float32 VAE beside an fp16 UNet works).
+    Keep ``torch.backends.cudnn.benchmark`` off: autotuning may pick different kernels per process.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if unet.dtype != dtype:
+            raise ValueError(f"the UNet is in {unet.dtype} but dtype={dtype}; load it with the same dtype")
+        self.unet = unet
+        self.vae = vae
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def encode(self, crops: np.ndarray) -> torch.Tensor:
+        """(N, 256, 256, 3) uint8 BGR crops -> (N, 8, 32, 32) float32 CPU latents [masked, reference]."""
+        if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or crops.dtype != np.uint8:
+            raise ValueError(f"crops must be (N, 256, 256, 3) uint8, got {crops.shape} {crops.dtype}")
+        out = torch.empty((len(crops), 8, LATENT_SIZE, LATENT_SIZE), dtype=torch.float32)
+        with _batch_invariant(self.vae):
+            for start, stop in _spans(len(crops), self.batch_size):
+                batch = _pad(torch.from_numpy(np.ascontiguousarray(crops[start:stop])), self.batch_size)
+                out[start:stop] = self._encode_batch(batch)[: stop - start].float().cpu()
+        return out
+
+    @torch.inference_mode()
+    def generate(self, latents: torch.Tensor, audio: torch.Tensor) -> np.ndarray:
+        """(N, 8, 32, 32) latents + (N, 50, 384) audio prompts (positional encoding added) -> (N, 256, 256, 3) uint8 BGR."""
+        if latents.ndim != 4 or latents.shape[1:] != (8, LATENT_SIZE, LATENT_SIZE):
+            raise ValueError(f"latents must be (N, 8, 32, 32), got {tuple(latents.shape)}")
+        if audio.shape != (len(latents), AUDIO_TOKENS, AUDIO_DIM):
+            raise ValueError(
+                f"audio must be ({len(latents)}, 50, 384) to match latents, got {tuple(audio.shape)}"
+            )
+        out = np.empty((len(latents), CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+        with _batch_invariant(self.unet, self.vae):
+            for start, stop in _spans(len(latents), self.batch_size):
+                faces = self._generate_batch(
+                    _pad(latents[start:stop], self.batch_size), _pad(audio[start:stop], self.batch_size)
+                )
+                out[start:stop] = faces[: stop - start].cpu().numpy()
+        return out
+
+    def _encode_batch(self, crops: torch.Tensor) -> torch.Tensor:
+        """(B, 256, 256, 3) uint8 BGR -> (B, 8, 32, 32) latents [masked, reference] on the device."""
+        rgb = crops.to(self.device).flip(-1).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        masked = rgb.clone()
+        masked[:, :, MASK_TOP:, :] = 0.0  # blanked before normalising, so those rows become -1
+        halves = [
+            self.vae.encode(((x - 0.5) / 0.5).to(self.vae.dtype)).latent_dist.mode() * UNET_SCALE
+            for x in (masked, rgb)
+        ]
+        return torch.cat(halves, dim=1)
+
+    def _generate_batch(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """(B, 8, 32, 32) + (B, 50, 384) -> (B, 256, 256, 3) uint8 BGR on the device."""
+        x = latents.to(self.device, self.dtype)
+        context = audio.to(self.device, self.dtype)
+        pred = self.unet(x, timestep=0, encoder_hidden_states=context).sample
+        image = self.vae.decode((pred / UNET_SCALE).to(self.vae.dtype)).sample.float()
+        image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return image.permute(0, 2, 3, 1).flip(-1)
