@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cluster.config import CONF_DIR, JobConfig, job_from_config
-from shards.errors import ConfigError, FarmError
+from shards.errors import ConfigError, FarmError, WeightsError
 
 logger = logging.getLogger("cluster.render")
 
@@ -32,7 +32,9 @@ def prepare(job: JobConfig) -> None:
     if job.pipeline.tiny:
         _script("make_tiny_models").ensure_tiny_models(Path(job.pipeline.models_dir))
     elif job.download:
-        _script("download_models").download(Path(job.pipeline.models_dir))
+        root = job.pipeline.models_dir
+        if _script("download_models").main(["--dir", root]) != 0:
+            raise WeightsError(f"fetching model weights into {root} failed (see the errors above); run the same command again to resume")
     check_weights(job.pipeline)
 
 
