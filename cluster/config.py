@@ -87,6 +87,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         device=str(get("render.device", "auto")),
         dtype=str(get("render.dtype", "float32")),
         batch_size=int(get("render.batch_size", 8)),
+        threads=None if get("render.threads") is None else int(get("render.threads")),
         face=face,
         blend=blend,
         enhance=enhance,
@@ -161,6 +162,8 @@ def pipeline_problems(p: PipelineConfig) -> list[str]:
         out.append(f"face.detect_max_side must be >= 32, got {p.face.detect_max_side}")
     if p.face.batch_size < 1:
         out.append(f"face.batch_size must be >= 1, got {p.face.batch_size}")
+    if p.threads is not None and p.threads < 1:
+        out.append(f"render.threads must be >= 1 or null, got {p.threads}")
     if p.batch_size < 1:
         out.append(f"render.batch_size must be >= 1, got {p.batch_size}")
     if p.dtype not in ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):

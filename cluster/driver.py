@@ -12,7 +12,7 @@ import shutil
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import ray
@@ -107,7 +107,9 @@ class _Pool:
         remote = ray.remote(RenderWorker).options(
             num_gpus=self.gpus, num_cpus=c.cpus_per_worker, max_restarts=0, max_task_retries=0
         )
-        return remote.remote(self.job.pipeline, self.progress, max(1, int(c.cpus_per_worker)))
+        # Every worker computes with the same thread count, so results never depend on placement.
+        pipeline = replace(self.job.pipeline, threads=self.job.pipeline.threads or max(1, int(c.cpus_per_worker)))
+        return remote.remote(pipeline, self.progress)
 
     def least_loaded(self) -> int | None:
         i = min(range(len(self.actors)), key=lambda k: self.load[k])

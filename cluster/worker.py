@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 
 from musetalk.config import PipelineConfig
 from musetalk.pipeline import FramePipeline, ShardStats
@@ -42,8 +41,7 @@ class JobInputs:
 class RenderWorker:
     """Holds the models; renders one shard at a time. Use via ``ray.remote(RenderWorker).options(...)``."""
 
-    def __init__(self, cfg: PipelineConfig, progress=None, threads: int = 1) -> None:
-        torch.set_num_threads(max(1, threads))
+    def __init__(self, cfg: PipelineConfig, progress=None) -> None:
         logging.basicConfig(level=logging.INFO)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{ray.get_runtime_context().get_node_id()[:8]}"
         self.pipeline = FramePipeline(cfg)

@@ -39,6 +39,9 @@ class PipelineConfig:
     device: str = "auto"
     dtype: str = "float32"  # float32 | float16 | bfloat16 (CPU always computes in float32)
     batch_size: int = 8  # VAE/UNet batch; every batch is padded to this size (shard invariance)
+    # CPU intra-op threads (None: leave torch's setting). CPU kernels round differently with different
+    # thread counts, so every worker of a job uses the same count (the driver pins it).
+    threads: int | None = None
     face: FaceConfig = field(default_factory=FaceConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)

@@ -117,6 +117,8 @@ class FramePipeline:
 
     def __init__(self, cfg: PipelineConfig, models: Models | None = None) -> None:
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.models = models or load_models(cfg)
 
     def render_shard(

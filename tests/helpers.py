@@ -33,6 +33,7 @@ def job_for(models: Path, video: Path, audio: Path, out: Path, *overrides: str) 
             overrides=[
                 "+task=test", "models=tiny", f"models.dir={models}", f"task.video={video}", f"task.audio={audio}",
                 f"task.output={out}", "task.make_demo=false", "output.lossless=true", "render.batch_size=4",
+                "render.threads=1",
                 "face.crop=box", *overrides,
             ],
         )
