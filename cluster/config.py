@@ -34,6 +34,7 @@ class ClusterConfig:
     cpu_workers: int = 1
     max_in_flight: int = 2
     max_attempts: int = 3
+    start_timeout_s: float = 600.0
     inputs: str = "object_store"
     num_cpus: int | None = None
 
@@ -79,8 +80,12 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         smooth_radius=int(get("face.smooth_radius", 2)),
         batch_size=int(get("face.batch_size", 8)),
     )
-    blend = BlendConfig(**OmegaConf.to_container(cfg.blend, resolve=True)) if "blend" in cfg else BlendConfig()
-    enhance = EnhanceConfig(enabled=bool(get("enhance.enabled", False)), upscale=int(get("enhance.upscale", 1)))
+    blend = (
+        BlendConfig(**OmegaConf.to_container(cfg.blend, resolve=True)) if "blend" in cfg else BlendConfig()
+    )
+    enhance = EnhanceConfig(
+        enabled=bool(get("enhance.enabled", False)), upscale=int(get("enhance.upscale", 1))
+    )
     pipeline = PipelineConfig(
         models_dir=str(get("models.dir", "models")),
         tiny=bool(get("models.tiny", False)),
@@ -93,7 +98,9 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         enhance=enhance,
     )
     cluster_node = OmegaConf.to_container(cfg.cluster, resolve=True) if "cluster" in cfg else {}
-    cluster = ClusterConfig(**{k: v for k, v in cluster_node.items() if v is not None or k in ("workers", "num_cpus")})
+    cluster = ClusterConfig(
+        **{k: v for k, v in cluster_node.items() if v is not None or k in ("workers", "num_cpus")}
+    )
     encode = EncodeSettings(
         crf=int(get("output.crf", 18)),
         preset=str(get("output.preset", "veryfast")),
@@ -125,7 +132,9 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     if cluster.workers is not None and cluster.workers < 1:
         problems.append(f"cluster.workers must be >= 1 or null, got {cluster.workers}")
     if not 0 < cluster.gpus_per_worker <= 1 and cluster.gpus_per_worker != int(cluster.gpus_per_worker):
-        problems.append(f"cluster.gpus_per_worker must be a fraction in (0, 1] or a whole number, got {cluster.gpus_per_worker}")
+        problems.append(
+            f"cluster.gpus_per_worker must be a fraction in (0, 1] or a whole number, got {cluster.gpus_per_worker}"
+        )
     if not 0 <= encode.crf <= 51:
         problems.append(f"output.crf must be in 0..51, got {encode.crf}")
     if output is not None and not str(output).lower().endswith(".mp4"):

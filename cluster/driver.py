@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from cluster.config import ClusterConfig, JobConfig
@@ -83,7 +84,8 @@ class JobSummary:
             f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers",
             f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards",
             "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
-            "workers     " + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
+            "workers     "
+            + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
         ]
         if self.enhance_fallbacks or self.parsing_fallbacks:
             out.append(
@@ -93,32 +95,72 @@ class JobSummary:
 
 
 class _Pool:
-    """Workers plus what each has in flight; dead workers are replaced."""
+    """Worker slots. A slot takes work only once its actor has loaded its models; a dead actor is
+    replaced, and the job goes on with the slots that are up (a lost node's replacement may never
+    be placed: the others finish the job)."""
 
     def __init__(self, job: JobConfig, progress, size: int, gpus: float) -> None:
         self.job, self.progress, self.gpus = job, progress, gpus
-        self.actors = [self._start() for _ in range(size)]
+        self.actors: list = [None] * size
         self.load = [0] * size
-        names = ray.get([a.ready.remote() for a in self.actors])
-        logger.info("worker pool ready: %s", ", ".join(names))
+        self.up = [False] * size
+        self.starting: dict = {}  # ready() ref -> slot
+        self.since = time.monotonic()  # last time a slot came up (or the pool started)
+        for i in range(size):
+            self._start(i)
 
-    def _start(self):
+    def _start(self, i: int) -> None:
         c = self.job.cluster
         remote = ray.remote(RenderWorker).options(
             num_gpus=self.gpus, num_cpus=c.cpus_per_worker, max_restarts=0, max_task_retries=0
         )
         # Every worker computes with the same thread count, so results never depend on placement.
-        pipeline = replace(self.job.pipeline, threads=self.job.pipeline.threads or max(1, int(c.cpus_per_worker)))
-        return remote.remote(pipeline, self.progress)
+        pipeline = replace(
+            self.job.pipeline, threads=self.job.pipeline.threads or max(1, int(c.cpus_per_worker))
+        )
+        self.actors[i] = remote.remote(pipeline, self.progress)
+        self.load[i], self.up[i] = 0, False
+        self.starting[self.actors[i].ready.remote()] = i
+
+    def came_up(self, ref) -> None:
+        """A ready() ref resolved: the slot is up, or its worker failed to start (FarmError: not retried)."""
+        i = self.starting.pop(ref)
+        try:
+            name = ray.get(ref)
+        except RayTaskError as err:
+            cause = err.cause if isinstance(err.cause, BaseException) else err
+            raise (
+                cause if isinstance(cause, FarmError) else RenderError(f"worker {i} failed to start: {cause}")
+            ) from None
+        except RayActorError as err:
+            logger.warning("worker %d died while starting (%s); starting another", i, err)
+            self._start(i)
+            return
+        self.up[i] = True
+        self.since = time.monotonic()
+        logger.info("worker %d up: %s", i, name)
 
     def least_loaded(self) -> int | None:
-        i = min(range(len(self.actors)), key=lambda k: self.load[k])
+        slots = [k for k in range(len(self.actors)) if self.up[k]]
+        if not slots:
+            return None
+        i = min(slots, key=lambda k: self.load[k])
         return i if self.load[i] < self.job.cluster.max_in_flight else None
 
     def replace(self, i: int) -> None:
         logger.warning("worker %d died; starting a replacement", i)
-        self.actors[i] = self._start()
-        self.load[i] = 0
+        self._start(i)
+
+    def check_alive(self) -> None:
+        """Fail the job when no worker is up and none came up within cluster.start_timeout_s."""
+        if any(self.up):
+            return
+        waited = time.monotonic() - self.since
+        if waited > self.job.cluster.start_timeout_s:
+            raise RenderError(
+                f"no render worker came up within {waited:.0f} s (each needs {self.gpus} GPU and "
+                f"{self.job.cluster.cpus_per_worker} CPU); check the cluster's resources or cluster.gpus_per_worker"
+            )
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -166,7 +208,9 @@ def run_job(job: JobConfig) -> JobSummary:
         inputs = JobInputs(
             job_id, job.video.suffix, video_path=str(job.video.resolve()), audio_path=str(job.audio.resolve())
         )
-    progress = ProgressActor.remote()
+    # Progress lives on the driver's node: a lost worker node must not take the progress counter with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = ProgressActor.options(scheduling_strategy=here).remote()
     size, gpus = pool_shape(job.cluster)
     pool = _Pool(job, progress, size, gpus)
     try:
@@ -195,13 +239,15 @@ def _dispatch(plan: Plan, pool: _Pool, inputs: JobInputs, job: JobConfig, seg_di
             while pending and (i := pool.least_loaded()) is not None:
                 shard, attempt = pending.popleft()
                 actor = pool.actors[i]
-                ref = actor.render.remote(inputs, plan, shard, job.encode)
-                in_flight[ref] = (shard, attempt, i, actor)
+                in_flight[actor.render.remote(inputs, plan, shard, job.encode)] = (shard, attempt, i, actor)
                 pool.load[i] += 1
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
             bar.n = min(plan.output_frames, ray.get(progress.total.remote()))
             bar.refresh()
             for ref in ready:
+                if ref in pool.starting:
+                    pool.came_up(ref)
+                    continue
                 shard, attempt, i, actor = in_flight.pop(ref)
                 current = pool.actors[i] is actor  # False once the slot holds a replacement
                 if current:
@@ -222,6 +268,8 @@ def _dispatch(plan: Plan, pool: _Pool, inputs: JobInputs, job: JobConfig, seg_di
                 (seg_dir / f"{shard.name}.mkv").write_bytes(data)
                 done[shard.index] = st
                 logger.info("%s done on %s: %d frames", shard.name, st.worker, st.frames)
+            if pending and not in_flight:
+                pool.check_alive()
         bar.n = plan.output_frames
         bar.refresh()
     finally:
@@ -235,12 +283,16 @@ def _retry(pending: deque, shard, attempt: int, job: JobConfig, err: BaseExcepti
             f"{shard.name} (frames {shard.start}..{shard.end - 1}) failed {attempt} times, last: {err}; "
             "see the worker log above, or raise cluster.max_attempts"
         )
-    logger.warning("%s failed (attempt %d of %d): %s; retrying", shard.name, attempt, job.cluster.max_attempts, err)
+    logger.warning(
+        "%s failed (attempt %d of %d): %s; retrying", shard.name, attempt, job.cluster.max_attempts, err
+    )
     pending.appendleft((shard, attempt + 1))
     return 1
 
 
-def _summarise(job: JobConfig, plan: Plan, stats: list[ShardStats], workers: int, seconds: float, retries: int):
+def _summarise(
+    job: JobConfig, plan: Plan, stats: list[ShardStats], workers: int, seconds: float, retries: int
+):
     stage = {k: round(sum(s.seconds.get(k, 0.0) for s in stats), 3) for k in STAGES}
     per_worker: dict[str, int] = {}
     for s in stats:

@@ -34,7 +34,9 @@ def prepare(job: JobConfig) -> None:
     elif job.download:
         root = job.pipeline.models_dir
         if _script("download_models").main(["--dir", root]) != 0:
-            raise WeightsError(f"fetching model weights into {root} failed (see the errors above); run the same command again to resume")
+            raise WeightsError(
+                f"fetching model weights into {root} failed (see the errors above); run the same command again to resume"
+            )
     check_weights(job.pipeline)
 
 

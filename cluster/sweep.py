@@ -15,11 +15,16 @@ logger = logging.getLogger(__name__)
 def sweep_table(sweep_dir: Path) -> list[dict]:
     """One row per run directory under ``sweep_dir`` that wrote metrics.json (in run order)."""
     rows = []
-    run_dirs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    run_dirs = sorted(
+        (p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
     for run in run_dirs:
         metrics = run / "metrics.json"
         overrides = run / ".hydra" / "overrides.yaml"
-        row = {"run": int(run.name), "overrides": " ".join(OmegaConf.load(overrides)) if overrides.exists() else ""}
+        row = {
+            "run": int(run.name),
+            "overrides": " ".join(OmegaConf.load(overrides)) if overrides.exists() else "",
+        }
         if metrics.exists():
             m = json.loads(metrics.read_text())
             row.update(frames=m["frames"], face_frames=m["face_frames"], seconds=m["seconds"], fps=m["fps"])

@@ -20,6 +20,7 @@ import ray
 
 from musetalk.config import PipelineConfig
 from musetalk.pipeline import FramePipeline, ShardStats
+from shards.errors import FarmError
 from shards.media import EncodeSettings, VideoInfo, load_audio, probe_video
 from shards.plan import Plan, Shard
 
@@ -44,13 +45,22 @@ class RenderWorker:
     def __init__(self, cfg: PipelineConfig, progress=None) -> None:
         logging.basicConfig(level=logging.INFO)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{ray.get_runtime_context().get_node_id()[:8]}"
-        self.pipeline = FramePipeline(cfg)
         self.progress = progress
         self._tmp = Path(tempfile.mkdtemp(prefix="musetalk-worker-"))
         self._job: tuple[str, VideoInfo, np.ndarray] | None = None
+        # An expected failure (missing weights, bad config) is kept and raised by ready(), so the
+        # driver sees the FarmError itself rather than an opaque actor death.
+        self._init_error: FarmError | None = None
+        try:
+            self.pipeline = FramePipeline(cfg)
+        except FarmError as err:
+            self._init_error = err
+            return
         logger.info("worker %s ready on %s", self.name, self.pipeline.models.device)
 
     def ready(self) -> str:
+        if self._init_error is not None:
+            raise self._init_error
         return self.name
 
     def _inputs(self, job: JobInputs) -> tuple[VideoInfo, np.ndarray]:
@@ -65,7 +75,9 @@ class RenderWorker:
             self._job = (job.job_id, probe_video(video), samples)
         return self._job[1], self._job[2]
 
-    def render(self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings) -> tuple[bytes, ShardStats]:
+    def render(
+        self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings
+    ) -> tuple[bytes, ShardStats]:
         info, samples = self._inputs(job)
         out = self._tmp / f"{job.job_id}-{shard.name}.mkv"
         progress = None
@@ -77,7 +89,13 @@ class RenderWorker:
 
         try:
             stats = self.pipeline.render_shard(
-                video=info, samples=samples, plan=plan, shard=shard, out_path=out, encode=encode, progress=progress
+                video=info,
+                samples=samples,
+                plan=plan,
+                shard=shard,
+                out_path=out,
+                encode=encode,
+                progress=progress,
             )
             return out.read_bytes(), replace(stats, worker=self.name)
         finally:

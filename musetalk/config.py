@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class FaceConfig:
     detector: str = "s3fd"  # s3fd (face-alignment) | haar (OpenCV cascade, no weights needed)
-    crop: str = "landmarks"  # landmarks (upstream v1.5 rule from 68 FAN landmarks) | box (detector box + bbox_shift)
+    crop: str = (
+        "landmarks"  # landmarks (upstream v1.5 rule from 68 FAN landmarks) | box (detector box + bbox_shift)
+    )
     bbox_shift: int = 0  # pixels added to the box's top edge in `box` crop mode
     extra_margin: int = 10  # pixels added below the chin (upstream v1.5), clipped to the frame
     detect_max_side: int = 640  # detection runs on frames downscaled so the longer side is at most this

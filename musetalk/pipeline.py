@@ -46,7 +46,17 @@ from shards.plan import Plan, Shard, plan_shards
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("decode", "detect", "vae_encode", "blend_prepare", "audio", "generate", "enhance", "blend", "encode")
+STAGES = (
+    "decode",
+    "detect",
+    "vae_encode",
+    "blend_prepare",
+    "audio",
+    "generate",
+    "enhance",
+    "blend",
+    "encode",
+)
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,9 @@ def load_models(cfg: PipelineConfig) -> Models:
     logger.info("loading models from %s on %s (%s)", layout.root, device, dtype)
     analyzer = load_face_analyzer(layout, cfg.face, device)
     audio = load_whisper(layout, device, dtype)
-    generator = LatentGenerator(load_unet(layout, device, dtype), load_vae(layout, device, dtype), device, dtype, cfg.batch_size)
+    generator = LatentGenerator(
+        load_unet(layout, device, dtype), load_vae(layout, device, dtype), device, dtype, cfg.batch_size
+    )
     parser = load_face_parser(layout, device) if cfg.blend.parsing else None
     blender = Blender(parser, cfg.blend)
     enhancer = load_gfpgan(layout, device, cfg.enhance.upscale) if cfg.enhance.enabled else None
@@ -143,7 +155,9 @@ class FramePipeline:
         with timer.stage("decode"):
             frames = list(read_frames(video, shard.src_start, shard.src_end))
         if len(frames) != shard.src_end - shard.src_start:
-            raise RuntimeError(f"{shard.name}: decoded {len(frames)} frames, expected {shard.src_end - shard.src_start}")
+            raise RuntimeError(
+                f"{shard.name}: decoded {len(frames)} frames, expected {shard.src_end - shard.src_start}"
+            )
         height, width = frames[0].shape[:2]
 
         with timer.stage("detect"):
@@ -160,7 +174,9 @@ class FramePipeline:
                 crops = np.stack([crop_face(frames[s - lo], boxes[s - lo]) for s in face_src])
                 latents = m.generator.encode(crops)
             with timer.stage("blend_prepare"):
-                materials = m.blender.prepare([frames[s - lo] for s in face_src], [boxes[s - lo] for s in face_src])
+                materials = m.blender.prepare(
+                    [frames[s - lo] for s in face_src], [boxes[s - lo] for s in face_src]
+                )
 
         face_ts = [t for t in range(shard.start, shard.end) if plan.source_index(t) in row]
         windows = None
@@ -169,7 +185,9 @@ class FramePipeline:
                 span = audio_span(plan.total_samples, plan.fps, shard.start, shard.end)
                 features = m.audio.encode(samples[span.sample_start : span.sample_end], span.first_segment)
                 windows = positional_encoding(
-                    frame_windows(features, span.first_step, span.total_steps, plan.fps, range(shard.start, shard.end))
+                    frame_windows(
+                        features, span.first_step, span.total_steps, plan.fps, range(shard.start, shard.end)
+                    )
                 )
 
         enhance_fallbacks = 0
@@ -202,7 +220,9 @@ class FramePipeline:
                 written = writer.close()
         if written != shard.frames:
             raise RuntimeError(f"{shard.name}: wrote {written} frames, expected {shard.frames}")
-        parsing_fallbacks = sum(1 for mat in materials or [] if not mat.parsed) if self.cfg.blend.parsing else 0
+        parsing_fallbacks = (
+            sum(1 for mat in materials or [] if not mat.parsed) if self.cfg.blend.parsing else 0
+        )
         return ShardStats(
             shard=shard.index,
             frames=shard.frames,
@@ -253,7 +273,9 @@ def render_local(
         for shard in plan.shards:
             path = Path(tmp) / f"{shard.name}.mkv"
             stats.append(
-                pipeline.render_shard(video=info, samples=samples, plan=plan, shard=shard, out_path=path, encode=encode)
+                pipeline.render_shard(
+                    video=info, samples=samples, plan=plan, shard=shard, out_path=path, encode=encode
+                )
             )
             segments.append(path)
         concat_and_mux(segments, Path(audio), Path(output), plan.fps, plan.output_frames, encode)
@@ -275,7 +297,10 @@ def required_weights(cfg: PipelineConfig) -> list[tuple[Path, str]]:
     if cfg.face.crop == "landmarks":
         need.append((layout.fan, "FAN landmark network"))
     if cfg.blend.parsing:
-        need += [(layout.resnet18, "ResNet18 (face parsing backbone)"), (layout.face_parse, "BiSeNet face parsing")]
+        need += [
+            (layout.resnet18, "ResNet18 (face parsing backbone)"),
+            (layout.face_parse, "BiSeNet face parsing"),
+        ]
     if cfg.enhance.enabled:
         need.append((layout.gfpgan, "GFPGAN v1.4"))
     return need

@@ -33,7 +33,13 @@ def make_tiny_models(root: Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         layout = ModelLayout.at(tmp, tiny=True)
-        for write in (write_tiny_unet, write_tiny_vae, write_tiny_whisper, write_tiny_face_models, write_tiny_blend_models):
+        for write in (
+            write_tiny_unet,
+            write_tiny_vae,
+            write_tiny_whisper,
+            write_tiny_face_models,
+            write_tiny_blend_models,
+        ):
             logger.info("writing %s", write.__name__.removeprefix("write_"))
             write(layout, seed)
         (tmp / MARKER).write_text(f"version={TINY_VERSION} seed={seed}\n")

@@ -9,7 +9,6 @@ import soundfile as sf
 from hydra import compose, initialize_config_dir
 
 from cluster.config import CONF_DIR, JobConfig, job_from_config
-
 from shards.media import load_audio, probe_video, read_frames
 
 
@@ -31,10 +30,43 @@ def job_for(models: Path, video: Path, audio: Path, out: Path, *overrides: str) 
         cfg = compose(
             "config",
             overrides=[
-                "+task=test", "models=tiny", f"models.dir={models}", f"task.video={video}", f"task.audio={audio}",
-                f"task.output={out}", "task.make_demo=false", "output.lossless=true", "render.batch_size=4",
+                "+task=test",
+                "models=tiny",
+                f"models.dir={models}",
+                f"task.video={video}",
+                f"task.audio={audio}",
+                f"task.output={out}",
+                "task.make_demo=false",
+                "output.lossless=true",
+                "render.batch_size=4",
                 "render.threads=1",
-                "face.crop=box", *overrides,
+                "face.crop=box",
+                *overrides,
             ],
         )
     return job_from_config(cfg)
+
+
+def busy_workers() -> list:
+    """psutil Processes of Ray RenderWorker actors that are executing a render call right now."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if cmdline.startswith("ray::RenderWorker.render"):
+            found.append(proc)
+    return found
+
+
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")

@@ -29,9 +29,18 @@ def test_every_config_composes(models, enhance, cluster):
 
 def test_interface_names():
     cfg = _compose(
-        "+task=test", "task.bbox_shift=-7", "render.batch_size=3", "render.dtype=float16", "shards.length=20",
-        "shards.overlap=5", "output.lossless=true", "enhance=gfpgan", "enhance.upscale=2", "cluster.workers=3",
-        "cluster.gpus_per_worker=0.5", "models.dir=/somewhere",
+        "+task=test",
+        "task.bbox_shift=-7",
+        "render.batch_size=3",
+        "render.dtype=float16",
+        "shards.length=20",
+        "shards.overlap=5",
+        "output.lossless=true",
+        "enhance=gfpgan",
+        "enhance.upscale=2",
+        "cluster.workers=3",
+        "cluster.gpus_per_worker=0.5",
+        "models.dir=/somewhere",
     )
     job = job_from_config(cfg)
     assert job.pipeline.face.bbox_shift == -7
@@ -49,11 +58,21 @@ def test_missing_task_is_a_clear_error():
 
 def test_all_problems_reported_at_once():
     cfg = _compose(
-        "+task=test", "face.detector=yolo", "render.batch_size=0", "enhance.upscale=3", "shards.overlap=0",
+        "+task=test",
+        "face.detector=yolo",
+        "render.batch_size=0",
+        "enhance.upscale=3",
+        "shards.overlap=0",
         "cluster.inputs=ftp",
     )
     with pytest.raises(ConfigError) as err:
         job_from_config(cfg)
     msg = str(err.value)
-    for needle in ("face.detector", "render.batch_size", "enhance.upscale", "shards.overlap", "cluster.inputs"):
+    for needle in (
+        "face.detector",
+        "render.batch_size",
+        "enhance.upscale",
+        "shards.overlap",
+        "cluster.inputs",
+    ):
         assert needle in msg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import ray
 from cluster.config import REPO_ROOT
 from cluster.driver import run_job
 from musetalk.pipeline import render_local
-from tests.helpers import decode_all, job_for, trimmed_audio
+from tests.helpers import busy_workers, decode_all, job_for, trimmed_audio, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,9 @@ def local_ray():
     ray.shutdown()
 
 
-def test_shard_invariance_across_shardings_and_workers(local_ray, tiny_models, demo_media, short_audio, tmp_path):
+def test_shard_invariance_across_shardings_and_workers(
+    local_ray, tiny_models, demo_media, short_audio, tmp_path
+):
     base = job_for(tiny_models, demo_media.video, short_audio, tmp_path / "ref.mp4", "shards.length=1000")
     ref = render_local(demo_media.video, short_audio, base.output, base.pipeline, encode=base.encode)
     assert len(ref.plan.shards) == 1
@@ -40,8 +43,13 @@ def test_shard_invariance_across_shardings_and_workers(local_ray, tiny_models, d
     for length, overlap, workers in [(13, 2, 2), (17, 6, 1)]:
         out = tmp_path / f"sharded_{length}.mp4"
         job = job_for(
-            tiny_models, demo_media.video, short_audio, out,
-            f"shards.length={length}", f"shards.overlap={overlap}", f"cluster.workers={workers}",
+            tiny_models,
+            demo_media.video,
+            short_audio,
+            out,
+            f"shards.length={length}",
+            f"shards.overlap={overlap}",
+            f"cluster.workers={workers}",
         )
         summary = run_job(job)
         assert summary.shards >= 3 and summary.frames == 50
@@ -54,6 +62,34 @@ def test_shard_invariance_across_shardings_and_workers(local_ray, tiny_models, d
         assert not (out.parent / f".{out.stem}.run").exists()
 
 
+def test_killed_worker_mid_shard_is_replaced_and_output_identical(
+    local_ray, tiny_models, demo_media, short_audio, tmp_path
+):
+    base = job_for(tiny_models, demo_media.video, short_audio, tmp_path / "ref.mp4", "shards.length=1000")
+    expected = decode_all(
+        render_local(demo_media.video, short_audio, base.output, base.pipeline, encode=base.encode).output
+    )
+    out = tmp_path / "killed.mp4"
+    job = job_for(
+        tiny_models,
+        demo_media.video,
+        short_audio,
+        out,
+        "shards.length=10",
+        "cluster.workers=2",
+        "cluster.max_in_flight=1",
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_job, job)
+        victim = wait_for(busy_workers)[0]
+        victim.kill()  # SIGKILL in the middle of a shard
+        summary = future.result(timeout=600)
+    assert summary.retries >= 1
+    got = decode_all(out)
+    assert len(got) == len(expected) == 50
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
 def _cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cluster.render", *args], cwd=cwd, capture_output=True, text=True, timeout=900
@@ -62,15 +98,23 @@ def _cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
 
 def _common(tiny_models, demo_media, audio) -> list[str]:
     return [
-        "+task=test", "models=tiny", f"models.dir={tiny_models}", f"task.video={demo_media.video}",
-        f"task.audio={audio}", "task.make_demo=false", "cluster.num_cpus=2", "face.crop=box",
+        "+task=test",
+        "models=tiny",
+        f"models.dir={tiny_models}",
+        f"task.video={demo_media.video}",
+        f"task.audio={audio}",
+        "task.make_demo=false",
+        "cluster.num_cpus=2",
+        "face.crop=box",
     ]
 
 
 def test_cli_renders_playable_mp4_with_audio(tiny_models, demo_media, short_audio, tmp_path):
     ray.shutdown()
     out = tmp_path / "cli.mp4"
-    proc = _cli(*_common(tiny_models, demo_media, short_audio), f"task.output={out}", f"hydra.run.dir={tmp_path}/run")
+    proc = _cli(
+        *_common(tiny_models, demo_media, short_audio), f"task.output={out}", f"hydra.run.dir={tmp_path}/run"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "frames      50" in proc.stdout
     with av.open(str(out)) as f:
@@ -91,10 +135,16 @@ def test_cli_renders_playable_mp4_with_audio(tiny_models, demo_media, short_audi
         ("models=musetalk_v15 models.dir={tmp}/nowhere", "scripts.download_models", 3),
     ],
 )
-def test_cli_bad_input_one_line_error_and_no_output(tiny_models, demo_media, short_audio, tmp_path, override, needle, code):
+def test_cli_bad_input_one_line_error_and_no_output(
+    tiny_models, demo_media, short_audio, tmp_path, override, needle, code
+):
     (tmp_path / "notes.txt").write_text("not audio")
     out = tmp_path / "bad.mp4"
-    args = [*_common(tiny_models, demo_media, short_audio), f"task.output={out}", f"hydra.run.dir={tmp_path}/run"]
+    args = [
+        *_common(tiny_models, demo_media, short_audio),
+        f"task.output={out}",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
     extra = override.format(tmp=tmp_path, audio=short_audio).split()
     if extra[0].startswith("models="):
         args = [a for a in args if not a.startswith("models")]
@@ -109,7 +159,10 @@ def test_multirun_sweep_writes_summary(tiny_models, demo_media, tmp_path):
     audio = trimmed_audio(demo_media.audio, tmp_path / "tiny.wav", 0.8)
     sweep = tmp_path / "sweep"
     proc = _cli(
-        "-m", *_common(tiny_models, demo_media, audio), "render.batch_size=2,4", "enhance=none,gfpgan",
+        "-m",
+        *_common(tiny_models, demo_media, audio),
+        "render.batch_size=2,4",
+        "enhance=none,gfpgan",
         f"hydra.sweep.dir={sweep}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

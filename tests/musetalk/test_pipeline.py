@@ -63,7 +63,9 @@ def test_demo_render_passthrough_and_blend_region(box_pipeline, demo_media, tmp_
         (x1, y1, x2, y2), _ = blend_square(boxes[src], cfg.blend.expand)
         outside = np.ones((h, w), bool)
         outside[max(0, y1) : max(0, y2), max(0, x1) : max(0, x2)] = False
-        assert np.array_equal(frame[outside], source[src][outside]), f"frame {t} changed outside its blend square"
+        assert np.array_equal(frame[outside], source[src][outside]), (
+            f"frame {t} changed outside its blend square"
+        )
         changed += not np.array_equal(frame, source[src])
     assert changed > len(face_frames) // 2, "the face frames must actually be regenerated"
 
@@ -83,10 +85,24 @@ def test_landmark_crop_and_gfpgan(tiny_models, demo_media, tmp_path):
 
 def test_sharded_local_render_is_identical(box_pipeline, demo_media, tmp_path):
     audio = trimmed_audio(demo_media.audio, tmp_path / "short.wav", 2.0)
-    one = render_local(demo_media.video, audio, tmp_path / "one.mp4", box_pipeline.cfg, encode=LOSSLESS,
-                       pipeline=box_pipeline)
-    many = render_local(demo_media.video, audio, tmp_path / "many.mp4", box_pipeline.cfg, encode=LOSSLESS,
-                        pipeline=box_pipeline, shard_frames=13, overlap=3)
+    one = render_local(
+        demo_media.video,
+        audio,
+        tmp_path / "one.mp4",
+        box_pipeline.cfg,
+        encode=LOSSLESS,
+        pipeline=box_pipeline,
+    )
+    many = render_local(
+        demo_media.video,
+        audio,
+        tmp_path / "many.mp4",
+        box_pipeline.cfg,
+        encode=LOSSLESS,
+        pipeline=box_pipeline,
+        shard_frames=13,
+        overlap=3,
+    )
     assert len(one.plan.shards) == 1 and len(many.plan.shards) == 4
     a, b = decode_all(one.output), decode_all(many.output)
     assert len(a) == len(b) == 50

@@ -3,7 +3,14 @@ from fractions import Fraction
 import pytest
 
 from shards.errors import ConfigError, InputError
-from shards.plan import Plan, dispatch_order, output_frame_count, plan_shards, shard_length_frames, source_index
+from shards.plan import (
+    Plan,
+    dispatch_order,
+    output_frame_count,
+    plan_shards,
+    shard_length_frames,
+    source_index,
+)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +88,14 @@ def test_overlap_below_smoothing_need_is_rejected():
 
 def test_audio_shorter_than_a_frame_is_an_input_error():
     with pytest.raises(InputError, match="shorter than one video frame"):
-        plan_shards(source_frames=10, total_samples=100, sample_rate=16000, fps=Fraction(25), shard_frames=10, overlap=0)
+        plan_shards(
+            source_frames=10,
+            total_samples=100,
+            sample_rate=16000,
+            fps=Fraction(25),
+            shard_frames=10,
+            overlap=0,
+        )
 
 
 def test_plan_json_round_trip_and_dispatch_order():
