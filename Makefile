@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(PY) -m cluster.render +task=test models=tiny
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

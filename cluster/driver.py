@@ -242,7 +242,9 @@ def _dispatch(plan: Plan, pool: _Pool, inputs: JobInputs, job: JobConfig, seg_di
                 in_flight[actor.render.remote(inputs, plan, shard, job.encode)] = (shard, attempt, i, actor)
                 pool.load[i] += 1
             ready, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
-            bar.n = min(plan.output_frames, ray.get(progress.total.remote()))
+            frames, stages = ray.get(progress.snapshot.remote())
+            bar.n = min(plan.output_frames, frames)
+            bar.set_postfix_str(" ".join(f"{s}:{st}" for s, st in sorted(stages.items())), refresh=False)
             bar.refresh()
             for ref in ready:
                 if ref in pool.starting:

@@ -11,12 +11,20 @@ class ProgressActor:
 
     def __init__(self) -> None:
         self._frames: dict[int, int] = {}
+        self._stages: dict[int, str] = {}
+
+    def stage(self, shard: int, name: str) -> None:
+        self._stages[shard] = name
+
+    def done(self, shard: int) -> None:
+        self._stages.pop(shard, None)
+
+    def snapshot(self) -> tuple[int, dict[int, str]]:
+        """(frames done, {shard: current stage} of the shards being rendered)."""
+        return sum(self._frames.values()), dict(self._stages)
 
     def add(self, shard: int, frames: int) -> None:
         self._frames[shard] = self._frames.get(shard, 0) + frames
 
     def reset(self, shard: int) -> None:
         self._frames[shard] = 0
-
-    def total(self) -> int:
-        return sum(self._frames.values())

@@ -80,12 +80,15 @@ class RenderWorker:
     ) -> tuple[bytes, ShardStats]:
         info, samples = self._inputs(job)
         out = self._tmp / f"{job.job_id}-{shard.name}.mkv"
-        progress = None
+        progress = on_stage = None
         if self.progress is not None:
             self.progress.reset.remote(shard.index)
 
             def progress(n: int) -> None:
                 self.progress.add.remote(shard.index, n)
+
+            def on_stage(name: str) -> None:
+                self.progress.stage.remote(shard.index, name)
 
         try:
             stats = self.pipeline.render_shard(
@@ -96,10 +99,13 @@ class RenderWorker:
                 out_path=out,
                 encode=encode,
                 progress=progress,
+                on_stage=on_stage,
             )
             return out.read_bytes(), replace(stats, worker=self.name)
         finally:
             out.unlink(missing_ok=True)
+            if self.progress is not None:
+                self.progress.done.remote(shard.index)
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)

@@ -80,12 +80,17 @@ class ShardStats:
 class StageTimer:
     """Accumulates wall time per stage; synchronises CUDA so GPU stages are timed honestly."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, on_stage: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self._cuda = device.type == "cuda"
+        self._on_stage = on_stage
+        self._current = ""
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self._on_stage is not None and name != self._current:
+            self._current = name
+            self._on_stage(name)
         start = time.perf_counter()
         try:
             yield
@@ -143,14 +148,16 @@ class FramePipeline:
         out_path: Path,
         encode: EncodeSettings,
         progress: Callable[[int], None] | None = None,
+        on_stage: Callable[[str], None] | None = None,
     ) -> ShardStats:
         """Render output frames ``[shard.start, shard.end)`` into a video-only segment at ``out_path``.
 
         ``samples`` is the whole audio track, (N,) float32 mono 16 kHz; only the 30 s Whisper segments the
-        shard's windows touch are encoded. Returns the shard's stats.
+        shard's windows touch are encoded. ``progress(n)`` is called as frames are written and
+        ``on_stage(name)`` as the shard enters each stage. Returns the shard's stats.
         """
         m = self.models
-        timer = StageTimer(m.device)
+        timer = StageTimer(m.device, on_stage)
         lo = shard.src_start
         with timer.stage("decode"):
             frames = list(read_frames(video, shard.src_start, shard.src_end))
