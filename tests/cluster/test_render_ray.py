@@ -25,6 +25,25 @@ def short_audio(demo_media, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def reference_frames(tiny_models, demo_media, short_audio, tmp_path_factory):
+    """The short job rendered in this process as one shard (same thread count as the workers)."""
+    out = tmp_path_factory.mktemp("reference") / "ref.mp4"
+    base = job_for(tiny_models, demo_media.video, short_audio, out, "shards.length=1000")
+    result = render_local(demo_media.video, short_audio, out, base.pipeline, encode=base.encode)
+    assert len(result.plan.shards) == 1
+    frames = decode_all(out)
+    assert len(frames) == 50
+    return frames
+
+
+def assert_same_frames(expected, path):
+    got = decode_all(path)
+    assert len(got) == len(expected)
+    for t, (a, b) in enumerate(zip(expected, got, strict=True)):
+        assert np.array_equal(a, b), f"frame {t} of {path.name} differs from the single-shard render"
+
+
+@pytest.fixture(scope="module")
 def local_ray():
     ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -33,13 +52,8 @@ def local_ray():
 
 
 def test_shard_invariance_across_shardings_and_workers(
-    local_ray, tiny_models, demo_media, short_audio, tmp_path
+    local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path
 ):
-    base = job_for(tiny_models, demo_media.video, short_audio, tmp_path / "ref.mp4", "shards.length=1000")
-    ref = render_local(demo_media.video, short_audio, base.output, base.pipeline, encode=base.encode)
-    assert len(ref.plan.shards) == 1
-    expected = decode_all(ref.output)
-    assert len(expected) == 50
     for length, overlap, workers in [(13, 2, 2), (17, 6, 1)]:
         out = tmp_path / f"sharded_{length}.mp4"
         job = job_for(
@@ -53,22 +67,26 @@ def test_shard_invariance_across_shardings_and_workers(
         )
         summary = run_job(job)
         assert summary.shards >= 3 and summary.frames == 50
-        got = decode_all(out)
-        assert len(got) == len(expected)
-        for t, (a, b) in enumerate(zip(expected, got, strict=True)):
-            assert np.array_equal(a, b), f"frame {t} differs with shards.length={length} overlap={overlap}"
+        assert_same_frames(reference_frames, out)
         written = json.loads(out.with_suffix(".summary.json").read_text())
         assert written["frames"] == 50 and sum(written["worker_frames"].values()) == 50
         assert not (out.parent / f".{out.stem}.run").exists()
 
 
-def test_killed_worker_mid_shard_is_replaced_and_output_identical(
-    local_ray, tiny_models, demo_media, short_audio, tmp_path
+def test_inputs_as_paths_every_node_reads(
+    local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path
 ):
-    base = job_for(tiny_models, demo_media.video, short_audio, tmp_path / "ref.mp4", "shards.length=1000")
-    expected = decode_all(
-        render_local(demo_media.video, short_audio, base.output, base.pipeline, encode=base.encode).output
-    )
+    """cluster.inputs=uri: workers read the task paths themselves instead of the object store."""
+    out = tmp_path / "uri.mp4"
+    job = job_for(tiny_models, demo_media.video, short_audio, out, "cluster.inputs=uri", "shards.length=25")
+    summary = run_job(job)
+    assert summary.shards == 2
+    assert_same_frames(reference_frames, out)
+
+
+def test_killed_worker_mid_shard_is_replaced_and_output_identical(
+    local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path
+):
     out = tmp_path / "killed.mp4"
     job = job_for(
         tiny_models,
@@ -85,9 +103,7 @@ def test_killed_worker_mid_shard_is_replaced_and_output_identical(
         victim.kill()  # SIGKILL in the middle of a shard
         summary = future.result(timeout=600)
     assert summary.retries >= 1
-    got = decode_all(out)
-    assert len(got) == len(expected) == 50
-    assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert_same_frames(reference_frames, out)
 
 
 def _cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
