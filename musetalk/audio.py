@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from musetalk.layout import ModelLayout
+from shards.plan import output_frame_count as _output_frame_count
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,8 @@ def total_steps_for(total_samples: int, sample_rate: int = SAMPLE_RATE) -> int:
 
 
 def output_frame_count(total_samples: int, fps: Fraction, sample_rate: int = SAMPLE_RATE) -> int:
-    """``floor(total_samples / sample_rate * fps)`` in exact integer maths: the output length T."""
-    fps = _check_fps(fps)
-    if total_samples < 0:
-        raise ValueError(f"total_samples must be >= 0, got {total_samples}")
-    return total_samples * fps.numerator // (sample_rate * fps.denominator)
+    """:func:`shards.plan.output_frame_count` with the sample rate last, defaulting to 16 kHz."""
+    return _output_frame_count(total_samples, sample_rate, fps)
 
 
 def padding_steps(fps: Fraction) -> int:

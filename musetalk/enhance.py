@@ -26,7 +26,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import pickle
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -192,37 +191,14 @@ def load_gfpgan(layout: ModelLayout, device: torch.device, upscale: int = 1) -> 
     if upscale not in UPSCALES:  # fail before the slow model build
         raise ConfigError(f"enhance.upscale must be one of {UPSCALES}, got {upscale}")
     args = _arch_args(layout, path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
-        raise layout.malformed(path, what, f"torch.load failed ({type(err).__name__}: {err})") from err
-    key = next(
-        (k for k in ("params_ema", "params") if isinstance(checkpoint, dict) and k in checkpoint), None
-    )
-    if key is None:
-        raise layout.malformed(path, what, "expected a dict with 'params_ema' or 'params'")
-    state = checkpoint[key]
+    state = layout.load_torch_state(path, what, under=("params_ema", "params"))
     try:
         net = gfpgan_arch_class()(**args)
     except (TypeError, ValueError, RuntimeError) as err:
         raise layout.malformed(path, what, f"cannot build GFPGANv1Clean({args}): {err}") from err
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    problems = [
-        f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("wrong shapes", shapes),
-        )
-        if keys
-    ]
-    if problems:
-        raise layout.malformed(path, what, f"{'; '.join(problems)} for architecture {args}")
+    layout.check_state_dict(path, what, state, net.state_dict(), context=f"for architecture {args}")
     net.load_state_dict(state, strict=True)
-    log.info("loaded GFPGAN from %s (%s) on %s", path, key, device)
+    log.info("loaded GFPGAN from %s on %s", path, device)
     return FaceEnhancer(net, device, upscale)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -262,7 +261,7 @@ def _load_s3fd(layout: ModelLayout, device: torch.device) -> torch.nn.Module:
     what = "S3FD face detector"
     path = layout.require(layout.s3fd, what)
     net = s3fd()
-    _load_strict(net, _read_state_dict(layout, path, what), layout, path, what)
+    _load_strict(net, layout.load_torch_state(path, what), layout, path, what)
     return net.to(device).eval()
 
 
@@ -270,7 +269,7 @@ def _load_fan(layout: ModelLayout, device: torch.device) -> torch.nn.Module:
     """FAN with as many hourglass modules as the file has (the real 2DFAN4 has 4)."""
     what = "FAN landmark network"
     path = layout.require(layout.fan, what)
-    state = _read_state_dict(layout, path, what)
+    state = layout.load_torch_state(path, what)
     modules = {int(m.group(1)) for key in state if (m := _HOURGLASS_KEY.match(key))}
     if not modules:
         raise layout.malformed(path, what, "no hourglass module keys (m0.*)")
@@ -289,38 +288,17 @@ def _load_haar() -> cv2.CascadeClassifier:
     return cascade
 
 
-def _read_state_dict(layout: ModelLayout, path: Path, what: str) -> Mapping[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise layout.malformed(path, what, f"not a torch weights file ({first_line})") from err
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise layout.malformed(path, what, f"expected a state dict of tensors, got {type(state).__name__}")
-    return state
-
-
 def _load_strict(
     net: torch.nn.Module, state: Mapping[str, torch.Tensor], layout: ModelLayout, path: Path, what: str
 ) -> None:
-    """``load_state_dict`` that turns key and shape mismatches into one-line WeightsErrors."""
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise layout.malformed(path, what, f"tensor shapes do not match the network: {detail}") from err
-    problems = []
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys {_few(result.unexpected_keys)}")
-    if result.missing_keys:
-        problems.append(f"missing keys {_few(result.missing_keys)}")
-    if problems:
-        raise layout.malformed(path, what, ", ".join(problems))
+    """Load ``state`` into ``net`` after checking its keys and shapes (one-line WeightsErrors).
 
-
-def _few(keys: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
+    BatchNorm's ``num_batches_tracked`` may be absent (files older than the buffer); it keeps its default.
+    """
+    expected = net.state_dict()
+    untracked = frozenset(k for k in expected if k.endswith("num_batches_tracked"))
+    layout.check_state_dict(path, what, state, expected, optional=untracked)
+    net.load_state_dict(state, strict=False)
 
 
 def crop_box(det: Detection | None, frame_shape: tuple[int, int], cfg: FaceConfig) -> Box | None:

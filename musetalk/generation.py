@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,40 +28,11 @@ MASK_TOP = CROP_SIZE // 2  # rows [128, 256) of the masked copy are blanked
 AUDIO_TOKENS = 50
 AUDIO_DIM = 384
 VAE_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_SHOW_KEYS = 3
 
 
 def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def _first(keys: set[str] | list[str]) -> str:
-    shown = sorted(keys)[:_SHOW_KEYS]
-    more = f" (+{len(keys) - len(shown)} more)" if len(keys) > len(shown) else ""
-    return ", ".join(shown) + more
-
-
-def _state_dict_problem(expected: dict[str, torch.Tensor], got: dict[str, object]) -> str | None:
-    """Describe how ``got`` differs from the model's own state dict, or None when it matches exactly."""
-    missing = set(expected) - set(got)
-    unexpected = set(got) - set(expected)
-    not_tensors = [k for k in set(got) & set(expected) if not isinstance(got[k], torch.Tensor)]
-    if not_tensors:
-        return f"values are not tensors for keys {_first(not_tensors)}"
-    wrong_shape = [
-        f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}"  # type: ignore[union-attr]
-        for k, v in sorted(expected.items())
-        if k in got and got[k].shape != v.shape  # type: ignore[union-attr]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_first(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} shape mismatches: {', '.join(wrong_shape[:_SHOW_KEYS])}")
-    return "; ".join(problems) or None
 
 
 def load_unet(layout: ModelLayout, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
@@ -86,18 +56,14 @@ def load_unet(layout: ModelLayout, device: torch.device, dtype: torch.dtype) -> 
             config_path, what, f"not a UNet2DConditionModel config ({_one_line(err)})"
         ) from err
 
-    what = "MuseTalk UNet weights"
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise layout.malformed(
-            weights_path, what, f"not a readable torch checkpoint ({_one_line(err)})"
-        ) from err
-    if not isinstance(state, dict):
-        raise layout.malformed(weights_path, what, f"expected a state dict, got {type(state).__name__}")
-    problem = _state_dict_problem(unet.state_dict(), state)
-    if problem:
-        raise layout.malformed(weights_path, what, f"does not match {layout.unet_config.name}: {problem}")
+    state = layout.load_torch_state(weights_path, "MuseTalk UNet weights")
+    layout.check_state_dict(
+        weights_path,
+        "MuseTalk UNet weights",
+        state,
+        unet.state_dict(),
+        context=f"for the UNet of {config_path.name}",
+    )
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     unet.load_state_dict(state, strict=True, assign=True)
     unet.eval().requires_grad_(False)
@@ -122,14 +88,13 @@ def load_vae(layout: ModelLayout, device: torch.device, dtype: torch.dtype) -> A
         )
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
         raise layout.malformed(vae_dir, "VAE", _one_line(err)) from err
-    bad = {
-        "missing": info.get("missing_keys", []),
-        "unexpected": info.get("unexpected_keys", []),
-        "mismatched": [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])],
-    }
-    problems = [f"{len(keys)} {kind} keys: {_first(keys)}" for kind, keys in bad.items() if keys]
-    if problems:
-        raise layout.malformed(weights[0], "VAE weights", "; ".join(problems))
+    layout.check_keys(
+        weights[0],
+        "VAE weights",
+        missing=info.get("missing_keys", []),
+        unexpected=info.get("unexpected_keys", []),
+        wrong_shapes=info.get("mismatched_keys", []),
+    )
     vae.eval().requires_grad_(False)
     log.info("loaded VAE from %s (%s on %s)", weights[0], dtype, device)
     return vae.to(device)

@@ -10,9 +10,7 @@ Class ids: 0 background, 1 skin, 2/3 brows, 4/5 eyes, 6 glasses, 7/8 ears, 9 ear
 from __future__ import annotations
 
 import logging
-import pickle
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -221,45 +219,6 @@ class FaceParser:
         return out
 
 
-def _load_state_dict(layout: ModelLayout, path: Path, what: str) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
-        raise layout.malformed(path, what, f"torch.load failed ({type(err).__name__}: {err})") from err
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise layout.malformed(path, what, "expected a plain state dict of tensors")
-    return dict(state)
-
-
-def _check_keys(
-    layout: ModelLayout,
-    path: Path,
-    what: str,
-    expected: Mapping[str, torch.Tensor],
-    given: Mapping[str, torch.Tensor],
-    optional: frozenset[str] = frozenset(),
-) -> None:
-    """Raise a WeightsError naming missing/unexpected/mis-shaped keys (first five of each)."""
-    missing = sorted(k for k in expected if k not in given and k not in optional)
-    unexpected = sorted(k for k in given if k not in expected)
-    shapes = sorted(
-        f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}"
-        for k in given
-        if k in expected and given[k].shape != expected[k].shape
-    )
-    problems = [
-        f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-        for label, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("wrong shapes", shapes),
-        )
-        if keys
-    ]
-    if problems:
-        raise layout.malformed(path, what, "; ".join(problems))
-
-
 def load_face_parser(layout: ModelLayout, device: torch.device, batch_size: int = 4) -> FaceParser:
     """Build BiSeNet as upstream does: ResNet18 ImageNet weights into the backbone (``fc.*`` ignored),
     then the full ``79999_iter.pth`` state dict, strictly."""
@@ -271,18 +230,18 @@ def load_face_parser(layout: ModelLayout, device: torch.device, batch_size: int 
     net = BiSeNet(N_CLASSES)
     backbone = net.cp.resnet.state_dict()
     resnet_state = {
-        k: v for k, v in _load_state_dict(layout, resnet_path, resnet_what).items() if not k.startswith("fc.")
+        k: v for k, v in layout.load_torch_state(resnet_path, resnet_what).items() if not k.startswith("fc.")
     }
     # torchvision's 2017 file predates BatchNorm's num_batches_tracked buffer.
     untracked = frozenset(k for k in backbone if k.endswith("num_batches_tracked"))
-    _check_keys(layout, resnet_path, resnet_what, backbone, resnet_state, optional=untracked)
+    layout.check_state_dict(resnet_path, resnet_what, resnet_state, backbone, optional=untracked)
     backbone.update(resnet_state)
     net.cp.resnet.load_state_dict(backbone, strict=True)
 
-    state = _load_state_dict(layout, parse_path, parse_what)
+    state = layout.load_torch_state(parse_path, parse_what)
     current = net.state_dict()
     untracked = frozenset(k for k in current if k.endswith("num_batches_tracked"))
-    _check_keys(layout, parse_path, parse_what, current, state, optional=untracked)
+    layout.check_state_dict(parse_path, parse_what, state, current, optional=untracked)
     net.load_state_dict({**{k: current[k] for k in untracked}, **state}, strict=True)
     log.info("loaded BiSeNet face parser from %s on %s", parse_path, device)
     return FaceParser(net, device, batch_size)

@@ -26,8 +26,15 @@ def source_index(t: int, source_frames: int) -> int:
 
 
 def output_frame_count(total_samples: int, sample_rate: int, fps: Fraction) -> int:
-    """``floor(audio_seconds * fps)`` in exact integer arithmetic."""
-    return (total_samples * fps.numerator) // (sample_rate * fps.denominator)
+    """``floor(total_samples / sample_rate * fps)`` in exact integer arithmetic: the output length T."""
+    fps = Fraction(fps)
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if total_samples < 0:
+        raise ValueError(f"total_samples must be >= 0, got {total_samples}")
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    return total_samples * fps.numerator // (sample_rate * fps.denominator)
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ def test_wrong_shape_and_garbage_are_weights_errors(face_layout, tmp_path):
         load_face_analyzer(layout, config(detector="s3fd"), CPU)
 
     layout.fan.write_bytes(b"not a checkpoint" * 8)
-    with pytest.raises(WeightsError, match="not a torch weights file"):
+    with pytest.raises(WeightsError, match="not a readable torch checkpoint"):
         load_face_analyzer(layout, config(crop="landmarks"), CPU)
 
     torch.save({"m0.x": [1, 2]}, layout.fan)
