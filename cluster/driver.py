@@ -212,15 +212,18 @@ def run_job(job: JobConfig) -> JobSummary:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = ProgressActor.options(scheduling_strategy=here).remote()
     size, gpus = pool_shape(job.cluster)
-    pool = _Pool(job, progress, size, gpus)
     try:
-        stats, retries = _dispatch(plan, pool, inputs, job, seg_dir, progress)
+        pool = _Pool(job, progress, size, gpus)
+        try:
+            stats, retries = _dispatch(plan, pool, inputs, job, seg_dir, progress)
+        finally:
+            pool.shutdown()
+            ray.kill(progress)
+        segments = [seg_dir / f"{s.name}.mkv" for s in plan.shards]
+        concat_and_mux(segments, job.audio, job.output, plan.fps, plan.output_frames, job.encode)
     finally:
-        pool.shutdown()
-        ray.kill(progress)
-    segments = [seg_dir / f"{s.name}.mkv" for s in plan.shards]
-    concat_and_mux(segments, job.audio, job.output, plan.fps, plan.output_frames, job.encode)
-    shutil.rmtree(run_dir, ignore_errors=True)
+        # The run directory (plan + finished segments) is scratch until resuming lands: never left behind.
+        shutil.rmtree(run_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     summary = _summarise(job, plan, stats, size, seconds, retries)
     if job.summary:

@@ -254,12 +254,16 @@ def render_local(
     output: str | Path,
     cfg: PipelineConfig,
     *,
-    shard_frames: int = 10**9,
+    shard_frames: int = 250,
     overlap: int | None = None,
     encode: EncodeSettings | None = None,
     pipeline: FramePipeline | None = None,
 ) -> LocalResult:
-    """Render a whole job in this process (no Ray): probe, plan, render every shard, stitch, mux."""
+    """Render a whole job in this process (no Ray): probe, plan, render every shard, stitch, mux.
+
+    Shards bound memory (a shard's source frames are held while it renders); the output does not
+    depend on ``shard_frames`` or ``overlap``.
+    """
     encode = encode or EncodeSettings()
     info = probe_video(video)
     probe_audio(audio)

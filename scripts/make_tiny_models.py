@@ -1,7 +1,9 @@
 """Write random-weight stand-ins for every model, in the official on-disk formats.
 
-``python -m scripts.make_tiny_models --dir models/tiny [--seed 0]``. Deterministic from the seed.
-The files load through the same loaders as the real weights; tests and the offline demo use them.
+``python -m scripts.make_tiny_models --dir models/tiny [--seed 0] [--full-size]``. Deterministic from the
+seed. The files load through the same loaders as the real weights; tests and the offline demo use the
+tiny set. ``--full-size`` writes the real architectures instead (a ~4 GB set, mostly the 3.4 GB UNet):
+random weights with the real per-frame compute, for benchmarks on machines that cannot download weights.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ TINY_VERSION = "1"
 MARKER = ".tiny-models"
 
 
-def make_tiny_models(root: Path, seed: int = 0) -> Path:
+def marker_text(seed: int, full_size: bool) -> str:
+    """What the marker file holds for a complete set (full_size recorded: a tiny set never passes for full)."""
+    return f"version={TINY_VERSION} seed={seed} full_size={int(full_size)}"
+
+
+def make_tiny_models(root: Path, seed: int = 0, full_size: bool = False) -> Path:
     """Write every stand-in under ``root`` (built in a temporary sibling, then renamed into place)."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -40,9 +47,9 @@ def make_tiny_models(root: Path, seed: int = 0) -> Path:
             write_tiny_face_models,
             write_tiny_blend_models,
         ):
-            logger.info("writing %s", write.__name__.removeprefix("write_"))
-            write(layout, seed)
-        (tmp / MARKER).write_text(f"version={TINY_VERSION} seed={seed}\n")
+            logger.info("writing %s%s", write.__name__.removeprefix("write_"), " (full size)" * full_size)
+            write(layout, seed, full_size=full_size)
+        (tmp / MARKER).write_text(marker_text(seed, full_size) + "\n")
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -51,22 +58,25 @@ def make_tiny_models(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def ensure_tiny_models(root: Path, seed: int = 0) -> Path:
-    """Make the stand-ins unless ``root`` already holds a complete set of this version and seed."""
+def ensure_tiny_models(root: Path, seed: int = 0, full_size: bool = False) -> Path:
+    """Make the stand-ins unless ``root`` already holds a complete set of this version, seed and size."""
     marker = Path(root) / MARKER
-    if marker.exists() and marker.read_text().strip() == f"version={TINY_VERSION} seed={seed}":
+    if marker.exists() and marker.read_text().strip() == marker_text(seed, full_size):
         return Path(root)
-    logger.info("generating tiny stand-in models in %s", root)
-    return make_tiny_models(root, seed)
+    logger.info("generating %s stand-in models in %s", "full-size" if full_size else "tiny", root)
+    return make_tiny_models(root, seed, full_size)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("models/tiny"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--full-size", action="store_true", help="the real architectures (~4 GB), for benchmarks"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(make_tiny_models(args.dir, args.seed))
+    print(make_tiny_models(args.dir, args.seed, args.full_size))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
   channels, ~50 MB) with random weights.
 - ``gfpgan/GFPGANv1.4.pth`` = ``{"params_ema": state_dict}`` of a GFPGANv1Clean with the real
   512x512 interface but ``narrow`` 1/16 and 32 style features, plus ``gfpgan/GFPGANv1.4.json``
-  holding those architecture overrides (read by :func:`musetalk.enhance.load_gfpgan`).
+  holding those architecture overrides (read by :func:`musetalk.enhance.load_gfpgan`); with
+  ``full_size=True`` the real v1.4 architecture (:data:`musetalk.enhance.GFPGAN_V14_ARCH`) and no JSON.
 
 Everything is deterministic from the seed and leaves the global torch RNG as it was.
 """
@@ -28,8 +29,8 @@ log = logging.getLogger(__name__)
 TINY_GFPGAN_ARCH = {"narrow": 0.0625, "num_style_feat": 32}
 
 
-def write_tiny_face_parser(layout: ModelLayout, seed: int) -> None:
-    """Write the ResNet18 backbone file and the BiSeNet state dict below ``layout``."""
+def write_tiny_face_parser(layout: ModelLayout, seed: int, *, full_size: bool = False) -> None:
+    """Write the ResNet18 backbone file and the BiSeNet state dict below ``layout`` (always full-size)."""
     layout.face_parse.parent.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -42,10 +43,10 @@ def write_tiny_face_parser(layout: ModelLayout, seed: int) -> None:
     log.info("wrote tiny face parser to %s", layout.face_parse.parent)
 
 
-def write_tiny_gfpgan(layout: ModelLayout, seed: int) -> None:
-    """Write a shrunk GFPGANv1Clean as ``{"params_ema": ...}`` plus its architecture JSON."""
+def write_tiny_gfpgan(layout: ModelLayout, seed: int, *, full_size: bool = False) -> None:
+    """Write a GFPGANv1Clean as ``{"params_ema": ...}``: shrunk plus its architecture JSON, or full-size."""
     layout.gfpgan.parent.mkdir(parents=True, exist_ok=True)
-    args = {**GFPGAN_V14_ARCH, **TINY_GFPGAN_ARCH}
+    args = dict(GFPGAN_V14_ARCH) if full_size else {**GFPGAN_V14_ARCH, **TINY_GFPGAN_ARCH}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = gfpgan_arch_class()(**args).eval()
@@ -55,23 +56,28 @@ def write_tiny_gfpgan(layout: ModelLayout, seed: int) -> None:
                 if name.endswith(".weight") and param.shape == (1,):
                     param.uniform_(0.05, 0.2)
     torch.save({"params_ema": net.state_dict()}, layout.gfpgan)
-    layout.gfpgan.with_suffix(".json").write_text(json.dumps(TINY_GFPGAN_ARCH, indent=2) + "\n")
-    log.info("wrote tiny GFPGAN to %s", layout.gfpgan.parent)
+    override = layout.gfpgan.with_suffix(".json")
+    if full_size:
+        override.unlink(missing_ok=True)
+    else:
+        override.write_text(json.dumps(TINY_GFPGAN_ARCH, indent=2) + "\n")
+    log.info("wrote %s GFPGAN to %s", "full-size" if full_size else "tiny", layout.gfpgan.parent)
 
 
-def write_tiny_blend_models(layout: ModelLayout, seed: int) -> None:
+def write_tiny_blend_models(layout: ModelLayout, seed: int, *, full_size: bool = False) -> None:
     """Write every blend/enhance stand-in below ``layout.root``."""
-    write_tiny_face_parser(layout, seed)
-    write_tiny_gfpgan(layout, seed + 1)
+    write_tiny_face_parser(layout, seed, full_size=full_size)
+    write_tiny_gfpgan(layout, seed + 1, full_size=full_size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="models/tiny", help="models root")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full-size", action="store_true", help="GFPGAN v1.4's real architecture")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_tiny_blend_models(ModelLayout.at(args.dir, tiny=True), args.seed)
+    write_tiny_blend_models(ModelLayout.at(args.dir, tiny=True), args.seed, full_size=args.full_size)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 S3FD keeps the real architecture (fixed channels) but its classification heads are pinned so that it
 finds no face anywhere: a random detector would otherwise report thousands of boxes. Tests that need a
-face use the Haar cascade. FAN has one hourglass module instead of four.
+face use the Haar cascade (also with ``full_size=True``). FAN has one hourglass module instead of four,
+or the real 2DFAN4's four with ``full_size=True``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ S3FD_CONF_HEADS = (
 )
 BACKGROUND_BIAS = 10.0  # face probability ~ exp(-20): far below S3FD's 0.05 candidate threshold
 HEAD_WEIGHT_SCALE = 1e-3  # keeps the input's influence on the logits negligible next to the biases
+FULL_FAN_MODULES = 4  # 2DFAN4
 
 
 def tiny_s3fd(seed: int) -> torch.nn.Module:
@@ -45,17 +47,17 @@ def tiny_s3fd(seed: int) -> torch.nn.Module:
     return net.eval()
 
 
-def tiny_fan(seed: int) -> torch.nn.Module:
-    """face-alignment's FAN with one hourglass module and seeded random weights."""
+def tiny_fan(seed: int, *, full_size: bool = False) -> torch.nn.Module:
+    """face-alignment's FAN with one hourglass module (four with ``full_size``) and seeded random weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = FAN(1)
+        net = FAN(FULL_FAN_MODULES if full_size else 1)
     return net.eval()
 
 
-def write_tiny_face_models(layout: ModelLayout, seed: int) -> None:
+def write_tiny_face_models(layout: ModelLayout, seed: int, *, full_size: bool = False) -> None:
     """Write ``layout.s3fd`` and ``layout.fan`` as plain state dicts (the official formats)."""
-    for path, net in ((layout.s3fd, tiny_s3fd(seed)), (layout.fan, tiny_fan(seed + 1))):
+    for path, net in ((layout.s3fd, tiny_s3fd(seed)), (layout.fan, tiny_fan(seed + 1, full_size=full_size))):
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(net.state_dict(), path)
         logger.info("wrote %s", path)
@@ -65,9 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="models/tiny", help="models directory to write into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full-size", action="store_true", help="a FAN with four hourglass modules (2DFAN4)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_tiny_face_models(ModelLayout.at(args.dir, tiny=True), args.seed)
+    write_tiny_face_models(ModelLayout.at(args.dir, tiny=True), args.seed, full_size=args.full_size)
 
 
 if __name__ == "__main__":
