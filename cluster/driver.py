@@ -23,10 +23,10 @@ from tqdm import tqdm
 from cluster.config import ClusterConfig, JobConfig
 from cluster.progress import ProgressActor
 from cluster.worker import JobInputs, RenderWorker
-from musetalk.pipeline import STAGES, ShardStats
+from musetalk.pipeline import STAGES, ShardStats, plan_job
 from shards.errors import FarmError, RenderError
-from shards.media import concat_and_mux, load_audio, probe_audio, probe_video
-from shards.plan import Plan, dispatch_order, plan_shards, shard_length_frames
+from shards.media import concat_and_mux
+from shards.plan import Plan, dispatch_order
 
 logger = logging.getLogger(__name__)
 
@@ -170,18 +170,13 @@ class _Pool:
 def run_job(job: JobConfig) -> JobSummary:
     """Render one job end to end; the output appears atomically or not at all."""
     start = time.perf_counter()
-    info = probe_video(job.video)
-    probe_audio(job.audio)
-    samples = load_audio(job.audio)
-    shard_frames = shard_length_frames(job.shard_length, job.shard_seconds, info.fps)
-    plan = plan_shards(
-        source_frames=info.frame_count,
-        total_samples=len(samples),
-        sample_rate=16000,
-        fps=info.fps,
-        shard_frames=shard_frames,
+    _, samples, plan = plan_job(
+        job.video,
+        job.audio,
         overlap=job.overlap,
-        min_overlap=job.pipeline.face.smooth_radius,
+        smooth_radius=job.pipeline.face.smooth_radius,
+        shard_frames=job.shard_length,
+        shard_seconds=job.shard_seconds,
     )
     logger.info(
         "plan: %d output frames at %s fps from %d source frames, %d shards",

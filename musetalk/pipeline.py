@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musetalk.audio import WhisperAudioEncoder, audio_span, frame_windows, load_whisper, positional_encoding
+from musetalk.audio import (
+    SAMPLE_RATE,
+    WhisperAudioEncoder,
+    audio_span,
+    frame_windows,
+    load_whisper,
+    positional_encoding,
+)
 from musetalk.blending import Blender
 from musetalk.config import PipelineConfig
 from musetalk.device import resolve_device, resolve_dtype
@@ -42,7 +49,7 @@ from shards.media import (
     probe_video,
     read_frames,
 )
-from shards.plan import Plan, Shard, plan_shards
+from shards.plan import Plan, Shard, plan_shards, shard_length_frames
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +248,32 @@ class FramePipeline:
         )
 
 
+def plan_job(
+    video: str | Path,
+    audio: str | Path,
+    *,
+    overlap: int,
+    smooth_radius: int,
+    shard_frames: int | None = None,
+    shard_seconds: float | None = None,
+) -> tuple[VideoInfo, np.ndarray, Plan]:
+    """Probe both inputs (InputError on bad ones), load the audio at 16 kHz and plan the shards
+    (``shard_frames`` output frames each, or ``shard_seconds`` of output)."""
+    info = probe_video(video)
+    probe_audio(audio)
+    samples = load_audio(audio, SAMPLE_RATE)
+    plan = plan_shards(
+        source_frames=info.frame_count,
+        total_samples=len(samples),
+        sample_rate=SAMPLE_RATE,
+        fps=info.fps,
+        shard_frames=shard_length_frames(shard_frames, shard_seconds, info.fps),
+        overlap=overlap,
+        min_overlap=smooth_radius,
+    )
+    return info, samples, plan
+
+
 @dataclass(frozen=True)
 class LocalResult:
     output: Path
@@ -265,17 +298,9 @@ def render_local(
     depend on ``shard_frames`` or ``overlap``.
     """
     encode = encode or EncodeSettings()
-    info = probe_video(video)
-    probe_audio(audio)
-    samples = load_audio(audio)
-    plan = plan_shards(
-        source_frames=info.frame_count,
-        total_samples=len(samples),
-        sample_rate=16000,
-        fps=info.fps,
-        shard_frames=shard_frames,
-        overlap=cfg.face.smooth_radius if overlap is None else overlap,
-        min_overlap=cfg.face.smooth_radius,
+    overlap = cfg.face.smooth_radius if overlap is None else overlap
+    info, samples, plan = plan_job(
+        video, audio, overlap=overlap, smooth_radius=cfg.face.smooth_radius, shard_frames=shard_frames
     )
     pipeline = pipeline or FramePipeline(cfg)
     stats = []
