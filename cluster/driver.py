@@ -215,7 +215,7 @@ def run_job(job: JobConfig) -> JobSummary:
             pool.shutdown()
             ray.kill(progress)
         segments = [seg_dir / f"{s.name}.mkv" for s in plan.shards]
-        concat_and_mux(segments, job.audio, job.output, plan.fps, plan.output_frames, job.encode)
+        concat_and_mux(segments, job.audio, job.output, plan.fps, plan.output_frames)
     finally:
         # The run directory (plan + finished segments) is scratch until resuming lands: never left behind.
         shutil.rmtree(run_dir, ignore_errors=True)

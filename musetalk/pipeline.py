@@ -45,7 +45,6 @@ from shards.media import (
     VideoInfo,
     concat_and_mux,
     load_audio,
-    probe_audio,
     probe_video,
     read_frames,
 )
@@ -260,8 +259,7 @@ def plan_job(
     """Probe both inputs (InputError on bad ones), load the audio at 16 kHz and plan the shards
     (``shard_frames`` output frames each, or ``shard_seconds`` of output)."""
     info = probe_video(video)
-    probe_audio(audio)
-    samples = load_audio(audio, SAMPLE_RATE)
+    samples = load_audio(audio, SAMPLE_RATE)  # probes first: InputError for a file without audio
     plan = plan_shards(
         source_frames=info.frame_count,
         total_samples=len(samples),
@@ -314,7 +312,7 @@ def render_local(
                 )
             )
             segments.append(path)
-        concat_and_mux(segments, Path(audio), Path(output), plan.fps, plan.output_frames, encode)
+        concat_and_mux(segments, Path(audio), Path(output), plan.fps, plan.output_frames)
     return LocalResult(Path(output), plan, tuple(stats))
 
 

@@ -669,8 +669,19 @@ def _quote_concat(path: Path) -> str:
     return "'" + str(path).replace("'", "'\\''") + "'"
 
 
+def count_packets(path: str | Path) -> int:
+    """Video packets in ``path`` (demux only, no decode). H.264 here is one packet per frame, so for
+    our segments and stream-copied outputs this is the frame count at a fraction of a decode's cost."""
+    p = Path(path)
+    with _open(p, "video", "pass a video file") as container:
+        stream = _video_stream(container)
+        if stream is None:
+            raise InputError(f"video has no video stream: {p}; re-render it")
+        return sum(1 for packet in container.demux(stream) if packet.size and not packet.is_discard)
+
+
 def _check_segments(segments: list[Path]) -> int:
-    """Every segment exists and shares the first one's codec and size; returns the total packet count."""
+    """Every segment exists and shares the first one's codec and size; returns the total frame count."""
     if not segments:
         raise ValueError("concat_and_mux needs at least one segment")
     reference = None
@@ -688,7 +699,7 @@ def _check_segments(segments: list[Path]) -> int:
                     f"segment {seg} is {params}, the first segment is {reference}; "
                     "re-render every shard with the same encode settings"
                 )
-            total += sum(1 for p in container.demux(stream) if p.size and not p.is_discard)
+        total += count_packets(seg)
     return total
 
 
@@ -698,15 +709,14 @@ def concat_and_mux(
     output: Path,
     fps: Fraction,
     frame_count: int,
-    settings: EncodeSettings,
 ) -> Path:
     """Concatenate ``segments`` by stream copy, add ``audio`` (AAC, encoded once), verify, move to ``output``.
 
     The audio is trimmed or padded with silence to exactly ``frame_count / fps`` seconds. Video timestamps
     are rewritten to a clean constant ``fps`` grid. The result goes to a temporary name beside ``output`` and
     is renamed into place only after the frame count and the stream durations check out; on any failure
-    nothing is left at ``output`` (a file already there is not touched). ``settings`` is accepted for
-    symmetry with the segment encoder; segments are copied, never re-encoded.
+    nothing is left at ``output`` (a file already there is not touched). Segments are copied, never
+    re-encoded, so they must share one encoder configuration.
     """
     fps = Fraction(fps)
     output = Path(output)
@@ -752,10 +762,10 @@ def concat_and_mux(
 
 
 def _verify_output(path: Path, fps: Fraction, frame_count: int, *, with_audio: bool) -> None:
-    """Decoded frame count == ``frame_count``; audio and video durations agree within one frame."""
-    decoded = count_frames(path)
-    if decoded != frame_count:
-        raise FFmpegError(f"muxed output {path} decodes to {decoded} frames, expected {frame_count}")
+    """Frame count == ``frame_count``; audio and video durations agree within one frame."""
+    frames = count_packets(path)
+    if frames != frame_count:
+        raise FFmpegError(f"muxed output {path} holds {frames} frames, expected {frame_count}")
     with _open(path, "output", "re-run the stitch") as container:
         video = container.streams.video[0]
         video_s = float(video.duration * video.time_base) if video.duration else frame_count / fps
