@@ -9,7 +9,6 @@ the 51865-token vocabulary).
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import torch
@@ -97,17 +96,3 @@ def write_tiny_whisper(layout: ModelLayout, seed: int, *, full_size: bool = Fals
     )
     extractor.save_pretrained(out)
     log.info("wrote %s Whisper to %s", "full-size" if full_size else "tiny", out)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="models/tiny", help="models root (whisper/ is written below it)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full-size", action="store_true", help="openai/whisper-tiny's real architecture")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_tiny_whisper(ModelLayout.at(args.dir, tiny=True), args.seed, full_size=args.full_size)
-
-
-if __name__ == "__main__":
-    main()

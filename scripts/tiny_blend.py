@@ -14,7 +14,6 @@ Everything is deterministic from the seed and leaves the global torch RNG as it 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
@@ -68,17 +67,3 @@ def write_tiny_blend_models(layout: ModelLayout, seed: int, *, full_size: bool =
     """Write every blend/enhance stand-in below ``layout.root``."""
     write_tiny_face_parser(layout, seed, full_size=full_size)
     write_tiny_gfpgan(layout, seed + 1, full_size=full_size)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="models/tiny", help="models root")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full-size", action="store_true", help="GFPGAN v1.4's real architecture")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_tiny_blend_models(ModelLayout.at(args.dir, tiny=True), args.seed, full_size=args.full_size)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,6 @@ or the real 2DFAN4's four with ``full_size=True``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import torch
@@ -61,17 +60,3 @@ def write_tiny_face_models(layout: ModelLayout, seed: int, *, full_size: bool = 
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(net.state_dict(), path)
         logger.info("wrote %s", path)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="models/tiny", help="models directory to write into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full-size", action="store_true", help="a FAN with four hourglass modules (2DFAN4)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_tiny_face_models(ModelLayout.at(args.dir, tiny=True), args.seed, full_size=args.full_size)
-
-
-if __name__ == "__main__":
-    main()

@@ -60,25 +60,14 @@ FULL_VAE_CONFIG = {
 
 
 def tiny_unet_config() -> dict:
-    """A ``musetalk.json``-shaped diffusers config dump, shrunk: 8 -> 4 channels, 384-d audio context."""
+    """The published ``musetalk.json`` shrunk: 2 blocks of 32/64 channels, same 8 -> 4 channels, 384-d audio."""
     return {
-        "_class_name": "UNet2DConditionModel",
+        **FULL_UNET_CONFIG,
         "_diffusers_version": diffusers.__version__,
-        "act_fn": "silu",
-        "attention_head_dim": 8,
         "block_out_channels": [32, 64],
-        "center_input_sample": False,
-        "cross_attention_dim": 384,
         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "in_channels": 8,
         "layers_per_block": 1,
-        "mid_block_scale_factor": 1,
-        "norm_eps": 1e-05,
         "norm_num_groups": 8,
-        "out_channels": 4,
         "sample_size": 32,
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     }
@@ -94,15 +83,10 @@ def vae_config(full_size: bool = False) -> dict:
     if full_size:
         return dict(FULL_VAE_CONFIG)
     return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        **FULL_VAE_CONFIG,
         "block_out_channels": (8, 8, 16, 16),
         "layers_per_block": 1,
         "norm_num_groups": 4,
-        "latent_channels": 4,
-        "sample_size": 256,
     }
 
 

@@ -17,38 +17,10 @@ from skimage import data
 
 from musetalk.generation import UNET_SCALE, LatentGenerator, load_unet, load_vae
 from musetalk.layout import ModelLayout
-from scripts.tiny_generation import tiny_unet_config, write_tiny_unet, write_tiny_vae
+from scripts.tiny_generation import FULL_UNET_CONFIG, tiny_unet_config, write_tiny_unet, write_tiny_vae
 from shards.errors import WeightsError
 
 CPU = torch.device("cpu")
-
-# musetalkV15/musetalk.json as published by TMElyralab/MuseTalk (a diffusers 0.6 config dump).
-REAL_UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.6.0.dev0",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 384,
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 8,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 
 
 def _config_kwargs(config: dict) -> dict:
@@ -371,7 +343,7 @@ def test_generate_fp16_on_cuda(
 def test_full_size_unet_from_the_real_config_runs_batch_invariant_on_cpu(models, audio: torch.Tensor) -> None:
     """The published musetalk.json builds with this diffusers, runs, and stays batch-invariant (random weights)."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(_config_kwargs(REAL_UNET_CONFIG)).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_config(_config_kwargs(FULL_UNET_CONFIG)).eval().requires_grad_(False)
     params = sum(p.numel() for p in unet.parameters())
     logging.getLogger(__name__).info("MuseTalk 1.5 UNet: %d parameters", params)
     assert params == 849_947_844  # x4 bytes ~= the 3,400,074,924-byte upstream unet.pth
