@@ -163,6 +163,14 @@ class _Pool:
             )
 
     def shutdown(self) -> None:
+        """Let live workers delete their scratch files (bounded wait), then stop every actor."""
+        live = [a for a, up in zip(self.actors, self.up, strict=True) if up]
+        done, _ = ray.wait([a.close.remote() for a in live], num_returns=len(live), timeout=10)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except (RayActorError, RayTaskError) as err:
+                logger.warning("a worker could not clean up: %s", err)
         for a in self.actors:
             ray.kill(a)
 

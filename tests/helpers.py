@@ -17,6 +17,14 @@ def decode_all(path: Path) -> list[np.ndarray]:
     return list(read_frames(info, 0, info.frame_count))
 
 
+def assert_same_frames(expected: list[np.ndarray], path: Path) -> None:
+    """Decoded frames of ``path`` equal ``expected`` bit for bit, with the same count."""
+    got = decode_all(path)
+    assert len(got) == len(expected)
+    for t, (a, b) in enumerate(zip(expected, got, strict=True)):
+        assert np.array_equal(a, b), f"frame {t} of {path.name} differs from the single-shard render"
+
+
 def trimmed_audio(src: Path, dst: Path, seconds: float) -> Path:
     """A WAV with the first ``seconds`` of ``src`` at 16 kHz."""
     samples = load_audio(src)[: int(seconds * 16000)]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures
 
-import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
 from cluster.driver import run_job
 from musetalk.pipeline import render_local
-from tests.helpers import busy_workers, decode_all, job_for, trimmed_audio, wait_for
+from tests.helpers import assert_same_frames, busy_workers, decode_all, job_for, trimmed_audio, wait_for
 
 
 @pytest.fixture
@@ -27,10 +26,21 @@ def three_nodes():
     cluster.shutdown()
 
 
-def test_shards_run_on_both_gpu_nodes(three_nodes, tiny_models, demo_media, tmp_path):
-    audio = trimmed_audio(demo_media.audio, tmp_path / "short.wav", 1.6)
-    out = tmp_path / "multi.mp4"
-    job = job_for(
+@pytest.fixture(scope="module")
+def short_job(tiny_models, demo_media, tmp_path_factory):
+    """A 40-frame job (1.6 s of audio) and its single-process render, the reference every run must equal."""
+    tmp = tmp_path_factory.mktemp("multinode")
+    audio = trimmed_audio(demo_media.audio, tmp / "short.wav", 1.6)
+    base = job_for(tiny_models, demo_media.video, audio, tmp / "ref.mp4")
+    reference = decode_all(
+        render_local(demo_media.video, audio, base.output, base.pipeline, encode=base.encode).output
+    )
+    assert len(reference) == 40
+    return audio, reference
+
+
+def _two_gpu_job(tiny_models, demo_media, audio, out):
+    return job_for(
         tiny_models,
         demo_media.video,
         audio,
@@ -39,30 +49,25 @@ def test_shards_run_on_both_gpu_nodes(three_nodes, tiny_models, demo_media, tmp_
         "cluster.gpus_per_worker=1",
         "cluster.max_in_flight=1",
     )
+
+
+def test_shards_run_on_both_gpu_nodes(three_nodes, tiny_models, demo_media, short_job, tmp_path):
+    audio, reference = short_job
+    out = tmp_path / "multi.mp4"
+    job = _two_gpu_job(tiny_models, demo_media, audio, out)
     assert job.cluster.inputs == "object_store"
     head = ray.get_runtime_context().get_node_id()[:8]
     summary = run_job(job)
     assert summary.workers == 2 and summary.shards == 5
     nodes = {name.rsplit(":", 1)[1] for name in summary.worker_frames}
     assert len(nodes) == 2 and head not in nodes, summary.worker_frames
-    ref = render_local(demo_media.video, audio, tmp_path / "ref.mp4", job.pipeline, encode=job.encode)
-    a, b = decode_all(ref.output), decode_all(out)
-    assert len(a) == len(b) == 40
-    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert_same_frames(reference, out)
 
 
-def test_job_survives_losing_a_node(three_nodes, tiny_models, demo_media, tmp_path):
-    audio = trimmed_audio(demo_media.audio, tmp_path / "short.wav", 1.6)
+def test_job_survives_losing_a_node(three_nodes, tiny_models, demo_media, short_job, tmp_path):
+    audio, reference = short_job
     out = tmp_path / "lost_node.mp4"
-    job = job_for(
-        tiny_models,
-        demo_media.video,
-        audio,
-        out,
-        "shards.length=8",
-        "cluster.gpus_per_worker=1",
-        "cluster.max_in_flight=1",
-    )
+    job = _two_gpu_job(tiny_models, demo_media, audio, out)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_job, job)
         wait_for(lambda: len(busy_workers()) == 2)
@@ -71,5 +76,4 @@ def test_job_survives_losing_a_node(three_nodes, tiny_models, demo_media, tmp_pa
     assert summary.retries >= 1 and summary.frames == 40
     survivors = {name.rsplit(":", 1)[1] for name in summary.worker_frames}
     assert len(survivors) == 1
-    ref = render_local(demo_media.video, audio, tmp_path / "ref.mp4", job.pipeline, encode=job.encode)
-    assert all(np.array_equal(x, y) for x, y in zip(decode_all(ref.output), decode_all(out), strict=True))
+    assert_same_frames(reference, out)

@@ -6,17 +6,17 @@ import concurrent.futures
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 import ray
 
 from cluster.config import REPO_ROOT
 from cluster.driver import run_job
 from musetalk.pipeline import render_local
-from tests.helpers import busy_workers, decode_all, job_for, trimmed_audio, wait_for
+from tests.helpers import assert_same_frames, busy_workers, decode_all, job_for, trimmed_audio, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,6 @@ def reference_frames(tiny_models, demo_media, short_audio, tmp_path_factory):
     frames = decode_all(out)
     assert len(frames) == 50
     return frames
-
-
-def assert_same_frames(expected, path):
-    got = decode_all(path)
-    assert len(got) == len(expected)
-    for t, (a, b) in enumerate(zip(expected, got, strict=True)):
-        assert np.array_equal(a, b), f"frame {t} of {path.name} differs from the single-shard render"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +58,11 @@ def test_shard_invariance_across_shardings_and_workers(
             f"shards.overlap={overlap}",
             f"cluster.workers={workers}",
         )
+        scratch_before = set(Path(tempfile.gettempdir()).glob("musetalk-worker-*"))
         summary = run_job(job)
+        assert set(Path(tempfile.gettempdir()).glob("musetalk-worker-*")) <= scratch_before, (
+            "worker scratch left"
+        )
         assert summary.shards >= 3 and summary.frames == 50
         assert_same_frames(reference_frames, out)
         written = json.loads(out.with_suffix(".summary.json").read_text())
