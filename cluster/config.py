@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -71,45 +71,38 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         return value
 
     video, audio, output = get("task.video"), get("task.audio"), get("task.output")
-    face = FaceConfig(
-        detector=str(get("face.detector", "s3fd")),
-        crop=str(get("face.crop", "landmarks")),
-        bbox_shift=int(get("task.bbox_shift", 0)),
-        extra_margin=int(get("face.extra_margin", 10)),
-        detect_max_side=int(get("face.detect_max_side", 640)),
-        smooth_radius=int(get("face.smooth_radius", 2)),
-        batch_size=int(get("face.batch_size", 8)),
+
+    def node(key: str, drop: tuple[str, ...] = ()) -> dict:
+        """A config group's values as a plain dict (its YAML holds every default)."""
+        values = OmegaConf.to_container(cfg[key], resolve=True)
+        return {k: v for k, v in values.items() if k not in drop}
+
+    def typed(cls, name: str, values: dict):
+        """``cls`` from ``values``; unknown keys are reported (and the known ones still checked)."""
+        known = {f.name for f in fields(cls)}
+        for key in sorted(set(values) - known):
+            problems.append(f"{name}.{key} is not a known setting (known: {', '.join(sorted(known))})")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    models, output_node, shards = node("models"), node("output"), node("shards")
+    face = typed(FaceConfig, "face", {**node("face"), "bbox_shift": get("task.bbox_shift")})
+    pipeline = typed(
+        PipelineConfig,
+        "render",
+        {
+            **node("render"),
+            "models_dir": str(models["dir"]),
+            "tiny": models["tiny"],
+            "face": face,
+            "blend": typed(BlendConfig, "blend", node("blend")),
+            "enhance": typed(EnhanceConfig, "enhance", node("enhance", drop=("name",))),
+        },
     )
-    blend = (
-        BlendConfig(**OmegaConf.to_container(cfg.blend, resolve=True)) if "blend" in cfg else BlendConfig()
-    )
-    enhance = EnhanceConfig(
-        enabled=bool(get("enhance.enabled", False)), upscale=int(get("enhance.upscale", 1))
-    )
-    pipeline = PipelineConfig(
-        models_dir=str(get("models.dir", "models")),
-        tiny=bool(get("models.tiny", False)),
-        device=str(get("render.device", "auto")),
-        dtype=str(get("render.dtype", "float32")),
-        batch_size=int(get("render.batch_size", 8)),
-        threads=None if get("render.threads") is None else int(get("render.threads")),
-        face=face,
-        blend=blend,
-        enhance=enhance,
-    )
-    cluster_node = OmegaConf.to_container(cfg.cluster, resolve=True) if "cluster" in cfg else {}
-    cluster = ClusterConfig(
-        **{k: v for k, v in cluster_node.items() if v is not None or k in ("workers", "num_cpus")}
-    )
-    encode = EncodeSettings(
-        crf=int(get("output.crf", 18)),
-        preset=str(get("output.preset", "veryfast")),
-        lossless=bool(get("output.lossless", False)),
-    )
-    length, seconds = get("shards.length", 100), get("shards.seconds")
+    cluster = typed(ClusterConfig, "cluster", node("cluster"))
+    encode = typed(EncodeSettings, "output", node("output", drop=("summary",)))
+    length, seconds, overlap = shards["length"], shards["seconds"], shards["overlap"]
 
     problems += pipeline_problems(pipeline)
-    overlap = int(get("shards.overlap", 4))
     if overlap < face.smooth_radius:
         problems.append(
             f"shards.overlap={overlap} is smaller than face.smooth_radius={face.smooth_radius}; "
@@ -146,12 +139,12 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         audio=Path(audio),
         output=Path(output),
         make_demo=bool(get("task.make_demo", False)),
-        models_name=str(get("models.name", "musetalk_v15")),
-        download=bool(get("models.download", False)),
+        models_name=str(models["name"]),
+        download=bool(models["download"]),
         shard_length=None if length is None else int(length),
         shard_seconds=None if seconds is None else float(seconds),
         overlap=overlap,
-        summary=bool(get("output.summary", True)),
+        summary=bool(output_node["summary"]),
         pipeline=pipeline,
         encode=encode,
         cluster=cluster,

@@ -64,6 +64,7 @@ def test_all_problems_reported_at_once():
         "enhance.upscale=3",
         "shards.overlap=0",
         "cluster.inputs=ftp",
+        "+face.colour=red",
     )
     with pytest.raises(ConfigError) as err:
         job_from_config(cfg)
@@ -74,5 +75,6 @@ def test_all_problems_reported_at_once():
         "enhance.upscale",
         "shards.overlap",
         "cluster.inputs",
+        "face.colour is not a known setting",
     ):
         assert needle in msg
