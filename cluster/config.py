@@ -47,7 +47,6 @@ class JobConfig:
     audio: Path
     output: Path
     make_demo: bool
-    models_name: str
     download: bool
     shard_length: int | None
     shard_seconds: float | None
@@ -139,7 +138,6 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         audio=Path(audio),
         output=Path(output),
         make_demo=bool(get("task.make_demo", False)),
-        models_name=str(models["name"]),
         download=bool(models["download"]),
         shard_length=None if length is None else int(length),
         shard_seconds=None if seconds is None else float(seconds),

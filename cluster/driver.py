@@ -23,7 +23,7 @@ from tqdm import tqdm
 from cluster.config import ClusterConfig, JobConfig
 from cluster.progress import ProgressActor
 from cluster.worker import JobInputs, RenderWorker
-from musetalk.pipeline import STAGES, ShardStats, plan_job
+from musetalk.pipeline import ShardStats, plan_job, stage_totals
 from shards.errors import FarmError, RenderError
 from shards.media import concat_and_mux
 from shards.plan import Plan, dispatch_order
@@ -301,7 +301,7 @@ def _retry(pending: deque, shard, attempt: int, job: JobConfig, err: BaseExcepti
 def _summarise(
     job: JobConfig, plan: Plan, stats: list[ShardStats], workers: int, seconds: float, retries: int
 ):
-    stage = {k: round(sum(s.seconds.get(k, 0.0) for s in stats), 3) for k in STAGES}
+    stage = {k: round(v, 3) for k, v in stage_totals(stats).items()}
     per_worker: dict[str, int] = {}
     for s in stats:
         per_worker[s.worker] = per_worker.get(s.worker, 0) + s.frames

@@ -83,6 +83,11 @@ class ShardStats:
         return sum(self.seconds.values())
 
 
+def stage_totals(stats: list[ShardStats] | tuple[ShardStats, ...]) -> dict[str, float]:
+    """Seconds per stage summed over shards, in pipeline order."""
+    return {k: sum(s.seconds.get(k, 0.0) for s in stats) for k in STAGES}
+
+
 class StageTimer:
     """Accumulates wall time per stage; synchronises CUDA so GPU stages are timed honestly."""
 

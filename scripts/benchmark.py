@@ -30,7 +30,7 @@ import transformers
 
 from musetalk.config import EnhanceConfig, FaceConfig, PipelineConfig
 from musetalk.device import resolve_device, resolve_dtype
-from musetalk.pipeline import STAGES, FramePipeline, check_weights, render_local
+from musetalk.pipeline import FramePipeline, check_weights, render_local, stage_totals
 from scripts.make_demo_media import SAMPLE_RATE, ensure_demo_media, speech_like
 from scripts.make_tiny_models import MARKER, ensure_tiny_models
 
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         logger.warning(
             "no face found: nothing was generated (a random-weight S3FD finds none; use --detector haar)"
         )
-    stage_seconds = {s: sum(st.seconds.get(s, 0.0) for st in result.stats) for s in STAGES}
+    stage_seconds = stage_totals(result.stats)
     return {
         "device": device_name(device),
         "dtype": args.dtype,
