@@ -52,6 +52,7 @@ class JobConfig:
     shard_seconds: float | None
     overlap: int
     summary: bool
+    resume: bool
     pipeline: PipelineConfig
     encode: EncodeSettings
     cluster: ClusterConfig
@@ -98,7 +99,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         },
     )
     cluster = typed(ClusterConfig, "cluster", node("cluster"))
-    encode = typed(EncodeSettings, "output", node("output", drop=("summary",)))
+    encode = typed(EncodeSettings, "output", node("output", drop=("summary", "resume")))
     length, seconds, overlap = shards["length"], shards["seconds"], shards["overlap"]
 
     problems += pipeline_problems(pipeline)
@@ -143,6 +144,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         shard_seconds=None if seconds is None else float(seconds),
         overlap=overlap,
         summary=bool(output_node["summary"]),
+        resume=bool(output_node["resume"]),
         pipeline=pipeline,
         encode=encode,
         cluster=cluster,

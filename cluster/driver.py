@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
-from collections import deque
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -22,22 +21,29 @@ from tqdm import tqdm
 
 from cluster.config import ClusterConfig, JobConfig
 from cluster.progress import ProgressActor
-from cluster.worker import JobInputs, RenderWorker
-from musetalk.pipeline import ShardStats, plan_job, stage_totals
-from shards.errors import FarmError, RenderError
+from cluster.rundir import RunDir, job_key, output_lock
+from cluster.scheduler import Broker, Failure
+from cluster.worker import HOLD_ENV, JobInputs, RenderWorker, scratch_root
+from musetalk.pipeline import ShardStats, plan_job, required_weights, stage_totals
+from shards.errors import FarmError, Interrupted
 from shards.media import concat_and_mux
-from shards.plan import Plan, dispatch_order
+from shards.plan import Plan, Shard, dispatch_order
 
 logger = logging.getLogger(__name__)
 
 
 def connect(cfg: ClusterConfig) -> None:
-    """Start (or join) Ray once per process; later jobs in the same process reuse it."""
+    """Start (or join) Ray once per process; later jobs in the same process reuse it.
+
+    ``cluster.address`` names a cluster to join; when it is empty, the cluster that ``RAY_ADDRESS`` names
+    (as under Ray Jobs) is joined, and only without either is an embedded local cluster started.
+    """
     if ray.is_initialized():
         return
-    if cfg.address:
-        logger.info("connecting to Ray cluster at %s", cfg.address)
-        ray.init(address=cfg.address, logging_level=logging.WARNING)
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        logger.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
     else:
         logger.info("starting an embedded local Ray cluster")
         ray.init(
@@ -72,6 +78,7 @@ class JobSummary:
     stage_seconds: dict[str, float]
     worker_frames: dict[str, int]
     retries: int
+    reused_shards: int
     enhance_fallbacks: int
     parsing_fallbacks: int
 
@@ -82,7 +89,8 @@ class JobSummary:
         out = [
             f"output      {self.output}",
             f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers",
-            f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards",
+            f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards, "
+            f"{self.reused_shards} reused from an interrupted run",
             "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
             "workers     "
             + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
@@ -95,110 +103,108 @@ class JobSummary:
 
 
 class _Pool:
-    """Worker slots. A slot takes work only once its actor has loaded its models; a dead actor is
-    replaced, and the job goes on with the slots that are up (a lost node's replacement may never
-    be placed: the others finish the job)."""
+    """The Ray side of the worker slots: actors, their ready() refs, restarts and shutdown.
 
-    def __init__(self, job: JobConfig, progress, size: int, gpus: float) -> None:
-        self.job, self.progress, self.gpus = job, progress, gpus
+    Policy (what to retry, when to give up) lives in :class:`cluster.scheduler.Broker`.
+    """
+
+    def __init__(self, job: JobConfig, progress, size: int, gpus: float, scratch: str) -> None:
+        self.job, self.progress, self.gpus, self.scratch = job, progress, gpus, scratch
         self.actors: list = [None] * size
-        self.load = [0] * size
-        self.up = [False] * size
         self.starting: dict = {}  # ready() ref -> slot
-        self.since = time.monotonic()  # last time a slot came up (or the pool started)
         for i in range(size):
-            self._start(i)
+            self.start(i)
 
-    def _start(self, i: int) -> None:
+    def start(self, i: int) -> None:
         c = self.job.cluster
-        remote = ray.remote(RenderWorker).options(
-            num_gpus=self.gpus, num_cpus=c.cpus_per_worker, max_restarts=0, max_task_retries=0
-        )
+        options = dict(num_gpus=self.gpus, num_cpus=c.cpus_per_worker, max_restarts=0, max_task_retries=0)
+        hold = os.environ.get(HOLD_ENV)
+        if hold:  # a test's hold point travels to workers on every node
+            options["runtime_env"] = {"env_vars": {HOLD_ENV: hold}}
         # Every worker computes with the same thread count, so results never depend on placement.
         pipeline = replace(
             self.job.pipeline, threads=self.job.pipeline.threads or max(1, int(c.cpus_per_worker))
         )
-        self.actors[i] = remote.remote(pipeline, self.progress)
-        self.load[i], self.up[i] = 0, False
+        self.actors[i] = (
+            ray.remote(RenderWorker).options(**options).remote(pipeline, self.progress, self.scratch)
+        )
         self.starting[self.actors[i].ready.remote()] = i
 
-    def came_up(self, ref) -> None:
-        """A ready() ref resolved: the slot is up, or its worker failed to start (FarmError: not retried)."""
-        i = self.starting.pop(ref)
-        try:
-            name = ray.get(ref)
-        except RayTaskError as err:
-            cause = err.cause if isinstance(err.cause, BaseException) else err
-            raise (
-                cause if isinstance(cause, FarmError) else RenderError(f"worker {i} failed to start: {cause}")
-            ) from None
-        except RayActorError as err:
-            logger.warning("worker %d died while starting (%s); starting another", i, err)
-            self._start(i)
-            return
-        self.up[i] = True
-        self.since = time.monotonic()
-        logger.info("worker %d up: %s", i, name)
-
-    def least_loaded(self) -> int | None:
-        slots = [k for k in range(len(self.actors)) if self.up[k]]
-        if not slots:
-            return None
-        i = min(slots, key=lambda k: self.load[k])
-        return i if self.load[i] < self.job.cluster.max_in_flight else None
-
-    def replace(self, i: int) -> None:
-        logger.warning("worker %d died; starting a replacement", i)
-        self._start(i)
-
-    def check_alive(self) -> None:
-        """Fail the job when no worker is up and none came up within cluster.start_timeout_s."""
-        if any(self.up):
-            return
-        waited = time.monotonic() - self.since
-        if waited > self.job.cluster.start_timeout_s:
-            raise RenderError(
-                f"no render worker came up within {waited:.0f} s (each needs {self.gpus} GPU and "
-                f"{self.job.cluster.cpus_per_worker} CPU); check the cluster's resources or cluster.gpus_per_worker"
-            )
-
-    def shutdown(self) -> None:
-        """Let live workers delete their scratch files (bounded wait), then stop every actor."""
-        live = [a for a, up in zip(self.actors, self.up, strict=True) if up]
-        done, _ = ray.wait([a.close.remote() for a in live], num_returns=len(live), timeout=10)
-        for ref in done:
-            try:
-                ray.get(ref)
-            except (RayActorError, RayTaskError) as err:
-                logger.warning("a worker could not clean up: %s", err)
+    def shutdown(self, *, graceful: bool) -> None:
+        """Stop every actor; when ``graceful``, first let live ones delete their scratch (bounded wait)."""
+        if graceful:
+            live = [a for a in self.actors if a is not None]
+            done, _ = ray.wait([a.close.remote() for a in live], num_returns=len(live), timeout=10)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except (RayActorError, RayTaskError) as err:
+                    logger.warning("a worker could not clean up: %s", err)
         for a in self.actors:
-            ray.kill(a)
+            if a is not None:
+                ray.kill(a)
 
 
 def run_job(job: JobConfig) -> JobSummary:
-    """Render one job end to end; the output appears atomically or not at all."""
-    start = time.perf_counter()
-    _, samples, plan = plan_job(
-        job.video,
-        job.audio,
-        overlap=job.overlap,
-        smooth_radius=job.pipeline.face.smooth_radius,
-        shard_frames=job.shard_length,
-        shard_seconds=job.shard_seconds,
-    )
-    logger.info(
-        "plan: %d output frames at %s fps from %d source frames, %d shards",
-        plan.output_frames,
-        plan.fps,
-        plan.source_frames,
-        len(plan.shards),
-    )
-    connect(job.cluster)
-    run_dir = job.output.parent / f".{job.output.stem}.run"
-    seg_dir = run_dir / "segments"
-    seg_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "plan.json").write_text(plan.to_json())
+    """Render one job end to end; the output appears atomically or not at all.
 
+    Holds the output's lock throughout; finished segments survive a crash or Ctrl-C in the output's run
+    directory, and running the same job again renders only the missing shards.
+    """
+    start = time.perf_counter()
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(job.output):
+        info, samples, plan = plan_job(
+            job.video,
+            job.audio,
+            overlap=job.overlap,
+            smooth_radius=job.pipeline.face.smooth_radius,
+            shard_frames=job.shard_length,
+            shard_seconds=job.shard_seconds,
+        )
+        logger.info(
+            "plan: %d output frames at %s fps from %d source frames, %d shards",
+            plan.output_frames,
+            plan.fps,
+            plan.source_frames,
+            len(plan.shards),
+        )
+        key = job_key(
+            [job.video, job.audio],
+            {"plan": plan.to_json(), "pipeline": asdict(job.pipeline), "encode": asdict(job.encode)},
+            [p for p, _ in required_weights(job.pipeline)],
+        )
+        run = RunDir.open(job.output, key, plan, resume=job.resume)
+        reused = run.done_count
+        todo = [s for s in dispatch_order(plan) if not run.has(s)]
+        workers, retries = 0, 0
+        try:
+            if todo:
+                connect(job.cluster)
+                workers, retries = _render(job, plan, todo, samples, run)
+            concat_and_mux(
+                [run.segment(s.name) for s in plan.shards],
+                job.audio,
+                job.output,
+                plan.fps,
+                plan.output_frames,
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted; {run.done_count} of {len(plan.shards)} shards are kept in {run.root}: "
+                "run the same command again to resume"
+            ) from None
+        stats = [run.stats(s) for s in plan.shards]
+        run.remove()
+    seconds = time.perf_counter() - start
+    summary = _summarise(job, plan, stats, workers, seconds, retries, reused)
+    if job.summary:
+        job.output.with_suffix(".summary.json").write_text(summary.to_json())
+    return summary
+
+
+def _render(job: JobConfig, plan: Plan, todo: list[Shard], samples, run: RunDir) -> tuple[int, int]:
+    """Render ``todo`` on a pool into ``run``; returns (pool size, retried shards)."""
     job_id = uuid.uuid4().hex[:12]
     if job.cluster.inputs == "object_store":
         inputs = JobInputs(
@@ -215,91 +221,100 @@ def run_job(job: JobConfig) -> JobSummary:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = ProgressActor.options(scheduling_strategy=here).remote()
     size, gpus = pool_shape(job.cluster)
+    scratch = scratch_root(job_id)
+    graceful = False
+    pool = None
     try:
-        pool = _Pool(job, progress, size, gpus)
-        try:
-            stats, retries = _dispatch(plan, pool, inputs, job, seg_dir, progress)
-        finally:
-            pool.shutdown()
-            ray.kill(progress)
-        segments = [seg_dir / f"{s.name}.mkv" for s in plan.shards]
-        concat_and_mux(segments, job.audio, job.output, plan.fps, plan.output_frames)
+        pool = _Pool(job, progress, size, gpus, str(scratch))
+        broker = Broker(
+            todo,
+            slots=size,
+            max_in_flight=job.cluster.max_in_flight,
+            max_attempts=job.cluster.max_attempts,
+            start_timeout_s=job.cluster.start_timeout_s,
+            now=time.monotonic(),
+        )
+        done_before = sum(s.frames for s in plan.shards if run.has(s))
+        _dispatch(job, plan, pool, broker, inputs, progress, run, done_before)
+        graceful = True
+        return size, broker.retries
     finally:
-        # The run directory (plan + finished segments) is scratch until resuming lands: never left behind.
-        shutil.rmtree(run_dir, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    summary = _summarise(job, plan, stats, size, seconds, retries)
-    if job.summary:
-        job.output.with_suffix(".summary.json").write_text(summary.to_json())
-    return summary
+        if pool is not None:
+            pool.shutdown(graceful=graceful)
+        ray.kill(progress)
+        # Workers on this node keep their scratch under one root per job: removed even when one was killed.
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _dispatch(plan: Plan, pool: _Pool, inputs: JobInputs, job: JobConfig, seg_dir: Path, progress):
-    pending = deque((s, 1) for s in dispatch_order(plan))
-    in_flight: dict = {}
-    done: dict[int, ShardStats] = {}
-    retries = 0
+def _dispatch(
+    job, plan: Plan, pool: _Pool, broker: Broker, inputs: JobInputs, progress, run: RunDir, done_before
+):
+    in_flight: dict = {}  # render ref -> (Assignment, actor)
     bar = tqdm(total=plan.output_frames, unit="frame", desc="render", dynamic_ncols=True, mininterval=1.0)
+    bar.n = done_before
     try:
-        while pending or in_flight:
-            while pending and (i := pool.least_loaded()) is not None:
-                shard, attempt = pending.popleft()
-                actor = pool.actors[i]
-                in_flight[actor.render.remote(inputs, plan, shard, job.encode)] = (shard, attempt, i, actor)
-                pool.load[i] += 1
+        while not broker.finished:
+            for a in broker.assignments():
+                actor = pool.actors[a.slot]
+                in_flight[actor.render.remote(inputs, plan, a.shard, job.encode)] = a
             ready, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
             frames, stages = ray.get(progress.snapshot.remote())
-            bar.n = min(plan.output_frames, frames)
+            bar.n = min(plan.output_frames, done_before + frames)
             bar.set_postfix_str(" ".join(f"{s}:{st}" for s, st in sorted(stages.items())), refresh=False)
             bar.refresh()
             for ref in ready:
                 if ref in pool.starting:
-                    pool.came_up(ref)
+                    _came_up(pool, broker, ref)
                     continue
-                shard, attempt, i, actor = in_flight.pop(ref)
-                current = pool.actors[i] is actor  # False once the slot holds a replacement
-                if current:
-                    pool.load[i] -= 1
+                a = in_flight.pop(ref)
                 try:
                     data, st = ray.get(ref)
                 except RayActorError as err:
-                    if current:
-                        pool.replace(i)
-                    retries += _retry(pending, shard, attempt, job, err)
+                    if broker.failed(a, Failure.LOST, err):
+                        logger.warning("worker %d died; starting a replacement", a.slot)
+                        pool.start(a.slot)
                     continue
                 except RayTaskError as err:
                     cause = err.cause if isinstance(err.cause, BaseException) else err
-                    if isinstance(cause, FarmError):
-                        raise cause from None
-                    retries += _retry(pending, shard, attempt, job, cause)
+                    broker.failed(a, Failure.FATAL if isinstance(cause, FarmError) else Failure.ERROR, cause)
                     continue
-                (seg_dir / f"{shard.name}.mkv").write_bytes(data)
-                done[shard.index] = st
-                logger.info("%s done on %s: %d frames", shard.name, st.worker, st.frames)
-            if pending and not in_flight:
-                pool.check_alive()
+                run.add(a.shard, data, st)
+                broker.succeeded(a)
+                logger.info("%s done on %s: %d frames", a.shard.name, st.worker, st.frames)
+            broker.check_start(time.monotonic())
         bar.n = plan.output_frames
         bar.refresh()
     finally:
         bar.close()
-    return [done[s.index] for s in plan.shards], retries
 
 
-def _retry(pending: deque, shard, attempt: int, job: JobConfig, err: BaseException) -> int:
-    if attempt >= job.cluster.max_attempts:
-        raise RenderError(
-            f"{shard.name} (frames {shard.start}..{shard.end - 1}) failed {attempt} times, last: {err}; "
-            "see the worker log above, or raise cluster.max_attempts"
-        )
-    logger.warning(
-        "%s failed (attempt %d of %d): %s; retrying", shard.name, attempt, job.cluster.max_attempts, err
-    )
-    pending.appendleft((shard, attempt + 1))
-    return 1
+def _came_up(pool: _Pool, broker: Broker, ref) -> None:
+    """A ready() ref resolved: the slot is up, its worker failed to start (the job fails), or it died."""
+    i = pool.starting.pop(ref)
+    try:
+        name = ray.get(ref)
+    except RayTaskError as err:
+        cause = err.cause if isinstance(err.cause, BaseException) else err
+        if isinstance(cause, FarmError):
+            raise cause from None
+        broker.slot_failed_to_start(i, cause)
+    except RayActorError as err:
+        broker.slot_died_starting(i, err)
+        logger.warning("worker %d died while starting (%s); starting another", i, err)
+        pool.start(i)
+        return
+    broker.slot_up(i, time.monotonic())
+    logger.info("worker %d up: %s", i, name)
 
 
 def _summarise(
-    job: JobConfig, plan: Plan, stats: list[ShardStats], workers: int, seconds: float, retries: int
+    job: JobConfig,
+    plan: Plan,
+    stats: list[ShardStats],
+    workers: int,
+    seconds: float,
+    retries: int,
+    reused: int,
 ):
     stage = {k: round(v, 3) for k, v in stage_totals(stats).items()}
     per_worker: dict[str, int] = {}
@@ -316,6 +331,7 @@ def _summarise(
         stage_seconds=stage,
         worker_frames=per_worker,
         retries=retries,
+        reused_shards=reused,
         enhance_fallbacks=sum(s.enhance_fallbacks for s in stats),
         parsing_fallbacks=sum(s.parsing_fallbacks for s in stats),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cluster.config import CONF_DIR, JobConfig, job_from_config
-from shards.errors import ConfigError, FarmError, WeightsError
+from shards.errors import ConfigError, FarmError, Interrupted, WeightsError
 
 logger = logging.getLogger("cluster.render")
 
@@ -68,12 +69,20 @@ def render(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         summary = render(cfg)
+    except KeyboardInterrupt:
+        _fail(Interrupted("interrupted; nothing was written to the output"))
     except FarmError as err:
-        logger.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        _fail(err)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+
+
+def _fail(err: FarmError) -> None:
+    """One line on stderr and the error's exit code; a second Ctrl-C while exiting is ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logger.error("%s", err)
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Models load once in ``__init__``; each ``render`` call renders one shard and returns its encoded
 segment bytes and stats. Inputs arrive through the object store (or as paths every node can read)
-and are materialised once per job on the worker's node.
+and are materialised once per job on the worker's node, under ``<tmp>/musetalk-job-<id>/<pid>/``: the
+driver removes the job's root on its node, a worker removes its own directory when closed, and a worker
+starting on a node removes what dead workers left there.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import shutil
 import socket
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,11 +24,54 @@ import ray
 
 from musetalk.config import PipelineConfig
 from musetalk.pipeline import FramePipeline, ShardStats
-from shards.errors import FarmError
 from shards.media import EncodeSettings, VideoInfo, load_audio, probe_video
 from shards.plan import Plan, Shard
 
 logger = logging.getLogger(__name__)
+
+SCRATCH_PREFIX = "musetalk-job-"
+# Test hook: with this set to a directory, a worker about to render shard S creates ``held-S-<pid>`` there
+# and waits until ``release-S`` or ``release-all`` appears, so tests kill or interrupt at a known point.
+HOLD_ENV = "MUSETALK_HOLD_DIR"
+
+
+def scratch_root(job_id: str) -> Path:
+    """The node-local directory under which every worker of job ``job_id`` keeps its scratch."""
+    return Path(tempfile.gettempdir()) / f"{SCRATCH_PREFIX}{job_id}"
+
+
+def sweep_dead_scratch(tmp: Path | None = None) -> int:
+    """Remove scratch of workers on this node whose process is gone (killed mid-job); returns the count."""
+    removed = 0
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*/*"):
+        if d.name.isdigit() and not _alive(int(d.name)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+            try:
+                d.parent.rmdir()  # the job's root, once its last worker's scratch is gone
+            except OSError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _hold(shard: Shard) -> None:
+    hold = os.environ.get(HOLD_ENV)
+    if not hold:
+        return
+    d = Path(hold)
+    (d / f"held-{shard.name}-{os.getpid()}").touch()
+    while not ((d / f"release-{shard.name}").exists() or (d / "release-all").exists()):
+        time.sleep(0.05)
 
 
 @dataclass(frozen=True)
@@ -42,18 +89,20 @@ class JobInputs:
 class RenderWorker:
     """Holds the models; renders one shard at a time. Use via ``ray.remote(RenderWorker).options(...)``."""
 
-    def __init__(self, cfg: PipelineConfig, progress=None) -> None:
+    def __init__(self, cfg: PipelineConfig, progress=None, scratch: str | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{ray.get_runtime_context().get_node_id()[:8]}"
         self.progress = progress
-        self._tmp = Path(tempfile.mkdtemp(prefix="musetalk-worker-"))
+        self._tmp = (Path(scratch) if scratch else scratch_root(uuid.uuid4().hex[:12])) / str(os.getpid())
         self._job: tuple[str, VideoInfo, np.ndarray] | None = None
-        # An expected failure (missing weights, bad config) is kept and raised by ready(), so the
-        # driver sees the FarmError itself rather than an opaque actor death.
-        self._init_error: FarmError | None = None
+        sweep_dead_scratch()
+        # A failure while loading (missing weights, a device this node lacks, ...) is kept and raised by
+        # ready(), so the driver fails the job with the reason at once instead of restarting workers.
+        self._init_error: Exception | None = None
         try:
             self.pipeline = FramePipeline(cfg)
-        except FarmError as err:
+        except Exception as err:  # noqa: BLE001 - re-raised by ready()
+            logger.exception("worker %s failed to load its models", self.name)
             self._init_error = err
             return
         logger.info("worker %s ready on %s", self.name, self.pipeline.models.device)
@@ -66,6 +115,7 @@ class RenderWorker:
     def _inputs(self, job: JobInputs) -> tuple[VideoInfo, np.ndarray]:
         if self._job is None or self._job[0] != job.job_id:
             if job.video_ref is not None:
+                self._tmp.mkdir(parents=True, exist_ok=True)
                 video = self._tmp / f"{job.job_id}{job.video_suffix}"
                 video.write_bytes(ray.get(job.video_ref[0]))
                 samples = ray.get(job.audio_ref[0])
@@ -79,6 +129,8 @@ class RenderWorker:
         self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings
     ) -> tuple[bytes, ShardStats]:
         info, samples = self._inputs(job)
+        _hold(shard)
+        self._tmp.mkdir(parents=True, exist_ok=True)
         out = self._tmp / f"{job.job_id}-{shard.name}.mkv"
         progress = on_stage = None
         if self.progress is not None:
@@ -109,3 +161,7 @@ class RenderWorker:
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
+        try:
+            self._tmp.parent.rmdir()
+        except OSError:
+            pass  # other workers of the job still use it (or it is gone): the driver removes it

@@ -49,3 +49,9 @@ class RenderError(FarmError):
     """A shard or job failed after its retries."""
 
     exit_code = 5
+
+
+class Interrupted(FarmError):
+    """The user stopped a render (Ctrl-C / SIGINT); finished work is kept for resume."""
+
+    exit_code = 130

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,16 @@ import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(2)
+
+# Every test run gets its own temp root (short: Ray puts unix sockets under it): worker scratch, Ray's
+# session files and processes of one run never mix with another run's on the same machine.
+_SESSION_TMP = tempfile.mkdtemp(prefix="mt", dir="/tmp")
+os.environ["TMPDIR"] = _SESSION_TMP
+tempfile.tempdir = None
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from hydra import compose, initialize_config_dir
 
-from cluster.config import CONF_DIR, JobConfig, job_from_config
+from cluster.config import CONF_DIR, REPO_ROOT, JobConfig, job_from_config
 from shards.media import load_audio, probe_video, read_frames
 
 
@@ -55,20 +59,59 @@ def job_for(models: Path, video: Path, audio: Path, out: Path, *overrides: str) 
     return job_from_config(cfg)
 
 
-def busy_workers() -> list:
-    """psutil Processes of Ray RenderWorker actors that are executing a render call right now."""
+def held(hold: Path) -> list[tuple[str, int]]:
+    """(shard name, worker pid) of every render blocked at the hold point (``MUSETALK_HOLD_DIR``)."""
+    out = []
+    for f in sorted(hold.glob("held-*")):
+        name, pid = f.name.removeprefix("held-").rsplit("-", 1)
+        out.append((name, int(pid)))
+    return out
+
+
+def cli_tmp() -> Path:
+    """A fresh, short temp root for one CLI run (its TMPDIR: Ray files, worker scratch, processes)."""
+    return Path(tempfile.mkdtemp(prefix="c"))
+
+
+def cli(*args: str, tmp: Path, env: dict | None = None, wait: bool = True):
+    """Run ``python -m cluster.render ARGS`` from the repository root with its own TMPDIR.
+
+    Returns the CompletedProcess (``wait``) or the running Popen."""
+    full_env = {**os.environ, "TMPDIR": str(tmp), **(env or {})}
+    cmd = [sys.executable, "-m", "cluster.render", *args]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=1800)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def processes_under(tmp: Path) -> list:
+    """Live processes started with TMPDIR=``tmp`` (a CLI run's Ray cluster and workers)."""
     import psutil
 
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if cmdline.startswith("ray::RenderWorker.render"):
-            found.append(proc)
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("TMPDIR") == str(tmp) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     return found
 
 
-def wait_for(predicate, timeout: float = 120.0, interval: float = 0.2):
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+def scratch_under(tmp: Path) -> list[Path]:
+    """Worker scratch directories left under a temp root."""
+    return sorted(tmp.glob("musetalk-job-*"))
+
+
+def wait_for(predicate, timeout: float = 600.0, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds
+    (generous: a safety net against hangs on a loaded machine, not a timing assumption)."""
     import time
 
     deadline = time.monotonic() + timeout

@@ -10,8 +10,9 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster.driver import run_job
+from cluster.worker import HOLD_ENV
 from musetalk.pipeline import render_local
-from tests.helpers import assert_same_frames, busy_workers, decode_all, job_for, trimmed_audio, wait_for
+from tests.helpers import assert_same_frames, decode_all, held, job_for, trimmed_audio, wait_for
 
 
 @pytest.fixture
@@ -64,15 +65,19 @@ def test_shards_run_on_both_gpu_nodes(three_nodes, tiny_models, demo_media, shor
     assert_same_frames(reference, out)
 
 
-def test_job_survives_losing_a_node(three_nodes, tiny_models, demo_media, short_job, tmp_path):
+def test_job_survives_losing_a_node(three_nodes, tiny_models, demo_media, short_job, tmp_path, monkeypatch):
     audio, reference = short_job
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv(HOLD_ENV, str(hold))
     out = tmp_path / "lost_node.mp4"
     job = _two_gpu_job(tiny_models, demo_media, audio, out)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_job, job)
-        wait_for(lambda: len(busy_workers()) == 2)
+        wait_for(lambda: len(held(hold)) == 2)  # both workers are blocked inside a shard
         three_nodes.remove_node(three_nodes.gpu_nodes[0])  # its raylet and workers die mid-shard
-        summary = future.result(timeout=600)
+        (hold / "release-all").touch()
+        summary = future.result(timeout=1800)
     assert summary.retries >= 1 and summary.frames == 40
     survivors = {name.rsplit(":", 1)[1] for name in summary.worker_frames}
     assert len(survivors) == 1

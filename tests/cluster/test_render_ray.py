@@ -10,30 +10,21 @@ import tempfile
 from pathlib import Path
 
 import av
+import psutil
 import pytest
 import ray
 
 from cluster.config import REPO_ROOT
 from cluster.driver import run_job
-from musetalk.pipeline import render_local
-from tests.helpers import assert_same_frames, busy_workers, decode_all, job_for, trimmed_audio, wait_for
-
-
-@pytest.fixture(scope="module")
-def short_audio(demo_media, tmp_path_factory):
-    return trimmed_audio(demo_media.audio, tmp_path_factory.mktemp("audio") / "short.wav", 2.0)
-
-
-@pytest.fixture(scope="module")
-def reference_frames(tiny_models, demo_media, short_audio, tmp_path_factory):
-    """The short job rendered in this process as one shard (same thread count as the workers)."""
-    out = tmp_path_factory.mktemp("reference") / "ref.mp4"
-    base = job_for(tiny_models, demo_media.video, short_audio, out, "shards.length=1000")
-    result = render_local(demo_media.video, short_audio, out, base.pipeline, encode=base.encode)
-    assert len(result.plan.shards) == 1
-    frames = decode_all(out)
-    assert len(frames) == 50
-    return frames
+from cluster.worker import HOLD_ENV
+from tests.helpers import (
+    assert_same_frames,
+    held,
+    job_for,
+    scratch_under,
+    trimmed_audio,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +49,16 @@ def test_shard_invariance_across_shardings_and_workers(
             f"shards.overlap={overlap}",
             f"cluster.workers={workers}",
         )
-        scratch_before = set(Path(tempfile.gettempdir()).glob("musetalk-worker-*"))
         summary = run_job(job)
-        assert set(Path(tempfile.gettempdir()).glob("musetalk-worker-*")) <= scratch_before, (
-            "worker scratch left"
-        )
+        assert scratch_under(Path(tempfile.gettempdir())) == [], "worker scratch left"
         assert summary.shards >= 3 and summary.frames == 50
         assert_same_frames(reference_frames, out)
         written = json.loads(out.with_suffix(".summary.json").read_text())
         assert written["frames"] == 50 and sum(written["worker_frames"].values()) == 50
-        assert not (out.parent / f".{out.stem}.run").exists()
+        assert written["reused_shards"] == 0
+        assert (
+            sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+        )  # no run dir, no lock
 
 
 def test_inputs_as_paths_every_node_reads(
@@ -82,8 +73,11 @@ def test_inputs_as_paths_every_node_reads(
 
 
 def test_killed_worker_mid_shard_is_replaced_and_output_identical(
-    local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path
+    local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path, monkeypatch
 ):
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv(HOLD_ENV, str(hold))
     out = tmp_path / "killed.mp4"
     job = job_for(
         tiny_models,
@@ -96,11 +90,13 @@ def test_killed_worker_mid_shard_is_replaced_and_output_identical(
     )
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_job, job)
-        victim = wait_for(busy_workers)[0]
-        victim.kill()  # SIGKILL in the middle of a shard
-        summary = future.result(timeout=600)
+        _, pid = wait_for(lambda: held(hold))[0]  # a worker is blocked inside render(), its input copied
+        psutil.Process(pid).kill()  # SIGKILL in the middle of a shard
+        (hold / "release-all").touch()
+        summary = future.result(timeout=1800)
     assert summary.retries >= 1
     assert_same_frames(reference_frames, out)
+    assert scratch_under(Path(tempfile.gettempdir())) == [], "the killed worker's scratch was left"
 
 
 def _cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:

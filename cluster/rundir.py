@@ -1,0 +1,204 @@
+"""The run directory of one output: a lock, the plan, finished segments and a manifest, for resume.
+
+Beside ``<dir>/<name>.mp4`` live ``<dir>/.<name>.mp4.lock`` (held while a render of that output runs) and
+``<dir>/.<name>.mp4.run/`` holding ``manifest.json``, ``plan.json`` and ``segments/<shard>.mkv``. A segment
+is listed in the manifest only after it was written whole (temporary name, then rename), so a crash or
+Ctrl-C never leaves a listed segment half-written. The manifest carries a key: a hash of the inputs'
+contents and of every setting that changes pixels. Re-running the same command resumes: shards listed
+under the same key are reused. A different key (changed input or setting) starts over. The directory is
+removed after the output has landed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from musetalk.pipeline import ShardStats
+from shards.errors import InputError
+from shards.plan import Plan, Shard
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+# Everything a run directory can hold (a crash right after creating it may leave it without a manifest).
+_OURS = {"segments", "plan.json", "manifest.json", "manifest.json.partial"}
+_CHUNK = 1 << 20
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's contents, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def job_key(inputs: Iterable[str | Path], settings: dict, weights: Iterable[str | Path]) -> str:
+    """A hash of the inputs' contents, the pixel-affecting settings (JSON-able) and the weight files'
+    identity (path, size, mtime: hashing gigabytes of weights per job would cost more than it guards)."""
+    h = hashlib.sha256()
+    for p in inputs:
+        h.update(file_digest(p).encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for w in weights:
+        st = Path(w).stat()
+        h.update(f"{Path(w).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[Path]:
+    """Hold the output's lock file for the duration; a second render of the same output gets InputError.
+
+    ``flock`` is released by the kernel when the process dies, so a crashed render never leaves a stale
+    lock. The file is removed on release; a waiter that opened the old file notices and retries.
+    """
+    path = output.parent / f".{output.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                holder = _read_holder(path)
+                raise InputError(
+                    f"another render is writing {output}{holder}; wait for it to finish or choose another task.output"
+                ) from None
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file between our open and lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        return ""
+    return f" (process {pid})" if pid.isdigit() else ""
+
+
+class RunDir:
+    """Finished segments of one output under one key. Build with :meth:`open` while holding the lock."""
+
+    def __init__(self, root: Path, key: str, done: dict[str, dict]) -> None:
+        self.root = root
+        self.key = key
+        self._done = done  # shard name -> {"bytes", "sha256", "stats"}
+        self.segments = root / "segments"
+
+    @classmethod
+    def open(cls, output: Path, key: str, plan: Plan, *, resume: bool) -> RunDir:
+        """The run directory for ``output``: resumed when its manifest has ``key`` and ``resume``, else new."""
+        root = output.parent / f".{output.name}.run"
+        manifest = root / "manifest.json"
+        if root.exists():
+            old = _load_manifest(manifest)
+            if old is None and not set(os.listdir(root)) <= _OURS:
+                raise InputError(
+                    f"{root} exists but is not a run directory of this renderer (no valid manifest.json); "
+                    "move it away or choose another task.output"
+                )
+            if resume and old is not None and old.get("key") == key:
+                run = cls(root, key, old["shards"])
+                run._check()
+                logger.info(
+                    "resuming: %d of %d shards already rendered in %s", len(run._done), len(plan.shards), root
+                )
+                return run
+            why = "a fresh run was asked for" if not resume else "the inputs or settings changed"
+            logger.info("starting over in %s: %s", root, why)
+            shutil.rmtree(root)
+        run = cls(root, key, {})
+        run.segments.mkdir(parents=True)
+        (root / "plan.json").write_text(plan.to_json())
+        run._write_manifest()
+        return run
+
+    def _check(self) -> None:
+        """Drop listed segments that are missing or altered, and unlisted files (partial writes)."""
+        for name, entry in list(self._done.items()):
+            seg = self.segment(name)
+            if (
+                not seg.is_file()
+                or seg.stat().st_size != entry["bytes"]
+                or file_digest(seg) != entry["sha256"]
+            ):
+                logger.warning("segment %s is missing or altered; rendering it again", seg)
+                del self._done[name]
+        for f in self.segments.iterdir():
+            if f.name.removesuffix(".mkv") not in self._done:
+                f.unlink()
+        self._write_manifest()
+
+    def segment(self, name: str) -> Path:
+        return self.segments / f"{name}.mkv"
+
+    def has(self, shard: Shard) -> bool:
+        return shard.name in self._done
+
+    def stats(self, shard: Shard) -> ShardStats:
+        return ShardStats(**self._done[shard.name]["stats"])
+
+    @property
+    def done_count(self) -> int:
+        return len(self._done)
+
+    def add(self, shard: Shard, data: bytes, stats: ShardStats) -> None:
+        """Store a finished segment, then list it (both atomically)."""
+        final = self.segment(shard.name)
+        tmp = final.with_suffix(".partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+        self._done[shard.name] = {
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "stats": asdict(stats),
+        }
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        data = {"version": MANIFEST_VERSION, "key": self.key, "shards": self._done}
+        tmp = self.root / "manifest.json.partial"
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.root / "manifest.json")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _load_manifest(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != MANIFEST_VERSION
+        or not isinstance(data.get("shards"), dict)
+    ):
+        return None
+    return data

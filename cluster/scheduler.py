@@ -1,0 +1,167 @@
+"""The scheduling policy of a job, free of Ray: which shard goes to which worker slot, what is retried,
+when to give up. Av1an's broker is the model; ``cluster/driver.py`` is a thin Ray layer around it.
+
+Time is passed in (``now``, seconds on any monotonic clock), so every rule has a table test.
+
+Rules:
+- Shards are handed out in the order given (the planner's longest-first order); a retried shard goes to
+  the front of the queue so a job never ends on a straggler retried late.
+- A shard goes to the least-loaded slot that is up (ties: the lowest slot), never beyond ``max_in_flight``.
+- A failure is one of three kinds. ``lost``: the worker died (killed, OOM, node gone): the shard is retried
+  and the slot restarted. ``error``: the render raised an unexpected exception: retried. ``fatal``: an
+  expected domain error (bad input, bad weights): never retried, the job fails with it. A shard that has
+  failed ``max_attempts`` times fails the job.
+- A worker that raises while starting fails the job at once with its reason (no retry loop); one that
+  dies while starting is restarted, at most ``max_attempts`` times in a row per slot.
+- When no slot is up and none has come up for ``start_timeout_s``, the job fails (no node can host a worker).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from shards.errors import RenderError
+from shards.plan import Shard
+
+
+class Failure(Enum):
+    LOST = "lost"  # the worker process or its node died
+    ERROR = "error"  # an unexpected exception inside the render
+    FATAL = "fatal"  # an expected domain error: retrying cannot help
+
+
+@dataclass
+class _Slot:
+    up: bool = False
+    load: int = 0
+    start_deaths: int = 0  # consecutive deaths while starting
+    generation: int = 0  # bumped when the slot's worker is lost; older assignments no longer count
+
+
+@dataclass(frozen=True)
+class Assignment:
+    shard: Shard
+    attempt: int
+    slot: int
+    generation: int
+
+
+class Broker:
+    """Pending shards, attempts and worker slots of one job."""
+
+    def __init__(
+        self,
+        shards: Iterable[Shard],
+        *,
+        slots: int,
+        max_in_flight: int,
+        max_attempts: int,
+        start_timeout_s: float,
+        now: float,
+    ) -> None:
+        if slots < 1 or max_in_flight < 1 or max_attempts < 1:
+            raise ValueError("slots, max_in_flight and max_attempts must be >= 1")
+        self.max_in_flight = max_in_flight
+        self.max_attempts = max_attempts
+        self.start_timeout_s = start_timeout_s
+        self.pending: deque[tuple[Shard, int]] = deque((s, 1) for s in shards)
+        self.slots = [_Slot() for _ in range(slots)]
+        self.in_flight: dict[int, Assignment] = {}  # shard index -> assignment
+        self.done: set[int] = set()
+        self.retries = 0
+        self._since = now  # last time a slot came up, or the start
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending and not self.in_flight
+
+    # ---------------------------------------------------------------- slots
+
+    def slot_up(self, slot: int, now: float) -> None:
+        s = self.slots[slot]
+        s.up, s.load, s.start_deaths = True, 0, 0
+        self._since = now
+
+    def slot_died_starting(self, slot: int, reason: object) -> None:
+        """The slot's worker died before it was up: restart it (the caller does), or give up."""
+        s = self.slots[slot]
+        s.start_deaths += 1
+        if s.start_deaths >= self.max_attempts:
+            raise RenderError(
+                f"worker {slot} died {s.start_deaths} times while starting, last: {reason}; "
+                "check the worker log above and the cluster's resources"
+            )
+
+    def slot_failed_to_start(self, slot: int, reason: object) -> None:
+        """The worker raised while loading (bad device, weights, ...): the job fails with its reason now."""
+        raise RenderError(f"worker {slot} failed to start: {reason}")
+
+    def check_start(self, now: float) -> None:
+        """Fail when work remains, no slot is up, and none came up within ``start_timeout_s``."""
+        if self.finished or any(s.up for s in self.slots):
+            return
+        waited = now - self._since
+        if waited > self.start_timeout_s:
+            raise RenderError(
+                f"no render worker came up within {waited:.0f} s; check the cluster's resources "
+                "(cluster.gpus_per_worker, cluster.cpus_per_worker) or raise cluster.start_timeout_s"
+            )
+
+    # ---------------------------------------------------------------- shards
+
+    def next(self) -> Assignment | None:
+        """The next shard for the least-loaded up slot with room, or None (nothing pending, or no room)."""
+        if not self.pending:
+            return None
+        ready = [i for i, s in enumerate(self.slots) if s.up and s.load < self.max_in_flight]
+        if not ready:
+            return None
+        slot = min(ready, key=lambda i: (self.slots[i].load, i))
+        shard, attempt = self.pending.popleft()
+        self.slots[slot].load += 1
+        a = Assignment(shard, attempt, slot, self.slots[slot].generation)
+        self.in_flight[shard.index] = a
+        return a
+
+    def assignments(self) -> list[Assignment]:
+        """Every assignment possible now (call after slots come up or work finishes)."""
+        out = []
+        while (a := self.next()) is not None:
+            out.append(a)
+        return out
+
+    def succeeded(self, a: Assignment) -> None:
+        self._release(a)
+        self.done.add(a.shard.index)
+
+    def failed(self, a: Assignment, kind: Failure, reason: object) -> bool:
+        """Record a failed attempt: requeue the shard at the front, or raise RenderError to end the job.
+
+        Returns True when the caller must restart the slot's worker (the first ``LOST`` report of that
+        worker; the other shards it held fail with it and are requeued without a second restart).
+        """
+        self._release(a)
+        restart = False
+        slot = self.slots[a.slot]
+        if kind is Failure.LOST and a.generation == slot.generation:
+            slot.up, slot.load, slot.generation = False, 0, slot.generation + 1
+            restart = True
+        if kind is Failure.FATAL:
+            raise RenderError(str(reason)) if not isinstance(reason, BaseException) else reason
+        if a.attempt >= self.max_attempts:
+            raise RenderError(
+                f"{a.shard.name} (frames {a.shard.start}..{a.shard.end - 1}) failed {a.attempt} times, "
+                f"last: {reason}; see the worker log above, or raise cluster.max_attempts"
+            )
+        self.retries += 1
+        self.pending.appendleft((a.shard, a.attempt + 1))
+        return restart
+
+    def _release(self, a: Assignment) -> None:
+        self.in_flight.pop(a.shard.index, None)
+        s = self.slots[a.slot]
+        if a.generation == s.generation:
+            s.load -= 1
