@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cluster.config import ClusterConfig, JobConfig
 from cluster.progress import ProgressActor
 from cluster.rundir import RunDir, job_key, output_lock
-from cluster.scheduler import Broker, Failure
+from cluster.scheduler import Broker, Failure, pool_shape
 from cluster.worker import HOLD_ENV, JobInputs, RenderWorker, scratch_root
 from musetalk.pipeline import ShardStats, plan_job, required_weights, stage_totals
 from shards.errors import FarmError, Interrupted
@@ -53,17 +53,6 @@ def connect(cfg: ClusterConfig) -> None:
             logging_level=logging.WARNING,
             log_to_driver=True,
         )
-
-
-def pool_shape(cfg: ClusterConfig) -> tuple[int, float]:
-    """(number of workers, GPUs per worker) from the cluster's resources and the config."""
-    gpus = ray.cluster_resources().get("GPU", 0)
-    per = cfg.gpus_per_worker if gpus else 0.0
-    if cfg.workers is not None:
-        return cfg.workers, per
-    if gpus:
-        return max(1, int(gpus / per)), per
-    return cfg.cpu_workers, 0.0
 
 
 @dataclass(frozen=True)
@@ -220,7 +209,7 @@ def _render(job: JobConfig, plan: Plan, todo: list[Shard], samples, run: RunDir)
     # Progress lives on the driver's node: a lost worker node must not take the progress counter with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = ProgressActor.options(scheduling_strategy=here).remote()
-    size, gpus = pool_shape(job.cluster)
+    size, gpus = pool_shape(job.cluster, ray.cluster_resources().get("GPU", 0))
     scratch = scratch_root(job_id)
     graceful = False
     pool = None

@@ -23,8 +23,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
+from cluster.config import ClusterConfig
 from shards.errors import RenderError
 from shards.plan import Shard
+
+
+def pool_shape(cfg: ClusterConfig, cluster_gpus: float) -> tuple[int, float]:
+    """(number of workers, GPUs per worker) from the cluster's GPU count and the config.
+
+    ``cluster.workers`` fixes the size; else one worker per ``gpus_per_worker`` share of the GPUs, or
+    ``cpu_workers`` CPU workers on a cluster without GPUs.
+    """
+    per = cfg.gpus_per_worker if cluster_gpus else 0.0
+    if cfg.workers is not None:
+        return cfg.workers, per
+    if cluster_gpus:
+        return max(1, int(cluster_gpus / per)), per
+    return cfg.cpu_workers, 0.0
 
 
 class Failure(Enum):

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -17,6 +18,7 @@ import ray
 from cluster.config import REPO_ROOT
 from cluster.driver import run_job
 from cluster.worker import HOLD_ENV
+from shards.errors import FarmError
 from tests.helpers import (
     assert_same_frames,
     held,
@@ -97,6 +99,20 @@ def test_killed_worker_mid_shard_is_replaced_and_output_identical(
     assert summary.retries >= 1
     assert_same_frames(reference_frames, out)
     assert scratch_under(Path(tempfile.gettempdir())) == [], "the killed worker's scratch was left"
+
+
+def test_worker_that_cannot_start_fails_the_job_at_once(
+    local_ray, tiny_models, demo_media, short_audio, tmp_path
+):
+    """A worker that raises while loading (here: a GPU device on a machine without one, past config
+    validation) fails the job with its reason, instead of restarting workers until a timeout."""
+    out = tmp_path / "no_device.mp4"
+    job = job_for(tiny_models, demo_media.video, short_audio, out)
+    job = replace(job, pipeline=replace(job.pipeline, device="cuda:0"))
+    with pytest.raises(FarmError, match="cuda:0"):
+        run_job(job)
+    assert not out.exists()
+    assert scratch_under(Path(tempfile.gettempdir())) == []
 
 
 def _cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.scheduler import Broker, Failure
+from cluster.config import ClusterConfig
+from cluster.scheduler import Broker, Failure, pool_shape
 from shards.errors import InputError, RenderError
 from shards.plan import Shard
 
@@ -171,3 +172,21 @@ def test_finished_after_every_shard_succeeded():
         b.succeeded(a)
     assert b.finished and b.done == {0, 1}
     b.check_start(10_000.0)  # nothing left to do: no timeout
+
+
+@pytest.mark.parametrize(
+    ("workers", "per", "cpu_workers", "gpus", "expected"),
+    [
+        (None, 1.0, 1, 0, (1, 0.0)),  # no GPUs: CPU workers, no GPU asked for
+        (None, 1.0, 3, 0, (3, 0.0)),
+        (None, 1.0, 1, 4, (4, 1.0)),  # one worker per GPU
+        (None, 0.5, 1, 4, (8, 0.5)),  # two workers share each GPU
+        (None, 0.25, 1, 1, (4, 0.25)),
+        (None, 2.0, 1, 1, (1, 2.0)),  # never zero workers
+        (2, 1.0, 1, 8, (2, 1.0)),  # a fixed size wins
+        (2, 1.0, 5, 0, (2, 0.0)),
+    ],
+)
+def test_pool_shape_table(workers, per, cpu_workers, gpus, expected):
+    cfg = ClusterConfig(workers=workers, gpus_per_worker=per, cpu_workers=cpu_workers)
+    assert pool_shape(cfg, gpus) == expected
