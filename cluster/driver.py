@@ -25,8 +25,8 @@ from cluster.progress import ProgressActor
 from cluster.worker import JobInputs, RenderWorker
 from musetalk.pipeline import ShardStats, plan_job, stage_totals
 from shards.errors import FarmError, RenderError
-from shards.media import concat_and_mux
 from shards.plan import Plan, dispatch_order
+from shards.stitch import concat_and_mux
 
 logger = logging.getLogger(__name__)
 

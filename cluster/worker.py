@@ -21,8 +21,9 @@ import ray
 from musetalk.config import PipelineConfig
 from musetalk.pipeline import FramePipeline, ShardStats
 from shards.errors import FarmError
-from shards.media import EncodeSettings, VideoInfo, load_audio, probe_video
 from shards.plan import Plan, Shard
+from shards.probe import VideoInfo, load_audio, probe_video
+from shards.segment import EncodeSettings
 
 logger = logging.getLogger(__name__)
 
