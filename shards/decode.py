@@ -29,6 +29,8 @@ def read_frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
     """
     if not (0 <= start <= end <= info.frame_count):
         raise ValueError(f"frame range [{start}, {end}) is outside [0, {info.frame_count}] for {info.path}")
+    if info.mode == "decode order":
+        return _frames_in_decode_order(info, start, end)
     return _frames(info, start, end)
 
 
@@ -37,6 +39,16 @@ def _to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:
     if rotation:
         image = np.rot90(image, k=-(rotation // 90))
     return np.ascontiguousarray(image)
+
+
+def _image(info: VideoInfo, frame: av.VideoFrame, index: int) -> np.ndarray:
+    image = _to_bgr(frame, info.rotation)
+    if image.shape != (info.height, info.width, 3):
+        raise InputError(
+            f"video input changes size mid-stream at frame {index} ({image.shape[1]}x{image.shape[0]}, "
+            f"expected {info.width}x{info.height}): {info.path}; re-encode it to one size"
+        )
+    return image
 
 
 def _open_at(info: VideoInfo, target_pts: int | None):
@@ -76,26 +88,21 @@ def _frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
         return
     fps, time_base = info.fps, info.time_base
     tol = slot_tolerance(time_base, fps)
-    target = (
-        info.start_pts + math.floor((start / fps + tol) / time_base)
-        if start > 0 and info.timestamps
-        else None
-    )
+    target = info.start_pts + math.floor((start / fps + tol) / time_base) if start > 0 else None
     container, first, frames = _open_at(info, target)
     with container:
         if first is None:
             raise FFmpegError(f"{info.path}: no frame decoded for index {start}")
-        expected = (info.height, info.width, 3)
         emitted = start
         prev, prev_slot = first, 0
 
         def slot(frame: av.VideoFrame) -> int:
             """First output index that shows ``frame``."""
-            if not info.timestamps or frame.pts is None:
+            if frame.pts is None:  # probe found none missing; a damaged tail may still lack one
                 return prev_slot + 1
             return math.ceil(((frame.pts - info.start_pts) * time_base - tol) * fps)
 
-        prev_slot = slot(first) if info.timestamps else 0
+        prev_slot = slot(first)
         if prev_slot > start:
             raise FFmpegError(
                 f"{info.path}: first decoded frame shows index {prev_slot}, after the requested {start}"
@@ -105,12 +112,7 @@ def _frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
             nonlocal emitted
             if emitted >= upto:
                 return
-            image = _to_bgr(frame, info.rotation)
-            if image.shape != expected:
-                raise InputError(
-                    f"video input changes size mid-stream at frame {emitted} ({image.shape[1]}x{image.shape[0]}, "
-                    f"expected {info.width}x{info.height}): {info.path}; re-encode it to one size"
-                )
+            image = _image(info, frame, emitted)
             yield image
             emitted += 1
             while emitted < upto:
@@ -125,10 +127,84 @@ def _frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
                     return
                 prev, prev_slot = frame, s
         except av.error.FFmpegError as err:
-            raise FFmpegError(f"decoding {info.path} failed near frame {emitted} ({err.strerror})") from err
+            # Probe counted only the frames before such an error (a truncated tail): the range ends there.
+            logger.debug("%s: decoding stopped near frame %d (%s)", info.path, emitted, err.strerror)
         yield from emit(prev, end if info.vfr else min(end, prev_slot + 1))
         if emitted < end:
             raise FFmpegError(f"{info.path}: decoding ended at frame {emitted}, expected {end} frames")
+
+
+def _frames_in_decode_order(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
+    """Mode "decode order": frame ``k`` is the ``k``-th decoded frame.
+
+    To start mid-file it seeks to the keyframe two keyframes before ``start`` (the frames just after a seek
+    point can decode differently, e.g. packed B-frames that referenced the previous GOP; a whole GOP of
+    pre-roll settles them) and finds where it landed by the first frame's pts, which must occur exactly
+    once in the probe's list. Every later frame's pts must match that list too; on any doubt it decodes
+    from the start instead, which is a sequential decode by definition.
+    """
+    if start == end:
+        return
+    earlier = [k for k in info.keyframes if k <= start]
+    seek_index = earlier[-2] if len(earlier) >= 2 else None
+    if seek_index is not None and info.frame_pts[seek_index] is not None:
+        frames = _decoded_from(info, seek_index, start, end)
+        try:
+            first = next(frames)
+        except _Landed as landed:
+            logger.debug("%s: seek for frame %d %s; decoding from the start", info.path, start, landed)
+        else:
+            yield first
+            yield from frames
+            return
+    yield from _decoded_from(info, None, start, end)
+
+
+class _Landed(Exception):
+    """A seek in decode-order mode landed somewhere its frames cannot be placed."""
+
+
+def _decoded_from(info: VideoInfo, seek_index: int | None, start: int, end: int) -> Iterator[np.ndarray]:
+    """Frames [start, end) decoding from the keyframe ``seek_index`` (None: from the start of the file).
+
+    Raises _Landed before yielding anything when the seek cannot be placed on the probe's frame list.
+    """
+    occurrences: dict[int | None, int] = {}
+    for t in info.frame_pts:
+        occurrences[t] = occurrences.get(t, 0) + 1
+    with open_input(info.path, "video input", "pass a video file") as container:
+        stream = container.streams[info.stream_index]
+        stream.thread_type = "AUTO"
+        index = 0 if seek_index is None else None
+        try:
+            if seek_index is not None:
+                container.seek(info.frame_pts[seek_index], backward=True, any_frame=False, stream=stream)
+            for frame in container.decode(stream):
+                if index is None:
+                    if frame.pts is None or occurrences.get(frame.pts) != 1:
+                        raise _Landed(f"landed on a frame with an ambiguous pts ({frame.pts})")
+                    index = info.frame_pts.index(frame.pts)
+                    if index > seek_index:
+                        raise _Landed(f"landed on frame {index}, after keyframe {seek_index}")
+                elif index >= info.frame_count:
+                    break
+                if frame.pts != info.frame_pts[index]:
+                    if index < start and seek_index is not None:
+                        raise _Landed(f"frame {index} has pts {frame.pts}, not {info.frame_pts[index]}")
+                    raise FFmpegError(
+                        f"{info.path}: frame {index} decodes with pts {frame.pts}, the probe saw "
+                        f"{info.frame_pts[index]}; the file changed since it was probed, probe it again"
+                    )
+                if index >= start:
+                    yield _image(info, frame, index)
+                index += 1
+                if index >= end:
+                    return
+        except av.error.FFmpegError as err:
+            logger.debug("%s: decoding stopped near frame %s (%s)", info.path, index, err.strerror)
+    if index is None and seek_index is not None:
+        raise _Landed("decoded nothing")
+    raise FFmpegError(f"{info.path}: decoding ended at frame {index}, expected {end} frames")
 
 
 def count_frames(path: str | Path) -> int:

@@ -10,6 +10,7 @@ same indices whether it starts at 0 or seeks into the middle.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -79,7 +80,12 @@ class VideoInfo:
     stream_index: int = 0  # container-wide index of the video stream
     start_pts: int = 0  # pts of the first frame, in units of time_base
     time_base: Fraction = Fraction(1, 90000)  # the stream's time base
-    timestamps: bool = True  # False: the stream has no timestamps (raw bitstream); frames are counted
+    # How decoded frames map to indices: "timestamps" (by pts, see the module docstring) or "decode order"
+    # (frame k is the k-th decoded frame; the pts are missing, repeated or out of order).
+    mode: str = "timestamps"
+    # "decode order" only: each decoded frame's pts and the keyframes' indices, to find where a seek landed.
+    frame_pts: tuple[int | None, ...] = ()
+    keyframes: tuple[int, ...] = ()
 
 
 def open_input(path: str | Path, role: str, fix: str) -> av.container.InputContainer:
@@ -144,24 +150,16 @@ def _as_fraction(rate) -> Fraction | None:
     return rate if rate > 0 else None
 
 
-def _scan_pts(container: av.container.InputContainer, stream) -> tuple[list[int], int | None]:
-    """Sorted pts of every video packet the decoder will show, and the last one's duration (demux only).
+@dataclass(frozen=True)
+class _Decoded:
+    """One pass over the video stream: every frame the decoder shows, in the order it shows them."""
 
-    Packets before the first keyframe (a stream cut mid-GOP) are skipped: the decoder shows none of them.
-    Empty when any packet lacks a pts (raw bitstreams).
-    """
-    pts: list[tuple[int, int | None]] = []
-    keyframe_seen = False
-    for packet in container.demux(stream):
-        if packet.size == 0 or packet.is_discard:
-            continue
-        if packet.pts is None:
-            return [], None
-        keyframe_seen = keyframe_seen or packet.is_keyframe
-        if keyframe_seen:
-            pts.append((packet.pts, packet.duration))
-    pts.sort(key=lambda entry: entry[0])
-    return [p for p, _ in pts], (pts[-1][1] if pts else None)
+    pts: list[int | None]  # each frame's pts as the decoder hands it out
+    keyframes: list[int]  # indices (in that order) of the frames flagged as keyframes
+    last_duration: int | None  # duration of the packet with the largest pts (VFR end time)
+    width: int
+    height: int
+    rotation: int  # clockwise, snapped to a multiple of 90
 
 
 def video_stream(container: av.container.InputContainer):
@@ -172,35 +170,69 @@ def video_stream(container: av.container.InputContainer):
     return None
 
 
-def _scan_decoded(path: Path, stream_index: int) -> tuple[list[int | None], int]:
-    """Fallback for streams whose packets carry no pts: decode everything, return frame pts and count."""
-    with av.open(str(path)) as container:
-        stream = container.streams[stream_index]
-        stream.thread_type = "AUTO"
-        pts = [frame.pts for frame in container.decode(stream)]
-    return pts, len(pts)
-
-
-def _first_frame_rotation(path: Path, stream_index: int) -> tuple[int, int, int]:
-    """Decode the first frame: (coded width, coded height, clockwise rotation in degrees)."""
-    with av.open(str(path)) as container:
-        stream = container.streams[stream_index]
-        try:
-            frame = next(container.decode(stream), None)
-        except av.error.FFmpegError as err:
-            raise InputError(f"video input cannot be decoded: {path} ({err.strerror}); re-encode it") from err
-    if frame is None:
-        raise InputError(f"video input has no decodable frames: {path}; pass a video with at least one frame")
+def _rotation(path: Path, frame: av.VideoFrame) -> int:
     # PyAV reports the display matrix as a counter-clockwise angle in [-180, 180].
     clockwise = (-int(frame.rotation)) % 360
     snapped = int(round(clockwise / 90)) % 4 * 90
     if snapped != clockwise:
         logger.warning("%s: display rotation %d is not a multiple of 90; using %d", path, clockwise, snapped)
-    return frame.width, frame.height, snapped
+    return snapped
+
+
+def _decode_scan(path: Path, container: av.container.InputContainer, stream) -> _Decoded:
+    """Decode the whole stream once (no pixel conversion): what it really holds, whatever the header says.
+
+    A decode error after some frames (a truncated or damaged tail) ends the scan there, with a warning:
+    the frames before it are the video. InputError when nothing decodes.
+    """
+    stream.thread_type = "AUTO"
+    pts: list[int | None] = []
+    keyframes: list[int] = []
+    durations: dict[int, int | None] = {}
+    first: av.VideoFrame | None = None
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is not None and packet.size and not packet.is_discard:
+                durations[packet.pts] = packet.duration
+            for frame in packet.decode():
+                if first is None:
+                    first = frame
+                if frame.key_frame:
+                    keyframes.append(len(pts))
+                pts.append(frame.pts)
+    except av.error.FFmpegError as err:
+        if not pts:
+            raise InputError(f"video input cannot be decoded: {path} ({err.strerror}); re-encode it") from err
+        logger.warning(
+            "%s: decoding stops after %d frames (%s); using the frames that decode",
+            path,
+            len(pts),
+            err.strerror,
+        )
+    if first is None:
+        raise InputError(f"video input has no decodable frames: {path}; pass a video with at least one frame")
+    known = [t for t in pts if t is not None]
+    last_duration = durations.get(max(known)) if known else None
+    return _Decoded(pts, keyframes, last_duration, first.width, first.height, _rotation(path, first))
+
+
+def _untrusted(pts: list[int | None]) -> str | None:
+    """Why the decoded frames' timestamps cannot place them (None: they can)."""
+    if any(t is None for t in pts):
+        return "frames without timestamps"
+    if any(b <= a for a, b in itertools.pairwise(pts)):
+        return "timestamps out of order or repeated (e.g. packed B-frames in AVI)"
+    return None
 
 
 def probe_video(path: str | Path) -> VideoInfo:
-    """Probe a video file (demux only, plus one decoded frame). InputError for anything unusable."""
+    """Probe a video file: its streams by demux, its frames by one full decode. InputError if unusable.
+
+    The frame count and the mode are what the decode yields, not what the header claims. Mode
+    "timestamps": frames sit at their pts (CFR on a grid, or VFR normalised). Mode "decode order": the
+    decoded pts are missing, repeated or out of order, so frame ``k`` is the ``k``-th decoded frame at the
+    stream's constant rate.
+    """
     p = Path(path)
     fix = "pass a video file (any container/codec ffmpeg reads)"
     with open_input(p, "video input", fix) as container:
@@ -212,46 +244,38 @@ def probe_video(path: str | Path) -> VideoInfo:
         avg = _as_fraction(stream.average_rate)
         real = _as_fraction(stream.base_rate) or _as_fraction(stream.guessed_rate)
         audio = tuple(_audio_info(p, container, s) for s in container.streams.audio)
-        try:
-            pts, last_duration = _scan_pts(container, stream)
-        except av.error.FFmpegError as err:
-            raise InputError(
-                f"video input cannot be read: {p} ({err.strerror}); re-encode or re-download it"
-            ) from err
-    coded_w, coded_h, rotation = _first_frame_rotation(p, index)
+        header_frames = stream.frames
+        scan = _decode_scan(p, container, stream)
 
-    timestamps = True
-    if not pts:  # packets without timestamps (raw bitstreams): count decoded frames
-        decoded, count = _scan_decoded(p, index)
-        if count == 0:
-            raise InputError(
-                f"video input has no decodable frames: {p}; pass a video with at least one frame"
-            )
-        if all(t is not None for t in decoded):
-            pts = sorted(decoded)
-        else:
-            timestamps = False
-            pts = list(range(count))
-            time_base = 1 / (avg or real or Fraction(25))
-
-    rel = [t - pts[0] for t in pts]
+    count = len(scan.pts)
+    if header_frames and header_frames != count:
+        logger.info("%s: the header says %d frames, %d decode; using %d", p, header_frames, count, count)
+    reason = _untrusted(scan.pts)
     candidates = [r for r in (avg, real) if r is not None] or [Fraction(25)]
-    candidates += [_snap_rate(r) for r in candidates]
-    fps = next((r for r in candidates if _on_grid(rel, time_base, r)), None) if timestamps else candidates[0]
-    vfr = fps is None
-    if vfr:
-        last = Fraction(last_duration) * time_base if last_duration else None
-        span = rel[-1] * time_base
-        rough = (
-            avg or (Fraction(len(rel)) / (span + (last or 0)) if span > 0 else None) or real or Fraction(25)
-        )
-        fps = _snap_rate(rough)
-        total = span + (last if last else 1 / fps)
-        frame_count = max(1, math.floor(total * fps + Fraction(1, 2)))
-        logger.info("%s: variable frame rate (%d frames); normalised to %s fps", p, len(rel), fps)
+    if reason is not None:
+        fps = candidates[0]
+        logger.info("%s: %s; frames are placed in decode order at %s fps", p, reason, fps)
+        mode, vfr, frame_count, start_pts, time_base = "decode order", False, count, 0, 1 / fps
     else:
-        frame_count = len(rel)
-    width, height = (coded_h, coded_w) if rotation in (90, 270) else (coded_w, coded_h)
+        mode, pts = "timestamps", scan.pts
+        start_pts = pts[0]
+        rel = [t - start_pts for t in pts]
+        candidates += [_snap_rate(r) for r in candidates]
+        fps = next((r for r in candidates if _on_grid(rel, time_base, r)), None)
+        vfr = fps is None
+        if vfr:
+            last = Fraction(scan.last_duration) * time_base if scan.last_duration else None
+            span = rel[-1] * time_base
+            rough = (
+                avg or (Fraction(count) / (span + (last or 0)) if span > 0 else None) or real or Fraction(25)
+            )
+            fps = _snap_rate(rough)
+            total = span + (last if last else 1 / fps)
+            frame_count = max(1, math.floor(total * fps + Fraction(1, 2)))
+            logger.info("%s: variable frame rate (%d frames); normalised to %s fps", p, count, fps)
+        else:
+            frame_count = count
+    width, height = (scan.height, scan.width) if scan.rotation in (90, 270) else (scan.width, scan.height)
     return VideoInfo(
         path=str(p),
         width=width,
@@ -261,13 +285,15 @@ def probe_video(path: str | Path) -> VideoInfo:
         real_fps=real or fps,
         frame_count=frame_count,
         duration=float(frame_count / fps),
-        rotation=rotation,
+        rotation=scan.rotation,
         vfr=vfr,
         audio=audio,
         stream_index=index,
-        start_pts=pts[0],
+        start_pts=start_pts,
         time_base=time_base,
-        timestamps=timestamps,
+        mode=mode,
+        frame_pts=tuple(scan.pts) if mode == "decode order" else (),
+        keyframes=tuple(scan.keyframes) if mode == "decode order" else (),
     )
 
 
