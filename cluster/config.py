@@ -10,7 +10,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from musetalk.config import BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
 from shards.errors import ConfigError
-from shards.media import EncodeSettings
+from shards.segment import EncodeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"

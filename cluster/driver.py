@@ -26,8 +26,9 @@ from cluster.scheduler import Broker, Failure, pool_shape
 from cluster.worker import HOLD_ENV, JobInputs, RenderWorker, scratch_root
 from musetalk.pipeline import ShardStats, plan_job, required_weights, stage_totals
 from shards.errors import FarmError, Interrupted
-from shards.media import concat_and_mux
 from shards.plan import Plan, Shard, dispatch_order
+from shards.probe import VideoInfo
+from shards.stitch import concat_and_mux
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def run_job(job: JobConfig) -> JobSummary:
         try:
             if todo:
                 connect(job.cluster)
-                workers, retries = _render(job, plan, todo, samples, run)
+                workers, retries = _render(job, info, plan, todo, samples, run)
             concat_and_mux(
                 [run.segment(s.name) for s in plan.shards],
                 job.audio,
@@ -192,19 +193,26 @@ def run_job(job: JobConfig) -> JobSummary:
     return summary
 
 
-def _render(job: JobConfig, plan: Plan, todo: list[Shard], samples, run: RunDir) -> tuple[int, int]:
+def _render(
+    job: JobConfig, info: VideoInfo, plan: Plan, todo: list[Shard], samples, run: RunDir
+) -> tuple[int, int]:
     """Render ``todo`` on a pool into ``run``; returns (pool size, retried shards)."""
     job_id = uuid.uuid4().hex[:12]
     if job.cluster.inputs == "object_store":
         inputs = JobInputs(
             job_id,
             job.video.suffix,
+            info,
             video_ref=[ray.put(job.video.read_bytes())],
             audio_ref=[ray.put(samples)],
         )
     else:
         inputs = JobInputs(
-            job_id, job.video.suffix, video_path=str(job.video.resolve()), audio_path=str(job.audio.resolve())
+            job_id,
+            job.video.suffix,
+            info,
+            video_path=str(job.video.resolve()),
+            audio_path=str(job.audio.resolve()),
         )
     # Progress lives on the driver's node: a lost worker node must not take the progress counter with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -24,8 +24,9 @@ import ray
 
 from musetalk.config import PipelineConfig
 from musetalk.pipeline import FramePipeline, ShardStats
-from shards.media import EncodeSettings, VideoInfo, load_audio, probe_video
 from shards.plan import Plan, Shard
+from shards.probe import VideoInfo, load_audio
+from shards.segment import EncodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,14 @@ def _hold(shard: Shard) -> None:
 
 @dataclass(frozen=True)
 class JobInputs:
-    """How a worker gets a job's inputs: object-store refs (held in lists so Ray does not resolve them per call) or paths."""
+    """How a worker gets a job's inputs: object-store refs (held in lists so Ray does not resolve them per call) or paths.
+
+    ``video`` is the driver's probe (probing decodes the whole stream, so workers never repeat it).
+    """
 
     job_id: str
     video_suffix: str
+    video: VideoInfo
     video_ref: list | None = None  # [ObjectRef to the video file's bytes]
     audio_ref: list | None = None  # [ObjectRef to (N,) float32 16 kHz samples]
     video_path: str | None = None
@@ -122,7 +127,7 @@ class RenderWorker:
             else:
                 video = Path(job.video_path)
                 samples = load_audio(job.audio_path)
-            self._job = (job.job_id, probe_video(video), samples)
+            self._job = (job.job_id, replace(job.video, path=str(video)), samples)
         return self._job[1], self._job[2]
 
     def render(

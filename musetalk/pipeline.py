@@ -38,17 +38,12 @@ from musetalk.faces import FaceAnalyzer, crop_box, crop_face, load_face_analyzer
 from musetalk.generation import LatentGenerator, load_unet, load_vae
 from musetalk.layout import ModelLayout
 from musetalk.parsing import load_face_parser
+from shards.decode import read_frames
 from shards.errors import WeightsError
-from shards.media import (
-    EncodeSettings,
-    SegmentWriter,
-    VideoInfo,
-    concat_and_mux,
-    load_audio,
-    probe_video,
-    read_frames,
-)
 from shards.plan import Plan, Shard, plan_shards, shard_length_frames
+from shards.probe import VideoInfo, load_audio, probe_video
+from shards.segment import EncodeSettings, SegmentWriter
+from shards.stitch import concat_and_mux
 
 logger = logging.getLogger(__name__)
 

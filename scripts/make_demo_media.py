@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from skimage import data
 
-from shards.media import EncodeSettings, encode_segment
+from shards.segment import EncodeSettings, encode_segment
 
 logger = logging.getLogger(__name__)
 

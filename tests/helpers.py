@@ -13,7 +13,8 @@ import soundfile as sf
 from hydra import compose, initialize_config_dir
 
 from cluster.config import CONF_DIR, REPO_ROOT, JobConfig, job_from_config
-from shards.media import load_audio, probe_video, read_frames
+from shards.decode import read_frames
+from shards.probe import load_audio, probe_video
 
 
 def decode_all(path: Path) -> list[np.ndarray]:

@@ -11,8 +11,9 @@ from musetalk.blending import blend_square
 from musetalk.config import EnhanceConfig, FaceConfig, PipelineConfig
 from musetalk.faces import crop_box, smooth_boxes
 from musetalk.pipeline import FramePipeline, render_local
-from shards.media import EncodeSettings, load_audio, probe_video
 from shards.plan import output_frame_count, source_index
+from shards.probe import load_audio, probe_video
+from shards.segment import EncodeSettings
 from tests.helpers import decode_all, trimmed_audio
 
 LOSSLESS = EncodeSettings(lossless=True)

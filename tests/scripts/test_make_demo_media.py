@@ -17,7 +17,8 @@ from scripts.make_demo_media import (
     make_demo_media,
     speech_like,
 )
-from shards.media import probe_audio, probe_video, read_frames
+from shards.decode import read_frames
+from shards.probe import probe_audio, probe_video
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,221 @@
+"""Frame-exact decoding with PyAV: frames ``[start, end)`` of a probed video, seeking or not.
+
+See ``shards.probe`` for how frames are indexed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import av.error
+import numpy as np
+
+from shards.errors import FFmpegError, InputError
+from shards.probe import VideoInfo, open_input, slot_tolerance, video_stream
+
+logger = logging.getLogger(__name__)
+
+
+def read_frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
+    """Frames ``[start, end)`` of ``info`` as (H, W, 3) uint8 BGR, C-contiguous, rotation applied.
+
+    Streams with bounded memory: seeks to the keyframe before ``start``, decodes forward and drops frames
+    before it. Equal, index for index, to a sequential decode from frame 0 (VFR normalised to ``info.fps``).
+    """
+    if not (0 <= start <= end <= info.frame_count):
+        raise ValueError(f"frame range [{start}, {end}) is outside [0, {info.frame_count}] for {info.path}")
+    if info.mode == "decode order":
+        return _frames_in_decode_order(info, start, end)
+    return _frames(info, start, end)
+
+
+def _to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:
+    image = frame.to_ndarray(format="bgr24", src_color_range=frame.color_range)
+    if rotation:
+        image = np.rot90(image, k=-(rotation // 90))
+    return np.ascontiguousarray(image)
+
+
+def _image(info: VideoInfo, frame: av.VideoFrame, index: int) -> np.ndarray:
+    image = _to_bgr(frame, info.rotation)
+    if image.shape != (info.height, info.width, 3):
+        raise InputError(
+            f"video input changes size mid-stream at frame {index} ({image.shape[1]}x{image.shape[0]}, "
+            f"expected {info.width}x{info.height}): {info.path}; re-encode it to one size"
+        )
+    return image
+
+
+def _open_at(info: VideoInfo, target_pts: int | None):
+    """A container and a frame iterator whose first frame is at or before ``target_pts`` (None: from the start).
+
+    PyAV seeks to a keyframe at or before the target by the demuxer's index; when the first decoded frame
+    still comes after the target (dts-indexed formats, missing index), seek further back and try again.
+    """
+    back = 0
+    while True:
+        container = open_input(info.path, "video input", "pass a video file")
+        stream = container.streams[info.stream_index]
+        stream.thread_type = "AUTO"
+        seek_to = None if target_pts is None else target_pts - back
+        if seek_to is not None and seek_to <= info.start_pts:
+            seek_to = None
+        try:
+            if seek_to is not None:
+                container.seek(seek_to, backward=True, any_frame=False, stream=stream)
+            frames = container.decode(stream)
+            first = next(frames, None)
+        except av.error.FFmpegError as err:
+            container.close()
+            raise FFmpegError(f"decoding {info.path} failed ({err.strerror})") from err
+        if seek_to is None or (first is not None and first.pts is not None and first.pts <= target_pts):
+            return container, first, frames
+        container.close()
+        one_second = int(1 / Fraction(stream.time_base))
+        back = max(2 * back, one_second)
+        logger.debug(
+            "%s: seek to %d landed after the target; seeking %d ticks earlier", info.path, target_pts, back
+        )
+
+
+def _frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
+    if start == end:
+        return
+    fps, time_base = info.fps, info.time_base
+    tol = slot_tolerance(time_base, fps)
+    target = info.start_pts + math.floor((start / fps + tol) / time_base) if start > 0 else None
+    container, first, frames = _open_at(info, target)
+    with container:
+        if first is None:
+            raise FFmpegError(f"{info.path}: no frame decoded for index {start}")
+        emitted = start
+        prev, prev_slot = first, 0
+
+        def slot(frame: av.VideoFrame) -> int:
+            """First output index that shows ``frame``."""
+            if frame.pts is None:  # probe found none missing; a damaged tail may still lack one
+                return prev_slot + 1
+            return math.ceil(((frame.pts - info.start_pts) * time_base - tol) * fps)
+
+        prev_slot = slot(first)
+        if prev_slot > start:
+            raise FFmpegError(
+                f"{info.path}: first decoded frame shows index {prev_slot}, after the requested {start}"
+            )
+
+        def emit(frame: av.VideoFrame, upto: int) -> Iterator[np.ndarray]:
+            nonlocal emitted
+            if emitted >= upto:
+                return
+            image = _image(info, frame, emitted)
+            yield image
+            emitted += 1
+            while emitted < upto:
+                yield image.copy()
+                emitted += 1
+
+        try:
+            for frame in frames:
+                s = slot(frame)
+                yield from emit(prev, min(s, end))
+                if emitted >= end:
+                    return
+                prev, prev_slot = frame, s
+        except av.error.FFmpegError as err:
+            # Probe counted only the frames before such an error (a truncated tail): the range ends there.
+            logger.debug("%s: decoding stopped near frame %d (%s)", info.path, emitted, err.strerror)
+        yield from emit(prev, end if info.vfr else min(end, prev_slot + 1))
+        if emitted < end:
+            raise FFmpegError(f"{info.path}: decoding ended at frame {emitted}, expected {end} frames")
+
+
+def _frames_in_decode_order(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
+    """Mode "decode order": frame ``k`` is the ``k``-th decoded frame.
+
+    To start mid-file it seeks to the keyframe two keyframes before ``start`` (the frames just after a seek
+    point can decode differently, e.g. packed B-frames that referenced the previous GOP; a whole GOP of
+    pre-roll settles them) and finds where it landed by the first frame's pts, which must occur exactly
+    once in the probe's list. Every later frame's pts must match that list too; on any doubt it decodes
+    from the start instead, which is a sequential decode by definition.
+    """
+    if start == end:
+        return
+    earlier = [k for k in info.keyframes if k <= start]
+    seek_index = earlier[-2] if len(earlier) >= 2 else None
+    if seek_index is not None and info.frame_pts[seek_index] is not None:
+        frames = _decoded_from(info, seek_index, start, end)
+        try:
+            first = next(frames)
+        except _Landed as landed:
+            logger.debug("%s: seek for frame %d %s; decoding from the start", info.path, start, landed)
+        else:
+            yield first
+            yield from frames
+            return
+    yield from _decoded_from(info, None, start, end)
+
+
+class _Landed(Exception):
+    """A seek in decode-order mode landed somewhere its frames cannot be placed."""
+
+
+def _decoded_from(info: VideoInfo, seek_index: int | None, start: int, end: int) -> Iterator[np.ndarray]:
+    """Frames [start, end) decoding from the keyframe ``seek_index`` (None: from the start of the file).
+
+    Raises _Landed before yielding anything when the seek cannot be placed on the probe's frame list.
+    """
+    occurrences: dict[int | None, int] = {}
+    for t in info.frame_pts:
+        occurrences[t] = occurrences.get(t, 0) + 1
+    with open_input(info.path, "video input", "pass a video file") as container:
+        stream = container.streams[info.stream_index]
+        stream.thread_type = "AUTO"
+        index = 0 if seek_index is None else None
+        try:
+            if seek_index is not None:
+                container.seek(info.frame_pts[seek_index], backward=True, any_frame=False, stream=stream)
+            for frame in container.decode(stream):
+                if index is None:
+                    if frame.pts is None or occurrences.get(frame.pts) != 1:
+                        raise _Landed(f"landed on a frame with an ambiguous pts ({frame.pts})")
+                    index = info.frame_pts.index(frame.pts)
+                    if index > seek_index:
+                        raise _Landed(f"landed on frame {index}, after keyframe {seek_index}")
+                elif index >= info.frame_count:
+                    break
+                if frame.pts != info.frame_pts[index]:
+                    if index < start and seek_index is not None:
+                        raise _Landed(f"frame {index} has pts {frame.pts}, not {info.frame_pts[index]}")
+                    raise FFmpegError(
+                        f"{info.path}: frame {index} decodes with pts {frame.pts}, the probe saw "
+                        f"{info.frame_pts[index]}; the file changed since it was probed, probe it again"
+                    )
+                if index >= start:
+                    yield _image(info, frame, index)
+                index += 1
+                if index >= end:
+                    return
+        except av.error.FFmpegError as err:
+            logger.debug("%s: decoding stopped near frame %s (%s)", info.path, index, err.strerror)
+    if index is None and seek_index is not None:
+        raise _Landed("decoded nothing")
+    raise FFmpegError(f"{info.path}: decoding ended at frame {index}, expected {end} frames")
+
+
+def count_frames(path: str | Path) -> int:
+    """Number of frames a full decode of the first video stream yields (no normalisation)."""
+    p = Path(path)
+    with open_input(p, "video", "pass a video file") as container:
+        stream = video_stream(container)
+        if stream is None:
+            raise InputError(f"video has no video stream: {p}; pass a video file")
+        stream.thread_type = "AUTO"
+        try:
+            return sum(1 for _ in container.decode(stream))
+        except av.error.FFmpegError as err:
+            raise FFmpegError(f"decoding {p} failed ({err.strerror})") from err
