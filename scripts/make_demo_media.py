@@ -5,7 +5,7 @@
 
 Video: a slow zoom and pan over the astronaut's face in ``skimage.data.astronaut()`` (the face stays
 100-140 px tall, where OpenCV's frontal-face Haar cascade finds it), with a cut-away of about one second
-in the middle to ``skimage.data.coffee()`` (no face). H.264 yuv420p through ``shards.media``.
+in the middle to ``skimage.data.coffee()`` (no face). H.264 yuv420p through ``shards.segment``.
 Audio: 16-bit mono 16 kHz WAV with a speech-like envelope: a voiced harmonic buzz (pitch 120-180 Hz with
 vibrato, vowel-like formants) in syllables at ~4.5 Hz, grouped into words separated by pauses.
 """
