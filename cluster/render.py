@@ -28,8 +28,6 @@ def prepare(job: JobConfig) -> None:
     The demo is only ever built in the bundled directory (``media/``): inputs elsewhere are the user's,
     and the generators refuse directories holding files they did not make.
     """
-    from musetalk.pipeline import check_weights
-
     if build := demo_to_build(job):
         logger.info("building the demo clip in %s", DEMO_DIR)
         _script("make_demo_media").ensure_demo_media(DEMO_DIR)
@@ -46,6 +44,8 @@ def prepare(job: JobConfig) -> None:
             raise WeightsError(
                 f"fetching model weights into {root} failed (see the errors above); run the same command again to resume"
             )
+    from musetalk.pipeline import check_weights  # imports torch: after the cheap refusals above
+
     check_weights(job.pipeline)
 
 

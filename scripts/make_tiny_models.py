@@ -18,10 +18,6 @@ from pathlib import Path
 
 from musetalk.layout import ModelLayout
 from scripts.owned import check_owned, remove_owned
-from scripts.tiny_audio import write_tiny_whisper
-from scripts.tiny_blend import write_tiny_blend_models
-from scripts.tiny_faces import write_tiny_face_models
-from scripts.tiny_generation import write_tiny_unet, write_tiny_vae
 from shards.errors import FarmError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +42,12 @@ def make_tiny_models(root: Path, seed: int = 0, full_size: bool = False) -> Path
     """
     root = Path(root)
     check_owned(root, MARKER, TOOL, FIX)
+    # The writers import torch, diffusers and transformers (seconds): only once the directory is ours.
+    from scripts.tiny_audio import write_tiny_whisper
+    from scripts.tiny_blend import write_tiny_blend_models
+    from scripts.tiny_faces import write_tiny_face_models
+    from scripts.tiny_generation import write_tiny_unet, write_tiny_vae
+
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
