@@ -107,8 +107,10 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         replaced by the field's default so the range checks below still run)."""
         hints = typing.get_type_hints(cls)
         known = {f.name: f for f in fields(cls)}
+        # Offered as known: the group's own scalar keys (not those filled from other groups or nested).
+        own = sorted(k for k in known if k not in (keys or {}) and _scalar(hints[k])[0] is not None)
         for key in sorted(set(values) - set(known)):
-            problems.append(f"{name}.{key} is not a known setting (known: {', '.join(sorted(known))})")
+            problems.append(f"{name}.{key} is not a known setting (known: {', '.join(own)})")
         checked = {}
         for key, value in values.items():
             if key not in known:
@@ -140,6 +142,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
             "blend": typed(BlendConfig, "blend", node("blend")),
             "enhance": typed(EnhanceConfig, "enhance", node("enhance", drop=("name",))),
         },
+        {"models_dir": "models.dir", "tiny": "models.tiny"},
     )
     cluster = typed(ClusterConfig, "cluster", node("cluster"))
     encode = typed(EncodeSettings, "output", node("output", drop=("summary",)))
