@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +18,23 @@ from shards.segment import EncodeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
+# The bundled demo clip lives here (``conf/task/test.yaml``); it is only ever built in this directory.
+DEMO_DIR = REPO_ROOT / "media"
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
+)
+_KINDS = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
 
 
 def _repo_path(relative: str) -> str:
@@ -59,50 +80,84 @@ class JobConfig:
 
 
 def job_from_config(cfg: DictConfig) -> JobConfig:
-    """Convert and validate; raises one ConfigError listing every problem found."""
+    """Convert and validate; raises one ConfigError listing every problem found (types, ranges, names)."""
     problems: list[str] = []
 
-    def get(key: str, default=None):
+    def get(key: str, kind: type, default=None, nullable: bool = False):
+        """``key`` checked to be of ``kind``; a missing or mistyped value is reported and ``default`` used."""
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True, default=default)
         except MissingMandatoryValue:
             problems.append(f"{key} is required (set {key}=... or use +task=test)")
             return default
+        value, problem = check_type(key, value, kind, nullable)
+        if problem:
+            problems.append(problem)
+            return default
         return value
 
-    video, audio, output = get("task.video"), get("task.audio"), get("task.output")
+    video, audio, output = (get(f"task.{k}", str) for k in ("video", "audio", "output"))
 
     def node(key: str, drop: tuple[str, ...] = ()) -> dict:
         """A config group's values as a plain dict (its YAML holds every default)."""
         values = OmegaConf.to_container(cfg[key], resolve=True)
         return {k: v for k, v in values.items() if k not in drop}
 
-    def typed(cls, name: str, values: dict):
-        """``cls`` from ``values``; unknown keys are reported (and the known ones still checked)."""
-        known = {f.name for f in fields(cls)}
-        for key in sorted(set(values) - known):
-            problems.append(f"{name}.{key} is not a known setting (known: {', '.join(sorted(known))})")
-        return cls(**{k: v for k, v in values.items() if k in known})
+    def typed(cls, name: str, values: dict, keys: dict[str, str] | None = None):
+        """``cls`` from ``values``: unknown keys and mistyped values are reported (a mistyped value is
+        replaced by the field's default so the range checks below still run)."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in fields(cls)}
+        # Offered as known: the group's own scalar keys (not those filled from other groups or nested).
+        own = sorted(k for k in known if k not in (keys or {}) and _scalar(hints[k])[0] is not None)
+        for key in sorted(set(values) - set(known)):
+            problems.append(f"{name}.{key} is not a known setting (known: {', '.join(own)})")
+        checked = {}
+        for key, value in values.items():
+            if key not in known:
+                continue
+            kind, nullable = _scalar(hints[key])
+            if kind is not None:
+                value, problem = check_type((keys or {}).get(key, f"{name}.{key}"), value, kind, nullable)
+                if problem:
+                    problems.append(problem)
+                    f = known[key]
+                    value = f.default if f.default is not MISSING else f.default_factory()
+            checked[key] = value
+        return cls(**checked)
 
-    models, output_node, shards = node("models"), node("output"), node("shards")
-    face = typed(FaceConfig, "face", {**node("face"), "bbox_shift": get("task.bbox_shift")})
+    face = typed(
+        FaceConfig,
+        "face",
+        {**node("face"), "bbox_shift": get("task.bbox_shift", int, 0)},
+        {"bbox_shift": "task.bbox_shift"},
+    )
     pipeline = typed(
         PipelineConfig,
         "render",
         {
             **node("render"),
-            "models_dir": str(models["dir"]),
-            "tiny": models["tiny"],
+            "models_dir": get("models.dir", str, "models"),
+            "tiny": get("models.tiny", bool, False),
             "face": face,
             "blend": typed(BlendConfig, "blend", node("blend")),
             "enhance": typed(EnhanceConfig, "enhance", node("enhance", drop=("name",))),
         },
+        {"models_dir": "models.dir", "tiny": "models.tiny"},
     )
     cluster = typed(ClusterConfig, "cluster", node("cluster"))
     encode = typed(EncodeSettings, "output", node("output", drop=("summary", "resume")))
-    length, seconds, overlap = shards["length"], shards["seconds"], shards["overlap"]
+    summary = get("output.summary", bool, True)
+    resume = get("output.resume", bool, True)
+    make_demo, download = get("task.make_demo", bool, False), get("models.download", bool, False)
+    shard_problems = len(problems)
+    length = get("shards.length", int, nullable=True)
+    seconds = get("shards.seconds", float, nullable=True)
+    overlap = get("shards.overlap", int, face.smooth_radius)
+    shards_typed = len(problems) == shard_problems
 
     problems += pipeline_problems(pipeline)
+    problems += cluster_problems(cluster, pipeline.device)
     if overlap < face.smooth_radius:
         problems.append(
             f"shards.overlap={overlap} is smaller than face.smooth_radius={face.smooth_radius}; "
@@ -110,27 +165,19 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         )
     if length is not None and seconds is not None:
         problems.append("set either shards.length or shards.seconds, not both (set the other to null)")
-    if length is None and seconds is None:
+    if length is None and seconds is None and shards_typed:
         problems.append("set shards.length (frames) or shards.seconds")
-    if length is not None and int(length) <= 0:
+    if length is not None and length <= 0:
         problems.append(f"shards.length must be positive, got {length}")
-    if seconds is not None and float(seconds) <= 0:
+    if seconds is not None and seconds <= 0:
         problems.append(f"shards.seconds must be positive, got {seconds}")
-    if cluster.inputs not in ("object_store", "uri"):
-        problems.append(f"cluster.inputs must be object_store or uri, got {cluster.inputs!r}")
-    if cluster.max_attempts < 1:
-        problems.append(f"cluster.max_attempts must be >= 1, got {cluster.max_attempts}")
-    if cluster.max_in_flight < 1:
-        problems.append(f"cluster.max_in_flight must be >= 1, got {cluster.max_in_flight}")
-    if cluster.workers is not None and cluster.workers < 1:
-        problems.append(f"cluster.workers must be >= 1 or null, got {cluster.workers}")
-    if not 0 < cluster.gpus_per_worker <= 1 and cluster.gpus_per_worker != int(cluster.gpus_per_worker):
-        problems.append(
-            f"cluster.gpus_per_worker must be a fraction in (0, 1] or a whole number, got {cluster.gpus_per_worker}"
-        )
     if not 0 <= encode.crf <= 51:
         problems.append(f"output.crf must be in 0..51, got {encode.crf}")
-    if output is not None and not str(output).lower().endswith(".mp4"):
+    if encode.preset not in X264_PRESETS:
+        problems.append(f"output.preset must be one of {', '.join(X264_PRESETS)}, got {encode.preset!r}")
+    if encode.gop is not None and encode.gop < 1:
+        problems.append(f"output.gop must be >= 1 or null, got {encode.gop}")
+    if output is not None and not output.lower().endswith(".mp4"):
         problems.append(f"task.output must be an .mp4 path, got {output}")
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
@@ -138,28 +185,100 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         video=Path(video),
         audio=Path(audio),
         output=Path(output),
-        make_demo=bool(get("task.make_demo", False)),
-        download=bool(models["download"]),
-        shard_length=None if length is None else int(length),
-        shard_seconds=None if seconds is None else float(seconds),
+        make_demo=make_demo,
+        download=download,
+        shard_length=length,
+        shard_seconds=seconds,
         overlap=overlap,
-        summary=bool(output_node["summary"]),
-        resume=bool(output_node["resume"]),
+        summary=summary,
+        resume=resume,
         pipeline=pipeline,
         encode=encode,
         cluster=cluster,
     )
 
 
+def check_type(key: str, value, kind: type, nullable: bool = False) -> tuple[object, str | None]:
+    """(``value`` as ``kind``, None), or (None, the problem): bool is not an int, an int is a valid float."""
+    if value is None:
+        return None, None if nullable else f"{key} must be {_KINDS[kind]}, got null"
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if ok:
+        return (float(value) if kind is float else value), None
+    return None, f"{key} must be {_KINDS[kind]}{' or null' if nullable else ''}, got {value!r}"
+
+
+def _scalar(hint) -> tuple[type | None, bool]:
+    """(the scalar type, nullable) of a dataclass field's annotation; (None, False) for nested configs."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 and rest[0] in _KINDS else None), type(None) in args
+    return (hint if hint in _KINDS else None), False
+
+
+def device_problem(device: str) -> str | None:
+    """The problem with a ``render.device`` name, if any (syntax only: availability is checked by the driver)."""
+    if DEVICE_PATTERN.fullmatch(device):
+        return None
+    return f"render.device must be auto, cpu, cuda, cuda:N or mps, got {device!r}"
+
+
+def cluster_problems(c: ClusterConfig, device: str) -> list[str]:
+    """Every invalid cluster value, and a device index no worker can see, each with its fix."""
+    out = []
+    if c.inputs not in ("object_store", "uri"):
+        out.append(f"cluster.inputs must be object_store or uri, got {c.inputs!r}")
+    if c.max_attempts < 1:
+        out.append(f"cluster.max_attempts must be >= 1, got {c.max_attempts}")
+    if c.max_in_flight < 1:
+        out.append(f"cluster.max_in_flight must be >= 1, got {c.max_in_flight}")
+    if c.workers is not None and c.workers < 1:
+        out.append(f"cluster.workers must be >= 1 or null, got {c.workers}")
+    if c.cpu_workers < 1:
+        out.append(f"cluster.cpu_workers must be >= 1, got {c.cpu_workers}")
+    if not (
+        c.gpus_per_worker > 0 and (c.gpus_per_worker <= 1 or c.gpus_per_worker == int(c.gpus_per_worker))
+    ):
+        out.append(
+            f"cluster.gpus_per_worker must be a fraction in (0, 1] or a whole number, got {c.gpus_per_worker}"
+        )
+    if c.cpus_per_worker <= 0:
+        out.append(f"cluster.cpus_per_worker must be > 0, got {c.cpus_per_worker}")
+    if c.start_timeout_s <= 0:
+        out.append(f"cluster.start_timeout_s must be > 0, got {c.start_timeout_s}")
+    if c.num_cpus is not None and c.num_cpus < 1:
+        out.append(f"cluster.num_cpus must be >= 1 or null, got {c.num_cpus}")
+    index = re.fullmatch(r"cuda:(\d+)", device)
+    visible = max(1, int(c.gpus_per_worker)) if c.gpus_per_worker > 0 else 1
+    if index and int(index[1]) >= visible:
+        out.append(
+            f"render.device={device} names GPU {index[1]}, but each worker sees only the {visible} GPU(s) Ray "
+            f"assigned it, numbered from 0; use render.device=cuda (or raise cluster.gpus_per_worker)"
+        )
+    return out
+
+
 def pipeline_problems(p: PipelineConfig) -> list[str]:
     """Every invalid value of a PipelineConfig, each with its fix."""
     out = []
+    if problem := device_problem(p.device):
+        out.append(problem)
     if p.face.detector not in ("s3fd", "haar"):
         out.append(f"face.detector must be s3fd or haar, got {p.face.detector!r}")
     if p.face.crop not in ("landmarks", "box"):
         out.append(f"face.crop must be landmarks or box, got {p.face.crop!r}")
     if p.face.smooth_radius < 0:
         out.append(f"face.smooth_radius must be >= 0, got {p.face.smooth_radius}")
+    if p.face.extra_margin < 0:
+        out.append(f"face.extra_margin must be >= 0, got {p.face.extra_margin}")
     if p.face.detect_max_side < 32:
         out.append(f"face.detect_max_side must be >= 32, got {p.face.detect_max_side}")
     if p.face.batch_size < 1:
@@ -170,10 +289,18 @@ def pipeline_problems(p: PipelineConfig) -> list[str]:
         out.append(f"render.batch_size must be >= 1, got {p.batch_size}")
     if p.dtype not in ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
         out.append(f"render.dtype must be float32, float16 or bfloat16, got {p.dtype!r}")
+    # The blend rules mirror musetalk.blending.Blender's (which checks again inside the worker): here they
+    # fail before Ray starts, without importing torch.
     if p.blend.mode not in ("jaw", "raw", "neck"):
         out.append(f"blend.mode must be jaw, raw or neck, got {p.blend.mode!r}")
     if not 0 <= p.blend.upper_boundary_ratio < 1:
         out.append(f"blend.upper_boundary_ratio must be in [0, 1), got {p.blend.upper_boundary_ratio}")
+    if p.blend.expand < 1:
+        out.append(
+            f"blend.expand must be >= 1 (the blend square must hold the face box), got {p.blend.expand}"
+        )
+    if not 0 <= p.blend.ellipse_feather <= 1:
+        out.append(f"blend.ellipse_feather must be in [0, 1], got {p.blend.ellipse_feather}")
     if p.enhance.upscale not in (1, 2, 4):
         out.append(f"enhance.upscale must be 1, 2 or 4, got {p.enhance.upscale}")
     return out

@@ -16,20 +16,27 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cluster.config import CONF_DIR, JobConfig, job_from_config
-from shards.errors import ConfigError, FarmError, Interrupted, WeightsError
+from cluster.config import CONF_DIR, DEMO_DIR, JobConfig, job_from_config
+from cluster.preflight import check_before_work, demo_to_build
+from shards.errors import ConfigError, FarmError, InputError, Interrupted, WeightsError
 
 logger = logging.getLogger("cluster.render")
 
 
 def prepare(job: JobConfig) -> None:
-    """Build the demo clip and tiny weights when asked for and missing; fetch real weights when allowed."""
-    from musetalk.pipeline import check_weights
+    """Build the demo clip and tiny weights when asked for and missing; fetch real weights when allowed.
 
-    if job.make_demo and not (job.video.exists() and job.audio.exists()):
-        demo = _script("make_demo_media")
-        logger.info("building the demo clip in %s", job.video.parent)
-        demo.ensure_demo_media(job.video.parent)
+    The demo is only ever built in the bundled directory (``media/``): inputs elsewhere are the user's,
+    and the generators refuse directories holding files they did not make.
+    """
+    if build := demo_to_build(job):
+        logger.info("building the demo clip in %s", DEMO_DIR)
+        _script("make_demo_media").ensure_demo_media(DEMO_DIR)
+        for path in build:
+            if not path.exists():
+                raise InputError(
+                    f"{path} not found: the demo builder makes only demo.mp4, demo.wav, demo_2997.mp4 and demo_2997.wav in {DEMO_DIR}"
+                )
     if job.pipeline.tiny:
         _script("make_tiny_models").ensure_tiny_models(Path(job.pipeline.models_dir))
     elif job.download:
@@ -38,6 +45,8 @@ def prepare(job: JobConfig) -> None:
             raise WeightsError(
                 f"fetching model weights into {root} failed (see the errors above); run the same command again to resume"
             )
+    from musetalk.pipeline import check_weights  # imports torch: after the cheap refusals above
+
     check_weights(job.pipeline)
 
 
@@ -54,11 +63,15 @@ def _script(name: str):
 
 
 def render(cfg: DictConfig) -> dict:
-    """Run one job from a composed config; returns the summary as a dict."""
-    from cluster.driver import run_job
+    """Run one job from a composed config; returns the summary as a dict.
 
+    Cheap checks first (config, output, inputs: seconds, no models, no Ray), then weights, then the render.
+    """
     job = job_from_config(cfg)
+    check_before_work(job)
     prepare(job)
+    from cluster.driver import run_job  # imports the models' code: only once the job is known to be sound
+
     summary = run_job(job)
     for line in summary.lines():
         print(line)

@@ -22,10 +22,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from musetalk.pipeline import ShardStats
 from shards.errors import InputError
 from shards.plan import Plan, Shard
+
+if TYPE_CHECKING:  # the pipeline imports torch: keep this module cheap for the pre-flight checks
+    from musetalk.pipeline import ShardStats
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,15 @@ MANIFEST_VERSION = 1
 # Everything a run directory can hold (a crash right after creating it may leave it without a manifest).
 _OURS = {"segments", "plan.json", "manifest.json", "manifest.json.partial"}
 _CHUNK = 1 << 20
+
+
+def run_dir_path(output: Path) -> Path:
+    """Where the run directory of ``output`` lives."""
+    return output.parent / f".{output.name}.run"
+
+
+def lock_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.lock"
 
 
 def file_digest(path: str | Path) -> str:
@@ -64,7 +76,7 @@ def output_lock(output: Path) -> Iterator[Path]:
     ``flock`` is released by the kernel when the process dies, so a crashed render never leaves a stale
     lock. The file is removed on release; a waiter that opened the old file notices and retries.
     """
-    path = output.parent / f".{output.name}.lock"
+    path = lock_path(output)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -113,7 +125,7 @@ class RunDir:
     @classmethod
     def open(cls, output: Path, key: str, plan: Plan, *, resume: bool) -> RunDir:
         """The run directory for ``output``: resumed when its manifest has ``key`` and ``resume``, else new."""
-        root = output.parent / f".{output.name}.run"
+        root = run_dir_path(output)
         manifest = root / "manifest.json"
         if root.exists():
             old = _load_manifest(manifest)
@@ -161,6 +173,8 @@ class RunDir:
         return shard.name in self._done
 
     def stats(self, shard: Shard) -> ShardStats:
+        from musetalk.pipeline import ShardStats
+
         return ShardStats(**self._done[shard.name]["stats"])
 
     @property

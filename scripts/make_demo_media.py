@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import os
+import sys
 import tempfile
 import wave
 from collections.abc import Iterator
@@ -28,13 +29,17 @@ import cv2
 import numpy as np
 from skimage import data
 
+from scripts.owned import claim
+from shards.errors import FarmError
 from shards.segment import EncodeSettings, encode_segment
 
 logger = logging.getLogger(__name__)
 
 # Bump when the generated media change, so stale copies are rebuilt by ensure_demo_media.
 DEMO_VERSION = "1"
-MARKER = ".demo-media"
+MARKER = ".demo-media"  # in every directory this tool writes into; it writes into no other non-empty one
+TOOL = "make_demo_media"
+FIX = "build the demo in a new or empty directory (--out), or give your own clip with task.video= and task.audio="
 SAMPLE_RATE = 16000
 DEMO_FPS = Fraction(25)
 DEMO_2997_FPS = Fraction(30000, 1001)
@@ -176,9 +181,12 @@ def make_demo_media(
     size: tuple[int, int] = (256, 256),
     name: str = "demo",
 ) -> DemoMedia:
-    """Write ``{name}.mp4`` and ``{name}.wav`` into ``out_dir`` (atomically) and describe them."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write ``{name}.mp4`` and ``{name}.wav`` into ``out_dir`` (atomically) and describe them.
+
+    ``out_dir`` must be absent, empty or already marked as the demo's: a ConfigError refuses any other
+    directory before a file is written, so a user's own ``demo.mp4`` is never replaced.
+    """
+    out_dir = claim(out_dir, MARKER, TOOL, FIX)
     fps = Fraction(fps)
     video, audio = out_dir / f"{name}.mp4", out_dir / f"{name}.wav"
     tmp_video, tmp_audio = _atomic(video, ".mp4"), _atomic(audio, ".wav")
@@ -215,7 +223,7 @@ def _describe(out_dir: Path, name: str, fps: Fraction, seconds: float = 4.0) -> 
 
 def ensure_demo_media(out_dir: Path, *, force: bool = False) -> DemoMedia:
     """Build the 25 fps demo and the 29.97 fps variant in ``out_dir`` unless present; return the 25 fps one."""
-    out_dir = Path(out_dir)
+    out_dir = claim(out_dir, MARKER, TOOL, FIX)
     marker = out_dir / MARKER
     variants = (("demo", DEMO_FPS), ("demo_2997", DEMO_2997_FPS))
     files = [out_dir / f"{name}{ext}" for name, _ in variants for ext in (".mp4", ".wav")]
@@ -236,7 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even when the files are present")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    demo = ensure_demo_media(args.out, force=args.force)
+    try:
+        demo = ensure_demo_media(args.out, force=args.force)
+    except FarmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     logger.info("demo clip: %s + %s, %d frames at %s fps", demo.video, demo.audio, demo.frames, demo.fps)
 
 

@@ -12,20 +12,21 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from musetalk.layout import ModelLayout
-from scripts.tiny_audio import write_tiny_whisper
-from scripts.tiny_blend import write_tiny_blend_models
-from scripts.tiny_faces import write_tiny_face_models
-from scripts.tiny_generation import write_tiny_unet, write_tiny_vae
+from scripts.owned import check_owned, remove_owned
+from shards.errors import FarmError
 
 logger = logging.getLogger(__name__)
 
 # Bump when the stand-ins change shape, so stale directories are rebuilt.
 TINY_VERSION = "1"
-MARKER = ".tiny-models"
+MARKER = ".tiny-models"  # in every directory this tool makes; it replaces no directory without it
+TOOL = "make_tiny_models"
+FIX = "point models.dir (or --dir) at a new or empty directory"
 
 
 def marker_text(seed: int, full_size: bool) -> str:
@@ -34,11 +35,23 @@ def marker_text(seed: int, full_size: bool) -> str:
 
 
 def make_tiny_models(root: Path, seed: int = 0, full_size: bool = False) -> Path:
-    """Write every stand-in under ``root`` (built in a temporary sibling, then renamed into place)."""
+    """Write every stand-in under ``root`` (built in a temporary sibling, then renamed into place).
+
+    ``root`` must be absent, empty, or an earlier set (it carries the marker): a directory holding anything
+    else is refused with a ConfigError before any file is written, and is never deleted.
+    """
     root = Path(root)
+    check_owned(root, MARKER, TOOL, FIX)
+    # The writers import torch, diffusers and transformers (seconds): only once the directory is ours.
+    from scripts.tiny_audio import write_tiny_whisper
+    from scripts.tiny_blend import write_tiny_blend_models
+    from scripts.tiny_faces import write_tiny_face_models
+    from scripts.tiny_generation import write_tiny_unet, write_tiny_vae
+
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
+        (tmp / MARKER).write_text("incomplete\n")  # a crash leaves a directory recognisably ours
         layout = ModelLayout.at(tmp, tiny=True)
         for write in (
             write_tiny_unet,
@@ -50,8 +63,7 @@ def make_tiny_models(root: Path, seed: int = 0, full_size: bool = False) -> Path
             logger.info("writing %s%s", write.__name__.removeprefix("write_"), " (full size)" * full_size)
             write(layout, seed, full_size=full_size)
         (tmp / MARKER).write_text(marker_text(seed, full_size) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
+        remove_owned(root, MARKER, TOOL, FIX)  # checked again: only an earlier set (or nothing) goes
         os.replace(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -76,7 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(make_tiny_models(args.dir, args.seed, args.full_size))
+    try:
+        print(make_tiny_models(args.dir, args.seed, args.full_size))
+    except FarmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,98 @@ def test_all_problems_reported_at_once():
         "face.colour is not a known setting",
     ):
         assert needle in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("render.batch_size=abc", "render.batch_size must be an integer, got 'abc'"),
+        ("render.batch_size=2.5", "render.batch_size must be an integer, got 2.5"),
+        ("render.batch_size=true", "render.batch_size must be an integer, got True"),
+        ("render.threads=two", "render.threads must be an integer or null, got 'two'"),
+        ("shards.length=x", "shards.length must be an integer or null, got 'x'"),
+        ("shards.overlap=null", "shards.overlap must be an integer, got null"),
+        ("output.lossless=yes", "output.lossless must be a boolean (true or false), got 'yes'"),
+        ("output.summary=1", "output.summary must be a boolean (true or false), got 1"),
+        ("blend.parsing=0", "blend.parsing must be a boolean (true or false), got 0"),
+        ("task.make_demo=sure", "task.make_demo must be a boolean (true or false), got 'sure'"),
+        ("blend.expand=wide", "blend.expand must be a number, got 'wide'"),
+        ("cluster.start_timeout_s=nan", "cluster.start_timeout_s must be a number, got nan"),
+        ("task.bbox_shift=up", "task.bbox_shift must be an integer, got 'up'"),
+        ("face.detector=3", "face.detector must be a string, got 3"),
+    ],
+)
+def test_mistyped_values_are_named_not_tracebacks(override, needle):
+    with pytest.raises(ConfigError) as err:
+        job_from_config(_compose("+task=test", override))
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_numbers_are_accepted_where_floats_are_expected():
+    job = job_from_config(_compose("+task=test", "shards.length=null", "shards.seconds=2", "blend.expand=2"))
+    assert job.shard_seconds == 2.0 and isinstance(job.shard_seconds, float)
+    assert job.pipeline.blend.expand == 2.0
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "mps"])
+def test_device_names_accepted(device):
+    assert job_from_config(_compose("+task=test", f"render.device={device}")).pipeline.device == device
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["tpu", "gpu", "CPU", "cuda:", "cuda:x", "cuda:0:1", "xla", "cuda 0"],
+    ids=lambda d: f"device={d}",  # a bare "gpu" id would read as the gpu marker and be skipped
+)
+def test_device_names_refused(device):
+    with pytest.raises(ConfigError, match=r"render.device must be auto, cpu, cuda, cuda:N or mps"):
+        job_from_config(_compose("+task=test", f"render.device='{device}'"))
+
+
+def test_device_index_must_be_visible_to_a_worker():
+    with pytest.raises(ConfigError, match=r"render.device=cuda:1 names GPU 1.*use render.device=cuda"):
+        job_from_config(_compose("+task=test", "render.device=cuda:1"))
+    job = job_from_config(_compose("+task=test", "render.device=cuda:1", "cluster.gpus_per_worker=2"))
+    assert job.pipeline.device == "cuda:1"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        (
+            "cluster.gpus_per_worker=0",
+            "cluster.gpus_per_worker must be a fraction in (0, 1] or a whole number",
+        ),
+        (
+            "cluster.gpus_per_worker=-1",
+            "cluster.gpus_per_worker must be a fraction in (0, 1] or a whole number",
+        ),
+        (
+            "cluster.gpus_per_worker=1.5",
+            "cluster.gpus_per_worker must be a fraction in (0, 1] or a whole number",
+        ),
+        ("cluster.cpus_per_worker=0", "cluster.cpus_per_worker must be > 0"),
+        ("cluster.cpu_workers=0", "cluster.cpu_workers must be >= 1"),
+        ("cluster.num_cpus=0", "cluster.num_cpus must be >= 1 or null"),
+        ("cluster.start_timeout_s=0", "cluster.start_timeout_s must be > 0"),
+        ("face.extra_margin=-1", "face.extra_margin must be >= 0"),
+        ("blend.expand=0.9", "blend.expand must be >= 1"),
+        ("blend.ellipse_feather=1.5", "blend.ellipse_feather must be in [0, 1]"),
+        ("output.preset=fastest", "output.preset must be one of"),
+        ("+output.gop=0", "output.gop must be >= 1 or null"),
+    ],
+)
+def test_out_of_range_values(override, needle):
+    with pytest.raises(ConfigError) as err:
+        job_from_config(_compose("+task=test", override))
+    assert needle in str(err.value)
+
+
+def test_mistyped_and_out_of_range_reported_together():
+    cfg = _compose("+task=test", "render.batch_size=abc", "shards.length=x", "cluster.cpus_per_worker=0")
+    with pytest.raises(ConfigError) as err:
+        job_from_config(cfg)
+    msg = str(err.value)
+    assert "render.batch_size" in msg and "shards.length" in msg and "cluster.cpus_per_worker" in msg
+    assert "set shards.length (frames) or shards.seconds" not in msg  # no knock-on noise from the bad type

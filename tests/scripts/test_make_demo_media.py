@@ -122,3 +122,14 @@ def test_ensure_is_idempotent_and_repairs(tmp_path):
 def test_cli_builds_into_out(tmp_path):
     main(["--out", str(tmp_path / "media")])
     assert probe_video(tmp_path / "media" / "demo.mp4").frame_count == 100
+
+
+def test_refuses_a_users_directory_and_keeps_their_demo(tmp_path):
+    from shards.errors import ConfigError
+
+    (tmp_path / "demo.mp4").write_bytes(b"my own clip")
+    for call in (ensure_demo_media, make_demo_media):
+        with pytest.raises(ConfigError, match=f"make_demo_media refuses to write into {tmp_path}"):
+            call(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.mp4"]
+    assert (tmp_path / "demo.mp4").read_bytes() == b"my own clip"

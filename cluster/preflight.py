@@ -1,0 +1,130 @@
+"""Checks that run before any work (no media probing, no model loading, no Ray): the output can be
+written and would replace no input, the inputs exist, an explicitly named device exists here.
+
+Each check returns its problems as one-line strings with their fix; :func:`check_before_work` raises
+them together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from cluster.config import DEMO_DIR, JobConfig
+from cluster.rundir import run_dir_path
+from shards.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+
+def in_demo_dir(path: Path) -> bool:
+    """Whether ``path`` lies in the bundled demo directory (the only place the demo builder writes)."""
+    return path.resolve().parent == DEMO_DIR.resolve()
+
+
+def demo_to_build(job: JobConfig) -> list[Path]:
+    """The inputs the demo builder will make: missing ones at the bundled paths, when ``task.make_demo``."""
+    if not job.make_demo:
+        return []
+    return [p for p in (job.video, job.audio) if not p.exists() and in_demo_dir(p)]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file after resolving symlinks and relative parts (and hard links, when both exist)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def output_problems(job: JobConfig) -> list[str]:
+    """The output, its summary and its scratch directory must not be (or hold) an input; its directory
+    must be creatable and writable, tested by creating and deleting a probe file (mode bits say nothing
+    to root)."""
+    out = job.output
+    problems = []
+    inputs = [("task.video", job.video), ("task.audio", job.audio)]
+    for name, path in inputs:
+        if _same_file(out, path):
+            problems.append(
+                f"task.output={out} is the input {name}: the render would replace it; choose another task.output"
+            )
+        summary = out.with_suffix(".summary.json")
+        if job.summary and _same_file(summary, path):
+            problems.append(
+                f"the summary {summary} (written beside task.output) would replace the input {name}; "
+                f"choose another task.output or set output.summary=false"
+            )
+        run_dir = run_dir_path(out).resolve()
+        if run_dir in path.resolve().parents:
+            problems.append(
+                f"the input {name}={path} is inside {run_dir}, the scratch directory the render deletes; "
+                f"choose another task.output"
+            )
+    if out.is_dir():
+        problems.append(f"task.output={out} is a directory; give a file path ending in .mp4")
+        return problems
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the output's directory is created later: probe where it would be
+    if not existing.is_dir():
+        problems.append(
+            f"task.output={out} cannot be created: {existing} is a file, not a directory; choose another task.output"
+        )
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".musetalk-write-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            problems.append(
+                f"task.output={out} cannot be written: creating a file in {existing} failed "
+                f"({err.strerror}); choose a writable task.output"
+            )
+    return problems
+
+
+def input_problems(job: JobConfig) -> list[str]:
+    """Each input must be an existing file, unless the demo builder is about to make it."""
+    problems = []
+    pending = demo_to_build(job)
+    for name, path in (("task.video", job.video), ("task.audio", job.audio)):
+        if path in pending:
+            continue
+        if not path.exists():
+            hint = f" (the demo is built only in {DEMO_DIR})" if job.make_demo else ""
+            problems.append(f"{name} not found: {path}{hint}; check the path")
+        elif not path.is_file():
+            problems.append(f"{name} is not a file: {path}; give a video or audio file")
+    return problems
+
+
+def device_problem(job: JobConfig) -> str | None:
+    """An explicitly named device that this machine lacks, when the render runs on an embedded cluster
+    here (a remote cluster's workers check their own device and report it)."""
+    device = job.pipeline.device
+    if job.cluster.address or os.environ.get("RAY_ADDRESS") or device in ("auto", "cpu"):
+        return None
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"render.device={device} but this machine has no CUDA GPU; use render.device=auto or cpu"
+    if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        return f"render.device={device} but this machine has {torch.cuda.device_count()} CUDA GPU(s); use render.device=cuda"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "render.device=mps but this machine has no Apple MPS device; use render.device=auto or cpu"
+    return None
+
+
+def check_before_work(job: JobConfig) -> None:
+    """Raise ConfigError for a device this machine lacks, else one InputError listing every path problem."""
+    if problem := device_problem(job):
+        raise ConfigError(problem)
+    problems = output_problems(job) + input_problems(job)
+    if problems:
+        raise InputError("; ".join(problems))
+    logger.debug("preflight passed for %s", job.output)

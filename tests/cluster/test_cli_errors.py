@@ -1,0 +1,189 @@
+"""Bad input through the real CLI: one ``error:`` line, the domain exit code, and nothing touched.
+
+Each case runs ``python -m cluster.render`` as a subprocess on copies of the demo clip and asserts: the exit
+code; exactly one stderr line starting ``error: `` that names the problem; no file at the output path (or an
+existing output byte-identical); the inputs and the user's files byte-identical; no scratch left (worker
+temp dirs, the ``.<output>.run`` directory, write probes); and no process left that the run started.
+
+Every case fails before Ray starts: the subprocess gets its own TMPDIR and an environment tag, and after it
+exits no process carrying the tag may remain (Ray's raylet, GCS and workers inherit the environment).
+
+Unwritable output, honestly as root (which ignores mode bits): ``/sys`` is a directory in which even root
+cannot create a file (sysfs answers EACCES), and a parent path whose component is a regular file fails
+for everyone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import DEMO_DIR, REPO_ROOT
+
+
+@dataclass(frozen=True)
+class Case:
+    """``args`` are formatted with the case's paths: {tmp} {video} {audio} {out} {user} {rel_video}."""
+
+    name: str
+    args: tuple[str, ...]
+    needle: str
+    code: int = 2
+    output: str = "{tmp}/out/out.mp4"
+    existing_output: bool = False  # write an output first: it must survive byte-identical
+    extra_files: dict[str, str] = field(default_factory=dict)  # path template -> content, made before
+
+
+CASES = [
+    # Data safety: the output (or what is written beside it) is an input.
+    Case("output_is_video", (), "is the input task.video", output="{video}"),
+    Case("output_is_audio_mp4", ("task.audio={tmp}/in/voice.mp4",), "is the input task.audio", output="{tmp}/in/voice.mp4"),
+    Case("output_is_video_relative", (), "is the input task.video", output="{rel_video}"),
+    Case("output_is_video_via_symlink", (), "is the input task.video", output="{tmp}/link.mp4"),
+    Case("output_is_video_hard_link", (), "is the input task.video", output="{tmp}/hard.mp4"),
+    Case("summary_is_audio", ("task.audio={tmp}/in/take.summary.json",), "would replace the input task.audio", output="{tmp}/in/take.mp4"),
+    Case("input_inside_scratch_dir", ("task.video={tmp}/out/.out.mp4.run/in.mp4",), "scratch directory the render deletes",
+         extra_files={"{tmp}/out/.out.mp4.run/in.mp4": "a clip kept where the render puts its scratch"}),
+    # The demo is never built outside media/: a missing input is reported, the user's directory untouched.
+    Case("missing_video_beside_users_demo", ("task.video={user}/x.mp4",), "task.video not found: {user}/x.mp4",
+         extra_files={"{user}/demo.mp4": "my own demo.mp4", "{user}/notes.txt": "mine"}),
+    Case("missing_audio", ("task.audio={tmp}/nowhere/speech.wav",), "task.audio not found: {tmp}/nowhere/speech.wav"),
+    Case("models_dir_holds_users_files", ("models.dir={user}",), "make_tiny_models refuses to write into {user}",
+         extra_files={"{user}/notes.txt": "mine", "{user}/sub/more.txt": "also mine"}),
+    # Unwritable outputs, found before the inputs are probed.
+    Case("output_parent_is_a_file", (), "is a file, not a directory", output="{tmp}/in/demo.wav/out.mp4"),
+    Case("output_grandparent_is_a_file", (), "is a file, not a directory", output="{user}/notes.txt/a/b/out.mp4",
+         extra_files={"{user}/notes.txt": "mine"}),
+    Case("output_dir_not_writable", (), "creating a file in /sys failed", output="/sys/musetalk-test-{token}.mp4"),
+    Case("output_is_a_directory", (), "is a directory", output="{tmp}/clips.mp4",
+         extra_files={"{tmp}/clips.mp4/readme.txt": "a directory named like a video"}),
+    Case("output_not_mp4", (), "task.output must be an .mp4 path", output="{tmp}/out/out.mkv"),
+    # Values: types, names and ranges, all before Ray.
+    Case("batch_size_not_int", ("render.batch_size=abc",), "render.batch_size must be an integer, got 'abc'", existing_output=True),
+    Case("batch_size_bool", ("render.batch_size=true",), "render.batch_size must be an integer, got True"),
+    Case("shard_length_not_int", ("shards.length=x",), "shards.length must be an integer or null, got 'x'"),
+    Case("shard_seconds_not_number", ("shards.length=null", "shards.seconds=soon"), "shards.seconds must be a number"),
+    Case("lossless_not_bool", ("output.lossless=maybe",), "output.lossless must be a boolean"),
+    Case("gpus_per_worker_float_text", ("cluster.gpus_per_worker=half",), "cluster.gpus_per_worker must be a number"),
+    Case("device_tpu", ("render.device=tpu",), "render.device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    Case("device_index_not_visible", ("render.device=cuda:1",), "render.device=cuda:1 names GPU 1"),
+    Case("gpus_per_worker_zero", ("cluster.gpus_per_worker=0",), "cluster.gpus_per_worker must be a fraction"),
+    Case("cpus_per_worker_zero", ("cluster.cpus_per_worker=0",), "cluster.cpus_per_worker must be > 0"),
+    Case("blend_expand", ("blend.expand=0.5",), "blend.expand must be >= 1"),
+    Case("face_margin", ("face.extra_margin=-3",), "face.extra_margin must be >= 0"),
+    Case("output_preset", ("output.preset=fastest",), "output.preset must be one of"),
+    pytest.param(
+        Case("device_cuda_absent", ("render.device=cuda",), "render.device=cuda but this machine has no CUDA GPU"),
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU"),
+    ),
+]  # fmt: skip
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path -> sha256), Hydra's run directory aside."""
+    return {
+        str(p.relative_to(root)): _digest(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).parts[0] != "hydra"
+    }
+
+
+def _tagged(tag: str) -> list[str]:
+    """Command lines of live processes whose environment carries the test's tag (read from /proc: psutil is
+    not a dependency of this project, only vendored inside Ray)."""
+    needle = f"MUSETALK_TEST_TAG={tag}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_bad_input_fails_fast_with_one_line_and_touches_nothing(case, tiny_models, demo_media, tmp_path):
+    token = uuid.uuid4().hex[:8]
+    (tmp_path / "in").mkdir()
+    video, audio = tmp_path / "in" / "clip.mp4", tmp_path / "in" / "demo.wav"
+    shutil.copyfile(demo_media.video, video)
+    shutil.copyfile(demo_media.audio, audio)
+    shutil.copyfile(demo_media.video, tmp_path / "in" / "voice.mp4")
+    shutil.copyfile(demo_media.audio, tmp_path / "in" / "take.summary.json")
+    (tmp_path / "link.mp4").symlink_to(video)
+    os.link(video, tmp_path / "hard.mp4")
+    paths = {
+        "tmp": tmp_path,
+        "video": video,
+        "audio": audio,
+        "user": tmp_path / "user",
+        "rel_video": os.path.relpath(video, REPO_ROOT),
+        "token": token,
+    }
+    for template, content in case.extra_files.items():
+        path = Path(template.format(**paths))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    out = Path(case.output.format(**paths))
+    run_dir = out.parent / f".{out.name}.run"
+    if case.existing_output:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"an earlier render")
+    existed = out.exists(), run_dir.exists()
+    before = _snapshot(tmp_path)
+    models_before = _snapshot(tiny_models)
+    demo_before = _snapshot(DEMO_DIR) if DEMO_DIR.exists() else None
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    tag = f"test-cli-errors-{token}"
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.render",
+            "+task=test",  # make_demo stays true: it must build nothing outside media/
+            "models=tiny",
+            f"models.dir={tiny_models}",
+            f"task.video={video}",
+            f"task.audio={audio}",
+            f"task.output={out}",
+            f"hydra.run.dir={tmp_path}/hydra",
+            *(arg.format(**paths) for arg in case.args),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(scratch), "MUSETALK_TEST_TAG": tag},
+    )
+
+    assert proc.returncode == case.code, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert case.needle.format(**paths) in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # Nothing written, nothing replaced, nothing deleted (an output that existed is among the snapshot's files).
+    assert _snapshot(tmp_path) == before
+    assert (out.exists(), run_dir.exists()) == existed
+    assert _snapshot(tiny_models) == models_before
+    assert (_snapshot(DEMO_DIR) if DEMO_DIR.exists() else None) == demo_before
+    # No scratch, no processes: the run stopped before Ray or any worker.
+    assert list(scratch.iterdir()) == []
+    assert _tagged(tag) == []
