@@ -172,6 +172,10 @@ def pipeline_problems(p: PipelineConfig) -> list[str]:
         out.append(f"blend.mode must be jaw, raw or neck, got {p.blend.mode!r}")
     if not 0 <= p.blend.upper_boundary_ratio < 1:
         out.append(f"blend.upper_boundary_ratio must be in [0, 1), got {p.blend.upper_boundary_ratio}")
+    if not isinstance(p.blend.ellipse, bool):
+        out.append(f"blend.ellipse must be true or false, got {p.blend.ellipse!r}")
+    elif not p.blend.ellipse and not p.blend.parsing:
+        out.append("blend.ellipse=false needs blend.parsing=true (without parsing the mask is the ellipse)")
     if p.enhance.upscale not in (1, 2, 4):
         out.append(f"enhance.upscale must be 1, 2 or 4, got {p.enhance.upscale}")
     return out

@@ -120,8 +120,7 @@ def check_material(material: BlendMaterial, cfg: BlendConfig) -> None:
     side = 2 * s
     mask = material.mask
     assert material.square == square
-    assert mask.shape == (side, side) and mask.dtype == np.float32 and not mask.flags.writeable
-    assert mask.min() >= 0.0 and mask.max() <= 1.0
+    assert mask.shape == (side, side) and mask.dtype == np.uint8 and not mask.flags.writeable
     # zero outside the face box
     bx1, by1, bx2, by2 = BOX[0] - square[0], BOX[1] - square[1], BOX[2] - square[0], BOX[3] - square[1]
     outside = np.ones_like(mask, dtype=bool)
@@ -131,12 +130,12 @@ def check_material(material: BlendMaterial, cfg: BlendConfig) -> None:
     top = int(side * cfg.upper_boundary_ratio)
     ksize = int(0.05 * side // 2 * 2) + 1
     assert not mask[: top - ksize // 2].any() and mask[top - ksize // 2 :].any()
-    assert mask[by1 + 3 * (by2 - by1) // 4, (bx1 + bx2) // 2] > 0.99
-    # feathered: values strictly between 0 and 1 along the bottom and side edges of the kept region
+    assert mask[by1 + 3 * (by2 - by1) // 4, (bx1 + bx2) // 2] == 255
+    # feathered: values strictly between 0 and 255 along the bottom and side edges of the kept region
     column = mask[:, (bx1 + bx2) // 2]
-    assert np.any((column > 0.02) & (column < 0.98))
+    assert np.any((column > 5) & (column < 250))
     row = mask[by1 + 3 * (by2 - by1) // 4]
-    assert row[bx1] < 0.05 and np.any((row > 0.02) & (row < 0.98))
+    assert row[bx1] < 13 and np.any((row > 5) & (row < 250))
 
 
 def test_parsed_material(skin_parser, frame):
@@ -187,7 +186,7 @@ def test_paste_changes_only_masked_pixels(skin_parser, frame):
         out[~in_mask], frame[~in_mask]
     )  # outside the square or mask == 0: bit-identical
     opaque = np.zeros((H, W), dtype=bool)
-    opaque[sy:sy2, sx:sx2] = material.mask[: H - sy, : W - sx] > 0.999
+    opaque[sy:sy2, sx:sx2] = material.mask[: H - sy, : W - sx] == 255
     assert opaque.sum() > 100
     assert np.abs(out[opaque].astype(int) - (10, 200, 30)).max() <= 1
     partial = in_mask & ~opaque
