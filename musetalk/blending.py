@@ -240,6 +240,48 @@ class BlendMaterial:
     parsed: bool  # False when the pure-ellipse fallback was used
 
 
+def make_material(region: np.ndarray | None, box: Box, square: Box, cfg: BlendConfig) -> BlendMaterial:
+    """The material of one face box from its (512, 512) uint8 {0, 255} parsing mask (:func:`parsing_mask`),
+    or the fallback when ``region`` is None; ``square`` is ``blend_square(box, cfg.expand)[0]``.
+
+    ``blend.ellipse=false``: upstream's mask exactly (:func:`region_to_square`, then
+    :func:`upstream_mask`), however little of it survives. Otherwise that mask (or, when parsing
+    failed or kept under ``MIN_PARSED_FRACTION`` of the box below the top cut, the same steps on the
+    whole box) times the feathered ellipse inscribed in the box, rounded to uint8.
+    """
+    side = square[2] - square[0]
+    if side == 0:
+        return BlendMaterial(square=square, mask=np.zeros((0, 0), dtype=np.uint8), parsed=False)
+    ratio = cfg.upper_boundary_ratio
+    in_square = None if region is None else region_to_square(region, side)
+    if not cfg.ellipse and in_square is not None:
+        mask = upstream_mask(in_square, box, square, ratio)
+        mask.flags.writeable = False
+        return BlendMaterial(square=square, mask=mask, parsed=True)
+
+    parsed = in_square is not None and _enough(in_square, box, square, ratio)
+    source = in_square if parsed else np.full((side, side), 255, dtype=np.uint8)
+    blurred = upstream_mask(source, box, square, ratio)
+    ellipse = np.zeros((side, side), dtype=np.float32)
+    x1, y1, x2, y2 = box
+    _place(ellipse, ellipse_mask(y2 - y1, x2 - x1, cfg.ellipse_feather), x1 - square[0], y1 - square[1])
+    mask = np.rint(blurred.astype(np.float32) * ellipse).astype(np.uint8)
+    mask.flags.writeable = False
+    return BlendMaterial(square=square, mask=mask, parsed=parsed)
+
+
+def _enough(in_square: np.ndarray, box: Box, square: Box, upper_boundary_ratio: float) -> bool:
+    """Whether the (side, side) uint8 parsing mask keeps at least ``MIN_PARSED_FRACTION`` of the box
+    area below the top cut (pixels >= 128 count)."""
+    side = in_square.shape[0]
+    area = np.zeros((side, side), dtype=bool)
+    bx1, by1, bx2, by2 = box[0] - square[0], box[1] - square[1], box[2] - square[0], box[3] - square[1]
+    area[max(by1, 0) : max(by2, 0), max(bx1, 0) : max(bx2, 0)] = True
+    area[: int(side * upper_boundary_ratio)] = False
+    total = int(area.sum())
+    return total > 0 and int((in_square[area] >= 128).sum()) >= MIN_PARSED_FRACTION * total
+
+
 class Blender:
     """Builds blend masks (:meth:`prepare`) and composites generated faces (:meth:`paste`)."""
 
@@ -282,54 +324,13 @@ class Blender:
                 for i, label_map in zip(todo, labels, strict=True):
                     regions[i] = parsing_mask(label_map, self.cfg.mode)
         materials = [
-            self._material(box, square, region)
+            make_material(region, box, square, self.cfg)
             for box, square, region in zip(boxes, squares, regions, strict=True)
         ]
         fallbacks = sum(not m.parsed for m in materials)
         if self.parser is not None and fallbacks:
             log.info("blend: %d of %d masks fell back to the pure ellipse", fallbacks, len(materials))
         return materials
-
-    def _material(self, box: Box, square: Box, region: np.ndarray | None) -> BlendMaterial:
-        """Mask of one square from its (512, 512) uint8 parsing mask, or the fallback when ``region`` is None.
-
-        ``blend.ellipse=false``: upstream's mask exactly (:func:`region_to_square`, then
-        :func:`upstream_mask`), however little of it survives. Otherwise that mask (or, when parsing
-        failed or kept under ``MIN_PARSED_FRACTION`` of the box below the top cut, the same steps on the
-        whole box) times the feathered ellipse inscribed in the box, rounded to uint8.
-        """
-        side = square[2] - square[0]
-        if side == 0:
-            return BlendMaterial(square=square, mask=np.zeros((0, 0), dtype=np.uint8), parsed=False)
-        ratio = self.cfg.upper_boundary_ratio
-        in_square = None if region is None else region_to_square(region, side)
-        if not self.cfg.ellipse and in_square is not None:
-            mask = upstream_mask(in_square, box, square, ratio)
-            mask.flags.writeable = False
-            return BlendMaterial(square=square, mask=mask, parsed=True)
-
-        parsed = in_square is not None and self._enough(in_square, box, square)
-        source = in_square if parsed else np.full((side, side), 255, dtype=np.uint8)
-        blurred = upstream_mask(source, box, square, ratio)
-        ellipse = np.zeros((side, side), dtype=np.float32)
-        x1, y1, x2, y2 = box
-        _place(
-            ellipse, ellipse_mask(y2 - y1, x2 - x1, self.cfg.ellipse_feather), x1 - square[0], y1 - square[1]
-        )
-        mask = np.rint(blurred.astype(np.float32) * ellipse).astype(np.uint8)
-        mask.flags.writeable = False
-        return BlendMaterial(square=square, mask=mask, parsed=parsed)
-
-    def _enough(self, in_square: np.ndarray, box: Box, square: Box) -> bool:
-        """Whether the (side, side) uint8 parsing mask keeps at least ``MIN_PARSED_FRACTION`` of the box
-        area below the top cut (pixels >= 128 count)."""
-        side = in_square.shape[0]
-        area = np.zeros((side, side), dtype=bool)
-        bx1, by1, bx2, by2 = box[0] - square[0], box[1] - square[1], box[2] - square[0], box[3] - square[1]
-        area[max(by1, 0) : max(by2, 0), max(bx1, 0) : max(bx2, 0)] = True
-        area[: int(side * self.cfg.upper_boundary_ratio)] = False
-        total = int(area.sum())
-        return total > 0 and int((in_square[area] >= 128).sum()) >= MIN_PARSED_FRACTION * total
 
     def paste(self, frame: np.ndarray, face: np.ndarray, box: Box, material: BlendMaterial) -> np.ndarray:
         """Composite a generated face into a NEW copy of ``frame`` (upstream's ``get_image`` paste).
