@@ -301,6 +301,8 @@ def pipeline_problems(p: PipelineConfig) -> list[str]:
         )
     if not 0 <= p.blend.ellipse_feather <= 1:
         out.append(f"blend.ellipse_feather must be in [0, 1], got {p.blend.ellipse_feather}")
+    if not p.blend.ellipse and not p.blend.parsing:
+        out.append("blend.ellipse=false needs blend.parsing=true (without parsing the mask is the ellipse)")
     if p.enhance.upscale not in (1, 2, 4):
         out.append(f"enhance.upscale must be 1, 2 or 4, got {p.enhance.upscale}")
     return out

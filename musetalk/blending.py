@@ -1,16 +1,20 @@
-"""Paste a generated face back into its frame through a soft mask (upstream MuseTalk's blend, improved).
+"""Paste a generated face back into its frame through a soft mask: upstream MuseTalk 1.5's blend.
 
-Upstream: a square of side ``2s`` around the face box (``s = int(max(w, h) // 2 * expand)``) is cut from
-the ORIGINAL frame (black outside the frame, like a PIL crop) and parsed with BiSeNet at 512x512; the
-parsing mask (see :func:`parsing_mask`) is resized back to the square, kept only inside the face box,
-its top ``upper_boundary_ratio`` of the square zeroed, and Gaussian-blurred with kernel
-``int(0.05 * side // 2 * 2) + 1``.
+Upstream (``get_image``, v1.5 inference): a square of side ``2s`` around the face box
+(``s = int(max(w, h) // 2 * expand)``) is cut from the ORIGINAL frame (black outside the frame, like a
+PIL crop) and parsed with BiSeNet at 512x512 (Pillow bilinear, see :func:`musetalk.parsing.parse_input`);
+the parsing mask (:func:`parsing_mask`) is resized back to the square with Pillow's bicubic filter
+(:func:`region_to_square`), kept only inside the face box, its top ``upper_boundary_ratio`` of the square
+zeroed, and Gaussian-blurred as uint8 with kernel ``int(0.05 * side // 2 * 2) + 1`` (:func:`upstream_mask`).
+The generated face goes to the box with ``cv2.INTER_LINEAR`` (:func:`fit_face`) and is composited with
+Pillow's paste arithmetic (:func:`composite`, :func:`paste_face`).
 
-Our improvement: that mask is multiplied by a feathered ellipse inscribed in the face box
-(:func:`ellipse_mask`: 1 inside ``r <= 1 - feather``, a smoothstep down to 0 on the box-inscribed
-ellipse ``r = 1``), so no rectangular box edge can show. When parsing fails (an exception, or almost
-nothing of the face box survives) the parsing mask is replaced by the whole box and the same top cut,
-blur and ellipse apply: a pure feathered (half-)ellipse, ``parsed=False``.
+``blend.ellipse=false`` gives exactly that mask. By default (``true``) the mask is also multiplied by a
+feathered ellipse inscribed in the face box (:func:`ellipse_mask`: 1 inside ``r <= 1 - feather``, a
+smoothstep down to 0 on the box-inscribed ellipse ``r = 1``), so no rectangular box edge can show, and
+when parsing fails (an exception, or almost nothing of the face box survives) the parsing mask is
+replaced by the whole box, with the same top cut, blur and ellipse: a pure feathered (half-)ellipse,
+``parsed=False``.
 
 Everything that depends only on the source frame and its box is a :class:`BlendMaterial`, computed once
 per source frame by :meth:`Blender.prepare` and reused by every :meth:`Blender.paste` of that frame.
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from musetalk.config import BlendConfig
 from musetalk.parsing import PARSE_SIZE, FaceParser
@@ -38,6 +43,7 @@ MODES = ("jaw", "raw", "neck")
 SKIN, NOSE, NECK = 1, 10, 14
 MOUTH_AND_LIPS = (11, 12, 13)  # mouth interior, upper lip, lower lip
 CHEEK_WIDTH = 90  # upstream v1.5 inference default (--left/right_cheek_width)
+FACE_SIZE = 256  # side of a generated face (the UNet crop)
 MIN_PARSED_FRACTION = 0.02  # below this share of the kept box area, parsing counts as failed
 
 
@@ -134,13 +140,146 @@ def _place(canvas: np.ndarray, patch: np.ndarray, x: int, y: int) -> None:
         canvas[cy1:cy2, cx1:cx2] = patch[cy1 - y : cy2 - y, cx1 - x : cx2 - x]
 
 
+def blur_kernel_size(side: int) -> int:
+    """Upstream ``get_image``'s Gaussian kernel for a blend square of ``side`` pixels: ``int(0.05 * side // 2 * 2) + 1``."""
+    return int(0.05 * side // 2 * 2) + 1
+
+
+def region_to_square(region: np.ndarray, side: int) -> np.ndarray:
+    """(512, 512) uint8 parsing mask -> (side, side) uint8, with Pillow's default filter for "L" images
+    (bicubic, antialiased when shrinking), as upstream's ``face_seg`` does."""
+    return np.asarray(Image.fromarray(region).resize((side, side), Image.Resampling.BICUBIC))
+
+
+def upstream_mask(square_mask: np.ndarray, box: Box, square: Box, upper_boundary_ratio: float) -> np.ndarray:
+    """Upstream v1.5 ``get_image`` mask from a (side, side) uint8 mask already at the square's size.
+
+    Kept only inside the face box, rows above ``int(side * upper_boundary_ratio)`` zeroed, then
+    ``cv2.GaussianBlur`` on the uint8 image (kernel :func:`blur_kernel_size`, sigma from the kernel).
+    Returns (side, side) uint8.
+    """
+    side = square[2] - square[0]
+    if square_mask.shape != (side, side) or square_mask.dtype != np.uint8:
+        raise ValueError(f"mask must be ({side}, {side}) uint8, got {square_mask.shape} {square_mask.dtype}")
+    kept = np.zeros((side, side), dtype=np.uint8)
+    bx1, by1, bx2, by2 = box[0] - square[0], box[1] - square[1], box[2] - square[0], box[3] - square[1]
+    cx1, cy1, cx2, cy2 = max(bx1, 0), max(by1, 0), min(bx2, side), min(by2, side)
+    if cx2 > cx1 and cy2 > cy1:
+        kept[cy1:cy2, cx1:cx2] = square_mask[cy1:cy2, cx1:cx2]
+    kept[: int(side * upper_boundary_ratio)] = 0
+    ksize = blur_kernel_size(side)
+    return cv2.GaussianBlur(kept, (ksize, ksize), 0)
+
+
+def fit_face(face: np.ndarray, box: Box) -> np.ndarray:
+    """(h, w, 3) uint8 BGR generated face -> (y2 - y1, x2 - x1, 3) uint8, the size of ``box``.
+
+    ``cv2.INTER_LINEAR`` as upstream's ``cv2.resize(face, (w, h))``. The one exception is a face larger
+    than 256 x 256 (GFPGAN's ``enhance.upscale`` output, which upstream does not have) shrunk in both
+    axes: that uses ``cv2.INTER_AREA``, since a bilinear shrink by 2x or more aliases.
+    """
+    x1, y1, x2, y2 = box
+    bw, bh = x2 - x1, y2 - y1
+    shrinking = face.shape[0] > bh and face.shape[1] > bw
+    upscaled = face.shape[0] > FACE_SIZE or face.shape[1] > FACE_SIZE
+    interp = cv2.INTER_AREA if upscaled and shrinking else cv2.INTER_LINEAR
+    return cv2.resize(face, (bw, bh), interpolation=interp)
+
+
+def composite(base: np.ndarray, layer: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Blend two (h, w, 3) uint8 images through an (h, w) uint8 mask: PIL's ``Image.paste(layer, mask)``.
+
+    ``out = round((base * (255 - m) + layer * m) / 255)``, computed exactly in integers as Pillow does
+    (``t = v + 128; ((t >> 8) + t) >> 8``, which equals ``floor(v / 255 + 0.5)`` for every reachable
+    ``v``). ``v / 255`` is never within ``0.5 / 255`` of a tie, so a float32 implementation of the same
+    formula (on a GPU, say) rounds to the same values. Returns (h, w, 3) uint8.
+    """
+    if base.shape != layer.shape or base.shape[:2] != mask.shape:
+        raise ValueError(
+            f"composite shapes differ: base {base.shape}, layer {layer.shape}, mask {mask.shape}"
+        )
+    m = mask.astype(np.int32)[..., None]
+    v = base.astype(np.int32) * (255 - m) + layer.astype(np.int32) * m + 128
+    return (((v >> 8) + v) >> 8).astype(np.uint8)
+
+
+def paste_face(
+    frame: np.ndarray, face_box: np.ndarray, box: Box, square: Box, mask: np.ndarray
+) -> np.ndarray:
+    """Upstream's paste as a pure function: a NEW (H, W, 3) uint8 BGR frame.
+
+    frame: (H, W, 3) uint8; face_box: (y2 - y1, x2 - x1, 3) uint8, the face already at the box size
+    (:func:`fit_face`); square: the blend square (may leave the frame); mask: (side, side) uint8 over
+    the square. Inside the square the face replaces the box, then :func:`composite` blends that with
+    the frame through the mask; pixels outside the square or the frame are never written.
+    """
+    x1, y1, x2, y2 = box
+    if face_box.shape != (y2 - y1, x2 - x1, 3):
+        raise ValueError(f"face must be {(y2 - y1, x2 - x1, 3)} for box {box}, got {face_box.shape}")
+    sx, sy, sx2, sy2 = square
+    if mask.shape != (sy2 - sy, sx2 - sx):
+        raise ValueError(f"mask {mask.shape} does not cover square {square}")
+    out = frame.copy()
+    h, w = frame.shape[:2]
+    fx1, fy1, fx2, fy2 = max(sx, 0), max(sy, 0), min(sx2, w), min(sy2, h)
+    if fx2 <= fx1 or fy2 <= fy1:
+        return out
+    base = frame[fy1:fy2, fx1:fx2]
+    layer = base.copy()
+    _place(layer, face_box, x1 - fx1, y1 - fy1)
+    out[fy1:fy2, fx1:fx2] = composite(base, layer, mask[fy1 - sy : fy2 - sy, fx1 - sx : fx2 - sx])
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class BlendMaterial:
     """Everything that depends only on the source frame and its box (cacheable per source frame)."""
 
     square: Box  # blend square in frame coordinates (possibly partly outside the frame)
-    mask: np.ndarray  # (side, side) float32 in [0, 1], read-only: the final feathered mask
+    mask: np.ndarray  # (side, side) uint8, read-only: the final mask (255 = the generated face)
     parsed: bool  # False when the pure-ellipse fallback was used
+
+
+def make_material(region: np.ndarray | None, box: Box, square: Box, cfg: BlendConfig) -> BlendMaterial:
+    """The material of one face box from its (512, 512) uint8 {0, 255} parsing mask (:func:`parsing_mask`),
+    or the fallback when ``region`` is None; ``square`` is ``blend_square(box, cfg.expand)[0]``.
+
+    ``blend.ellipse=false``: upstream's mask exactly (:func:`region_to_square`, then
+    :func:`upstream_mask`), however little of it survives. Otherwise that mask (or, when parsing
+    failed or kept under ``MIN_PARSED_FRACTION`` of the box below the top cut, the same steps on the
+    whole box) times the feathered ellipse inscribed in the box, rounded to uint8.
+    """
+    side = square[2] - square[0]
+    if side == 0:
+        return BlendMaterial(square=square, mask=np.zeros((0, 0), dtype=np.uint8), parsed=False)
+    ratio = cfg.upper_boundary_ratio
+    in_square = None if region is None else region_to_square(region, side)
+    if not cfg.ellipse and in_square is not None:
+        mask = upstream_mask(in_square, box, square, ratio)
+        mask.flags.writeable = False
+        return BlendMaterial(square=square, mask=mask, parsed=True)
+
+    parsed = in_square is not None and _enough(in_square, box, square, ratio)
+    source = in_square if parsed else np.full((side, side), 255, dtype=np.uint8)
+    blurred = upstream_mask(source, box, square, ratio)
+    ellipse = np.zeros((side, side), dtype=np.float32)
+    x1, y1, x2, y2 = box
+    _place(ellipse, ellipse_mask(y2 - y1, x2 - x1, cfg.ellipse_feather), x1 - square[0], y1 - square[1])
+    mask = np.rint(blurred.astype(np.float32) * ellipse).astype(np.uint8)
+    mask.flags.writeable = False
+    return BlendMaterial(square=square, mask=mask, parsed=parsed)
+
+
+def _enough(in_square: np.ndarray, box: Box, square: Box, upper_boundary_ratio: float) -> bool:
+    """Whether the (side, side) uint8 parsing mask keeps at least ``MIN_PARSED_FRACTION`` of the box
+    area below the top cut (pixels >= 128 count)."""
+    side = in_square.shape[0]
+    area = np.zeros((side, side), dtype=bool)
+    bx1, by1, bx2, by2 = box[0] - square[0], box[1] - square[1], box[2] - square[0], box[3] - square[1]
+    area[max(by1, 0) : max(by2, 0), max(bx1, 0) : max(bx2, 0)] = True
+    area[: int(side * upper_boundary_ratio)] = False
+    total = int(area.sum())
+    return total > 0 and int((in_square[area] >= 128).sum()) >= MIN_PARSED_FRACTION * total
 
 
 class Blender:
@@ -156,6 +295,10 @@ class Blender:
             problems.append(f"blend.expand={cfg.expand} must be >= 1 (the square must hold the face box)")
         if not 0.0 <= cfg.ellipse_feather <= 1.0:
             problems.append(f"blend.ellipse_feather={cfg.ellipse_feather} is not in [0, 1]")
+        if not cfg.ellipse and not cfg.parsing:
+            problems.append(
+                "blend.ellipse=false needs blend.parsing=true (without parsing the mask is the ellipse)"
+            )
         if problems:
             raise ConfigError("invalid blend config: " + "; ".join(problems))
         self.cfg = cfg
@@ -181,7 +324,7 @@ class Blender:
                 for i, label_map in zip(todo, labels, strict=True):
                     regions[i] = parsing_mask(label_map, self.cfg.mode)
         materials = [
-            self._material(box, square, region)
+            make_material(region, box, square, self.cfg)
             for box, square, region in zip(boxes, squares, regions, strict=True)
         ]
         fallbacks = sum(not m.parsed for m in materials)
@@ -189,41 +332,12 @@ class Blender:
             log.info("blend: %d of %d masks fell back to the pure ellipse", fallbacks, len(materials))
         return materials
 
-    def _material(self, box: Box, square: Box, region: np.ndarray | None) -> BlendMaterial:
-        """Mask of one square from its (512, 512) uint8 parsing mask, or the fallback when ``region`` is None."""
-        sx, sy = square[0], square[1]
-        side = square[2] - sx
-        if side == 0:
-            return BlendMaterial(square=square, mask=np.zeros((0, 0), dtype=np.float32), parsed=False)
-        bx1, by1, bx2, by2 = box[0] - sx, box[1] - sy, box[2] - sx, box[3] - sy
-        top = int(side * self.cfg.upper_boundary_ratio)
-        in_box = np.zeros((side, side), dtype=np.float32)
-        _place(in_box, np.ones((by2 - by1, bx2 - bx1), dtype=np.float32), bx1, by1)
-        in_box[:top] = 0.0
-
-        keep = in_box
-        parsed = False
-        if region is not None:
-            resized = cv2.resize(region, (side, side), interpolation=cv2.INTER_LINEAR)
-            candidate = resized.astype(np.float32) / 255.0 * in_box
-            area = float(in_box.sum())
-            if area > 0 and float((candidate > 0.5).sum()) >= MIN_PARSED_FRACTION * area:
-                keep, parsed = candidate, True
-
-        ksize = int(0.05 * side // 2 * 2) + 1
-        blurred = cv2.GaussianBlur(keep, (ksize, ksize), 0)
-        ellipse = np.zeros((side, side), dtype=np.float32)
-        _place(ellipse, ellipse_mask(by2 - by1, bx2 - bx1, self.cfg.ellipse_feather), bx1, by1)
-        mask = np.clip(blurred * ellipse, 0.0, 1.0).astype(np.float32)
-        mask.flags.writeable = False
-        return BlendMaterial(square=square, mask=mask, parsed=parsed)
-
     def paste(self, frame: np.ndarray, face: np.ndarray, box: Box, material: BlendMaterial) -> np.ndarray:
-        """Composite a generated face into a NEW copy of ``frame``.
+        """Composite a generated face into a NEW copy of ``frame`` (upstream's ``get_image`` paste).
 
-        frame: (H, W, 3) uint8 BGR; face: (h, w, 3) uint8 BGR of any size, resized to the box
-        (area filter when shrinking, bilinear when growing); ``out = frame * (1 - m) + face * m`` rounded.
-        Pixels where the mask is 0 (everything outside the blend square in particular) are unchanged.
+        frame: (H, W, 3) uint8 BGR; face: (h, w, 3) uint8 BGR of any size, brought to the box by
+        :func:`fit_face`, then :func:`paste_face` with the material's mask. Pixels where the mask is 0
+        (everything outside the blend square in particular) are unchanged.
         """
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"frame must be (H, W, 3) uint8 BGR, got {frame.shape} {frame.dtype}")
@@ -234,22 +348,6 @@ class Blender:
             raise ValueError(
                 f"blend material was prepared for square {material.square}, box {box} needs {square}"
             )
-        out = frame.copy()
-        h, w = frame.shape[:2]
-        sx, sy, sx2, sy2 = square
-        fx1, fy1, fx2, fy2 = max(sx, 0), max(sy, 0), min(sx2, w), min(sy2, h)
-        if fx2 <= fx1 or fy2 <= fy1:
-            return out
-
-        x1, y1, x2, y2 = box
-        bw, bh = x2 - x1, y2 - y1
-        interp = cv2.INTER_AREA if face.shape[0] > bh and face.shape[1] > bw else cv2.INTER_LINEAR
-        face_box = cv2.resize(face, (bw, bh), interpolation=interp)
-
-        base = frame[fy1:fy2, fx1:fx2].astype(np.float32)
-        layer = base.copy()
-        _place(layer, face_box.astype(np.float32), x1 - fx1, y1 - fy1)
-        m = material.mask[fy1 - sy : fy2 - sy, fx1 - sx : fx2 - sx, None]
-        blended = base * (1.0 - m) + layer * m
-        out[fy1:fy2, fx1:fx2] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-        return out
+        if square[2] <= square[0]:
+            return frame.copy()
+        return paste_face(frame, fit_face(face, box), box, square, material.mask)

@@ -12,7 +12,9 @@ class FaceConfig:
     crop: str = (
         "landmarks"  # landmarks (upstream v1.5 rule from 68 FAN landmarks) | box (detector box + bbox_shift)
     )
-    bbox_shift: int = 0  # pixels added to the box's top edge in `box` crop mode
+    bbox_shift: int = (
+        0  # pixels added to landmark 29's y (landmarks: top moves 2x) or the detector box's top (box)
+    )
     extra_margin: int = 10  # pixels added below the chin (upstream v1.5), clipped to the frame
     detect_max_side: int = 640  # detection runs on frames downscaled so the longer side is at most this
     smooth_radius: int = 2  # temporal box smoothing over source frames [s - r, s + r]
@@ -26,6 +28,7 @@ class BlendConfig:
     upper_boundary_ratio: float = 0.5  # the mask's top part (of the blend square) is zeroed
     expand: float = 1.5  # blend square side = 2 * int(max(w, h) // 2 * expand)
     ellipse_feather: float = 0.15  # feather width of the ellipse as a fraction of its radii
+    ellipse: bool = True  # parsing mask x feathered ellipse; False: upstream v1.5's mask unchanged
 
 
 @dataclass(frozen=True)

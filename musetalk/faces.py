@@ -304,9 +304,15 @@ def _load_strict(
 def crop_box(det: Detection | None, frame_shape: tuple[int, int], cfg: FaceConfig) -> Box | None:
     """The crop box of a detection in a frame of shape (H, W[, C]); None when there is no usable face.
 
-    ``landmarks`` (upstream v1.5): x from the landmarks' min/max, bottom = max y, top = y29 - (bottom - y29);
-    falls back to ``box`` when landmarks are missing or the box is degenerate. ``box``: the detector box,
-    top moved down by ``bbox_shift``. Both then add ``extra_margin`` below; everything is clipped to the frame.
+    ``landmarks`` (upstream v1.5 ``get_landmark_and_bbox``): landmarks truncated toward zero (int32),
+    landmark 29's y moved by ``bbox_shift``; x from the landmarks' min/max, bottom = max y, top =
+    ``max(0, y29 - (bottom - y29))``, so the top moves by twice the shift. When that box is empty or
+    has x1 < 0 (or there are no landmarks) the detector box is used, unshifted, as upstream does.
+    ``box``: the detector box, top moved down by ``bbox_shift``. Then ``extra_margin`` is added below.
+
+    Beyond upstream, the box is clipped to the frame (upstream lets x2 and the landmark bottom leave it,
+    which stretches the pasted face), and a landmark box narrower or shorter than ``MIN_SIDE`` once
+    clipped gives way to the detector box; if that is too small as well there is no face.
     """
     if det is None:
         return None
@@ -320,33 +326,60 @@ def crop_box(det: Detection | None, frame_shape: tuple[int, int], cfg: FaceConfi
         if det.landmarks is None:
             logger.debug("no landmarks for the face at %s; using the detector box", det.box)
         else:
-            box = _landmark_box(det.landmarks, width, height)
+            box = landmark_box(det.landmarks, cfg.bbox_shift)
             if box is None:
-                logger.debug("degenerate landmark box for the face at %s; using the detector box", det.box)
+                logger.debug(
+                    "landmark box empty or left of the frame for the face at %s; using the detector box",
+                    det.box,
+                )
+            else:
+                box = _clipped(*box, width, height)
+                if box is None:
+                    logger.debug(
+                        "landmark box too small in the frame for the face at %s; using the detector box",
+                        det.box,
+                    )
+        shift = 0
+    else:
+        shift = cfg.bbox_shift
     if box is None:
-        box = _detector_box(det.box, cfg.bbox_shift, width, height)
+        box = _detector_box(det.box, shift, width, height)
         if box is None:
-            logger.debug("degenerate detector box %s (bbox_shift %d); no crop", det.box, cfg.bbox_shift)
+            logger.debug("degenerate detector box %s (bbox_shift %d); no crop", det.box, shift)
             return None
     x1, y1, x2, y2 = box
     return (x1, y1, x2, min(y2 + cfg.extra_margin, height))
 
 
-def _landmark_box(landmarks: np.ndarray, width: int, height: int) -> Box | None:
-    points = np.floor(np.asarray(landmarks, dtype=np.float64)).astype(np.int64)  # upstream: int landmarks
+def landmark_box(landmarks: np.ndarray, bbox_shift: int = 0) -> Box | None:
+    """Upstream v1.5's box from (68, 2) (x, y) landmarks, before any clipping; None where upstream
+    falls back to the detector box (an empty box, or x1 < 0).
+
+    Coordinates are truncated toward zero (upstream's ``astype(np.int32)``); ``bbox_shift`` is added
+    to landmark 29's y before the bottom (max y over all landmarks, the moved one included) is taken.
+    """
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.shape != (68, 2):
+        raise ValueError(f"landmarks must be (68, 2) (x, y), got {points.shape}")
+    points = np.trunc(points).astype(np.int64)
+    points[NOSE_LANDMARK, 1] += bbox_shift
     x1, x2 = int(points[:, 0].min()), int(points[:, 0].max())
     y2 = int(points[:, 1].max())
     nose_y = int(points[NOSE_LANDMARK, 1])
-    y1 = nose_y - (y2 - nose_y)
-    return _clipped(x1, y1, x2, y2, width, height)
+    y1 = max(0, nose_y - (y2 - nose_y))
+    if y2 - y1 <= 0 or x2 - x1 <= 0 or x1 < 0:
+        return None
+    return (x1, y1, x2, y2)
 
 
 def _detector_box(box: Sequence[float], bbox_shift: int, width: int, height: int) -> Box | None:
-    x1, y1, x2, y2 = (math.floor(v) for v in box)
+    """Upstream's detector box: negative coordinates clipped to 0, then truncated; top moved by ``bbox_shift``."""
+    x1, y1, x2, y2 = (int(max(v, 0.0)) for v in box)
     return _clipped(x1, y1 + bbox_shift, x2, y2, width, height)
 
 
 def _clipped(x1: int, y1: int, x2: int, y2: int, width: int, height: int) -> Box | None:
+    """The box clipped to a width x height frame; None when narrower or shorter than ``MIN_SIDE``."""
     x1, x2 = min(max(x1, 0), width), min(max(x2, 0), width)
     y1, y2 = min(max(y1, 0), height), min(max(y2, 0), height)
     if x2 - x1 < MIN_SIDE or y2 - y1 < MIN_SIDE:

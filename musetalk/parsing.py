@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from musetalk.layout import ModelLayout
@@ -175,6 +176,18 @@ class BiSeNet(nn.Module):
         return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=True)
 
 
+def parse_input(image: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 BGR -> (512, 512, 3) uint8 RGB, resized as upstream: Pillow ``BILINEAR``.
+
+    Pillow's bilinear filter widens its support when shrinking (an antialiased resize), unlike
+    OpenCV's ``INTER_LINEAR``; the two differ by several levels, enough to flip labels at edges.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+        raise ValueError(f"face parsing needs (h, w, 3) uint8 BGR images, got {image.shape} {image.dtype}")
+    rgb = Image.fromarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    return np.asarray(rgb.resize((PARSE_SIZE, PARSE_SIZE), Image.Resampling.BILINEAR))
+
+
 class FaceParser:
     """Runs a loaded BiSeNet on face crops in fixed-size batches."""
 
@@ -187,18 +200,6 @@ class FaceParser:
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
-    @staticmethod
-    def _to_parse_input(image: np.ndarray) -> np.ndarray:
-        """(h, w, 3) uint8 BGR -> (512, 512, 3) uint8 RGB (area filter when shrinking, bilinear when growing)."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
-            raise ValueError(
-                f"face parsing needs (h, w, 3) uint8 BGR images, got {image.shape} {image.dtype}"
-            )
-        h, w = image.shape[:2]
-        interp = cv2.INTER_AREA if max(h, w) > PARSE_SIZE else cv2.INTER_LINEAR
-        resized = cv2.resize(image, (PARSE_SIZE, PARSE_SIZE), interpolation=interp)
-        return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
-
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(h, w, 3) uint8 BGR images of any size -> (N, 512, 512) uint8 class ids.
@@ -208,7 +209,7 @@ class FaceParser:
         """
         out = np.empty((len(images), PARSE_SIZE, PARSE_SIZE), dtype=np.uint8)
         for start in range(0, len(images), self.batch_size):
-            chunk = [self._to_parse_input(img) for img in images[start : start + self.batch_size]]
+            chunk = [parse_input(img) for img in images[start : start + self.batch_size]]
             n = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - n)
             x = torch.from_numpy(np.stack(chunk)).to(self.device)

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import logging
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from skimage import data
 from torch import nn
 
-from musetalk.blending import Blender, BlendMaterial, blend_square, ellipse_mask, parsing_mask
+from musetalk.blending import (
+    Blender,
+    BlendMaterial,
+    blend_square,
+    blur_kernel_size,
+    composite,
+    ellipse_mask,
+    fit_face,
+    make_material,
+    parsing_mask,
+)
 from musetalk.config import BlendConfig
-from musetalk.parsing import BiSeNet, FaceParser
+from musetalk.layout import ModelLayout
+from musetalk.parsing import BiSeNet, FaceParser, load_face_parser
+from scripts.tiny_blend import write_tiny_face_parser
 from shards.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -120,8 +135,7 @@ def check_material(material: BlendMaterial, cfg: BlendConfig) -> None:
     side = 2 * s
     mask = material.mask
     assert material.square == square
-    assert mask.shape == (side, side) and mask.dtype == np.float32 and not mask.flags.writeable
-    assert mask.min() >= 0.0 and mask.max() <= 1.0
+    assert mask.shape == (side, side) and mask.dtype == np.uint8 and not mask.flags.writeable
     # zero outside the face box
     bx1, by1, bx2, by2 = BOX[0] - square[0], BOX[1] - square[1], BOX[2] - square[0], BOX[3] - square[1]
     outside = np.ones_like(mask, dtype=bool)
@@ -131,12 +145,12 @@ def check_material(material: BlendMaterial, cfg: BlendConfig) -> None:
     top = int(side * cfg.upper_boundary_ratio)
     ksize = int(0.05 * side // 2 * 2) + 1
     assert not mask[: top - ksize // 2].any() and mask[top - ksize // 2 :].any()
-    assert mask[by1 + 3 * (by2 - by1) // 4, (bx1 + bx2) // 2] > 0.99
-    # feathered: values strictly between 0 and 1 along the bottom and side edges of the kept region
+    assert mask[by1 + 3 * (by2 - by1) // 4, (bx1 + bx2) // 2] == 255
+    # feathered: values strictly between 0 and 255 along the bottom and side edges of the kept region
     column = mask[:, (bx1 + bx2) // 2]
-    assert np.any((column > 0.02) & (column < 0.98))
+    assert np.any((column > 5) & (column < 250))
     row = mask[by1 + 3 * (by2 - by1) // 4]
-    assert row[bx1] < 0.05 and np.any((row > 0.02) & (row < 0.98))
+    assert row[bx1] < 13 and np.any((row > 5) & (row < 250))
 
 
 def test_parsed_material(skin_parser, frame):
@@ -187,7 +201,7 @@ def test_paste_changes_only_masked_pixels(skin_parser, frame):
         out[~in_mask], frame[~in_mask]
     )  # outside the square or mask == 0: bit-identical
     opaque = np.zeros((H, W), dtype=bool)
-    opaque[sy:sy2, sx:sx2] = material.mask[: H - sy, : W - sx] > 0.999
+    opaque[sy:sy2, sx:sx2] = material.mask[: H - sy, : W - sx] == 255
     assert opaque.sum() > 100
     assert np.abs(out[opaque].astype(int) - (10, 200, 30)).max() <= 1
     partial = in_mask & ~opaque
@@ -229,3 +243,175 @@ def test_one_pixel_box_leaves_the_frame_alone(skin_parser, frame):
     np.testing.assert_array_equal(
         blender.paste(frame, np.zeros((256, 256, 3), np.uint8), (5, 5, 6, 6), tiny), frame
     )
+
+
+# --- upstream conformance: the v1.5 rules written out here, from upstream's code, as the oracle ---------
+
+
+def upstream_jaw(labels: np.ndarray, cheek_width: int = 90) -> np.ndarray:
+    """Upstream FaceParsing's ``jaw`` mode on (512, 512) class ids -> (512, 512) uint8 {0, 255}."""
+    cone = np.zeros((33, 33), dtype=np.uint8)  # cone_height 21 + tail_height 12, centre column 16
+    for row in range(10, 21):  # rows 10..20 are 1, 3, ..., 21 pixels wide
+        cone[row, 16 - (row - 10) : 16 + (row - 10) + 1] = 1
+    cone[21:, 16 - 10 : 16 + 10 + 1] = 1  # the tail is as wide as the cone's last row (21)
+    cheek_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
+    cheeks = np.zeros((512, 512), dtype=np.uint8)
+    cv2.rectangle(cheeks, (0, 0), (256 - cheek_width, 512), 255, -1)
+    cv2.rectangle(cheeks, (256 + cheek_width, 0), (512, 512), 255, -1)
+    skin = (labels == 1).astype(np.uint8) * 255
+    dilated = cv2.dilate(skin, cone, iterations=1)
+    eroded = cv2.erode(dilated, cheek_kernel, iterations=2)
+    face = cv2.bitwise_or(cv2.bitwise_and(eroded, cheeks), cv2.bitwise_and(dilated, cv2.bitwise_not(cheeks)))
+    out = labels.astype(np.int64)
+    out[(face == 255) & (labels != 10)] = 255
+    out[np.isin(labels, [11, 12, 13])] = 255
+    out[out != 255] = 0
+    return out.astype(np.uint8)
+
+
+def upstream_mask_from_region(region: np.ndarray, box: tuple, ratio: float = 0.5) -> np.ndarray:
+    """Upstream ``face_seg`` + ``get_image``'s mask steps, with Pillow, from a (512, 512) uint8 mask."""
+    x, y, x1, y1 = box
+    crop, s = blend_square(box, 1.5)  # upstream get_crop_box (tested above against hand values)
+    xs, ys = crop[0], crop[1]
+    size = (2 * s, 2 * s)
+    resized = Image.fromarray(region).resize(size)  # Pillow's default filter
+    small = resized.crop((x - xs, y - ys, x1 - xs, y1 - ys))
+    in_box = Image.new("L", size, 0)
+    in_box.paste(small, (x - xs, y - ys, x1 - xs, y1 - ys))
+    top = int(size[1] * ratio)
+    cut = Image.new("L", size, 0)
+    cut.paste(in_box.crop((0, top, size[0], size[1])), (0, top))
+    k = int(0.05 * size[0] // 2 * 2) + 1
+    return cv2.GaussianBlur(np.array(cut), (k, k), 0)
+
+
+def upstream_paste(frame: np.ndarray, face: np.ndarray, box: tuple, mask: np.ndarray) -> np.ndarray:
+    """Upstream inference.py + ``get_image``'s paste: cv2 resize to the box, PIL crop/paste with the mask."""
+    x, y, x1, y1 = box
+    face = cv2.resize(face, (x1 - x, y1 - y))
+    body = Image.fromarray(frame[:, :, ::-1].copy())
+    crop, _ = blend_square(box, 1.5)
+    face_large = body.crop(tuple(crop))
+    face_large.paste(
+        Image.fromarray(face[:, :, ::-1].copy()), (x - crop[0], y - crop[1], x1 - crop[0], y1 - crop[1])
+    )
+    body.paste(face_large, tuple(crop[:2]), Image.fromarray(mask))
+    return np.array(body)[:, :, ::-1]
+
+
+def test_blur_kernel_size_hand_values():
+    assert [blur_kernel_size(side) for side in (20, 100, 150, 300, 420)] == [1, 5, 7, 15, 21]
+
+
+def test_jaw_mode_equals_the_upstream_rule():
+    labels = face_labels()
+    np.testing.assert_array_equal(parsing_mask(labels, "jaw"), upstream_jaw(labels))
+    rng = np.random.default_rng(4)
+    noisy = rng.choice([0, 1, 1, 1, 10, 12, 17], size=(512, 512)).astype(np.uint8)
+    np.testing.assert_array_equal(parsing_mask(noisy, "jaw"), upstream_jaw(noisy))
+
+
+@pytest.mark.parametrize("box", [BOX, (60, 50, 141, 133), (-30, 90, 50, 190)])
+def test_ellipse_off_is_upstreams_mask_from_a_label_map(box):
+    labels = face_labels()
+    square = blend_square(box, 1.5)[0]
+    material = make_material(parsing_mask(labels, "jaw"), box, square, BlendConfig(ellipse=False))
+    expected = upstream_mask_from_region(upstream_jaw(labels), box)
+    assert material.parsed and material.mask.dtype == np.uint8
+    np.testing.assert_array_equal(material.mask, expected)
+    assert 0 < np.count_nonzero(expected) and np.any((expected > 0) & (expected < 255))
+
+
+def test_ellipse_on_is_the_upstream_mask_times_the_feathered_ellipse():
+    labels = face_labels()
+    square = blend_square(BOX, 1.5)[0]
+    cfg = BlendConfig()
+    material = make_material(parsing_mask(labels, "jaw"), BOX, square, cfg)
+    upstream = upstream_mask_from_region(upstream_jaw(labels), BOX)
+    ellipse = np.zeros(upstream.shape, dtype=np.float32)
+    x1, y1, x2, y2 = BOX[0] - square[0], BOX[1] - square[1], BOX[2] - square[0], BOX[3] - square[1]
+    ellipse[y1:y2, x1:x2] = ellipse_mask(y2 - y1, x2 - x1, cfg.ellipse_feather)
+    np.testing.assert_array_equal(material.mask, np.rint(upstream * ellipse).astype(np.uint8))
+    assert np.any(material.mask < upstream)
+
+
+@pytest.fixture(scope="module")
+def tiny_parser(tmp_path_factory) -> FaceParser:
+    layout = ModelLayout.at(tmp_path_factory.mktemp("blend-parse") / "tiny", tiny=True)
+    write_tiny_face_parser(layout, seed=0)
+    return load_face_parser(layout, CPU, batch_size=1)
+
+
+def upstream_parse(net: nn.Module, crop_rgb: Image.Image) -> np.ndarray:
+    """Upstream FaceParsing.__call__ up to the argmax: Pillow bilinear to 512, ToTensor, Normalize."""
+    x = torch.from_numpy(np.array(crop_rgb.resize((512, 512), Image.BILINEAR))).permute(2, 0, 1).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        3, 1, 1
+    )
+    with torch.no_grad():
+        return net(x[None])[0].numpy().argmax(0)
+
+
+def test_ellipse_off_matches_upstream_end_to_end_with_the_tiny_bisenet(tiny_parser):
+    frame = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)  # (512, 512, 3) uint8 BGR
+    box = (170, 60, 290, 230)  # the face; its blend square is (103, 18, 357, 272)
+    blender = Blender(tiny_parser, BlendConfig(ellipse=False))
+    material = blender.prepare([frame], [box])[0]
+
+    crop, _ = blend_square(box, 1.5)
+    labels = upstream_parse(tiny_parser.net, Image.fromarray(frame[:, :, ::-1].copy()).crop(tuple(crop)))
+    expected = upstream_mask_from_region(upstream_jaw(labels), box)
+    assert material.parsed
+    np.testing.assert_array_equal(material.mask, expected)
+    assert np.count_nonzero(expected) > 100
+
+    face = np.random.default_rng(5).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    out = blender.paste(frame, face, box, material)
+    np.testing.assert_array_equal(out, upstream_paste(frame, face, box, expected))
+
+
+@pytest.mark.parametrize("box", [BOX, (-30, 90, 50, 190), (150, -40, 230, 60), (0, 0, 200, 160)])
+def test_paste_is_upstreams_pil_paste(frame, box):
+    blender = Blender(None, BlendConfig())
+    material = blender.prepare([frame], [box])[0]
+    face = np.random.default_rng(6).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    out = blender.paste(frame, face, box, material)
+    np.testing.assert_array_equal(out, upstream_paste(frame, face, box, np.asarray(material.mask)))
+
+
+def test_face_shrinks_to_the_box_with_opencv_bilinear():
+    face = np.random.default_rng(7).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    box = (40, 30, 120, 130)  # 80 wide, 100 tall: smaller than the face both ways
+    fitted = fit_face(face, box)
+    np.testing.assert_array_equal(fitted, cv2.resize(face, (80, 100), interpolation=cv2.INTER_LINEAR))
+    assert np.any(fitted != cv2.resize(face, (80, 100), interpolation=cv2.INTER_AREA))
+    grown = fit_face(face, (0, 0, 300, 280))
+    np.testing.assert_array_equal(grown, cv2.resize(face, (300, 280), interpolation=cv2.INTER_LINEAR))
+
+
+def test_gfpgan_upscaled_face_shrinks_with_the_area_filter():
+    face = np.random.default_rng(8).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        fit_face(face, (0, 0, 80, 100)), cv2.resize(face, (80, 100), interpolation=cv2.INTER_AREA)
+    )
+
+
+def test_composite_is_pil_paste_with_a_mask():
+    rng = np.random.default_rng(9)
+    base, layer = (rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(2))
+    mask = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    mask[0, :3] = (0, 255, 128)
+    image = Image.fromarray(base)
+    image.paste(Image.fromarray(layer), (0, 0), Image.fromarray(mask))
+    out = composite(base, layer, mask)
+    np.testing.assert_array_equal(out, np.asarray(image))
+    assert tuple(out[0, 0]) == tuple(base[0, 0]) and tuple(out[0, 1]) == tuple(layer[0, 1])
+    # the documented formula, in floats: round((base * (255 - m) + layer * m) / 255)
+    m = mask.astype(np.float64)[..., None]
+    np.testing.assert_array_equal(out, np.floor((base * (255 - m) + layer * m) / 255 + 0.5).astype(np.uint8))
+
+
+def test_ellipse_off_without_parsing_is_a_config_error():
+    with pytest.raises(ConfigError, match="blend.ellipse=false needs blend.parsing=true"):
+        Blender(None, BlendConfig(ellipse=False, parsing=False))

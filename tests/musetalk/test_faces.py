@@ -23,6 +23,7 @@ from musetalk.faces import (
     FaceAnalyzer,
     crop_box,
     crop_face,
+    landmark_box,
     load_face_analyzer,
     smooth_boxes,
 )
@@ -353,26 +354,72 @@ def test_crop_box_landmarks_rule():
     # x 80..160, bottom 200, nose 150 -> top 150 - (200 - 150) = 100; then 10 px below the chin.
     assert crop_box(det, (300, 300), config(crop="landmarks")) == (80, 100, 160, 210)
     assert crop_box(det, (300, 300), config(crop="landmarks", extra_margin=0)) == (80, 100, 160, 200)
-    # bbox_shift belongs to the box mode (upstream v1.5 passes 0 to the landmark rule).
-    assert crop_box(det, (300, 300), config(crop="landmarks", bbox_shift=7)) == (80, 100, 160, 210)
+
+
+@pytest.mark.parametrize(
+    ("shift", "top"),
+    [
+        (7, 114),  # nose 150 + 7 = 157 -> top 157 - (200 - 157) = 114 = 100 + 2 * 7
+        (-9, 82),  # nose 150 - 9 = 141 -> top 141 - (200 - 141) = 82 = 100 - 2 * 9
+    ],
+)
+def test_bbox_shift_moves_the_landmark_top_by_twice_the_shift(shift, top):
+    det = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with())
+    assert crop_box(det, (300, 300), config(crop="landmarks", bbox_shift=shift)) == (80, top, 160, 210)
+    assert landmark_box(det.landmarks, shift) == (80, top, 160, 200)
+
+
+def test_bbox_shift_below_the_chin_counts_in_the_bottom():
+    # Upstream moves landmark 29 in place: nose 150 + 60 = 210 is the new max y, so top = bottom = 210.
+    det = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with())
+    assert landmark_box(det.landmarks, 60) is None
+    assert crop_box(det, (300, 300), config(crop="landmarks", bbox_shift=60)) == (50, 60, 150, 180)
 
 
 def test_crop_box_landmarks_clipped_at_frame_borders():
-    det = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with(x_min=-5.0, x_max=320.0, nose_y=90.0))
-    # top 90 - (200 - 90) = -20 -> 0; x -5 -> 0 and 320 -> 300; bottom 200 + 10 -> 205 (frame height).
-    assert crop_box(det, (205, 300), config(crop="landmarks")) == (0, 0, 300, 205)
+    det = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with(x_min=2.0, x_max=320.0, nose_y=90.0))
+    # top max(0, 90 - (200 - 90)) = 0; x 2..320 -> 300; bottom 200 + 10 -> 205 (frame height).
+    assert crop_box(det, (205, 300), config(crop="landmarks")) == (2, 0, 300, 205)
 
 
-def test_crop_box_falls_back_to_the_detector_box():
+UNSHIFTED_DET_BOX = (50, 60, 150, 180)  # int(DET_BOX), bottom + 10: upstream falls back without bbox_shift
+
+
+def test_landmark_box_left_of_the_frame_falls_back_to_the_detector_box():
     cfg = config(crop="landmarks", bbox_shift=5)
-    expected = (50, 65, 150, 180)  # floor(DET_BOX), top + 5, bottom + 10
+    left = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with(x_min=-5.0))
+    assert landmark_box(left.landmarks) is None
+    assert crop_box(left, (300, 300), cfg) == UNSHIFTED_DET_BOX
+
+
+def test_empty_landmark_box_falls_back_to_the_detector_box():
+    cfg = config(crop="landmarks", bbox_shift=5)
     collapsed = Detection(box=DET_BOX, score=1.0, landmarks=np.full((68, 2), 120.0, np.float32))
-    assert crop_box(collapsed, (300, 300), cfg) == expected
-    flat = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with(y_max=152.0, nose_y=150.0))  # 4 px tall
-    assert crop_box(flat, (300, 300), cfg) == expected
+    assert landmark_box(collapsed.landmarks) is None
+    assert crop_box(collapsed, (300, 300), cfg) == UNSHIFTED_DET_BOX
+    assert crop_box(Detection(box=DET_BOX, score=1.0), (300, 300), cfg) == UNSHIFTED_DET_BOX
+
+
+def test_landmarks_are_truncated_toward_zero():
+    # -0.6 truncates to 0 (a usable box at the left edge); flooring would give -1 and the detector box.
+    near = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with(x_min=-0.6))
+    assert landmark_box(near.landmarks) == (0, 100, 160, 200)
+    assert crop_box(near, (300, 300), config(crop="landmarks")) == (0, 100, 160, 210)
+    # -1.2 truncates to -1: x1 < 0, so upstream's fallback applies.
+    far = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with(x_min=-1.2))
+    assert landmark_box(far.landmarks) is None
+    assert crop_box(far, (300, 300), config(crop="landmarks")) == UNSHIFTED_DET_BOX
+    # 150.9 -> 150 and 200.99 -> 200 (not rounded): top 150 - 50 = 100.
+    assert landmark_box(landmarks_with(nose_y=150.9, y_max=200.99)) == (80, 100, 160, 200)
+
+
+def test_unusable_landmark_box_in_the_frame_falls_back_to_the_detector_box():
+    # Our addition: upstream would paste a 4 px tall face, or crash on a box outside the frame.
+    flat = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with(y_max=152.0, nose_y=150.0))
+    assert landmark_box(flat.landmarks) == (80, 148, 160, 152)
+    assert crop_box(flat, (300, 300), config(crop="landmarks")) == UNSHIFTED_DET_BOX
     outside = Detection(box=DET_BOX, score=1.0, landmarks=landmarks_with() + 400)
-    assert crop_box(outside, (300, 300), cfg) == expected
-    assert crop_box(Detection(box=DET_BOX, score=1.0), (300, 300), cfg) == expected
+    assert crop_box(outside, (300, 300), config(crop="landmarks")) == UNSHIFTED_DET_BOX
 
 
 def test_crop_box_box_mode():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from musetalk.layout import ModelLayout
-from musetalk.parsing import N_CLASSES, BiSeNet, FaceParser, load_face_parser
+from musetalk.parsing import N_CLASSES, BiSeNet, FaceParser, load_face_parser, parse_input
 from scripts.tiny_blend import write_tiny_face_parser
 from shards.errors import WeightsError
 
@@ -178,3 +180,32 @@ def test_results_do_not_depend_on_batch_mates(parser):
 def test_rejects_non_bgr_images(parser):
     with pytest.raises(ValueError, match="uint8"):
         parser([np.zeros((32, 32), dtype=np.uint8)])
+
+
+@pytest.mark.parametrize("shape", [(700, 700), (300, 220)])  # shrinking (antialiased) and growing
+def test_parse_input_is_pillows_bilinear_resize(shape):
+    bgr = np.random.default_rng(2).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    rgb = Image.fromarray(bgr[:, :, ::-1].copy())
+    expected = np.asarray(rgb.resize((512, 512), Image.BILINEAR))  # upstream FaceParsing.__call__
+    got = parse_input(bgr)
+    assert got.shape == (512, 512, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+    # OpenCV's filters are a different resize (the point of matching Pillow).
+    opencv = cv2.resize(np.asarray(rgb), (512, 512), interpolation=cv2.INTER_AREA)
+    assert np.abs(opencv.astype(int) - expected).max() > 2
+
+
+def test_parser_feeds_the_net_pillow_resized_imagenet_normalised_rgb(parser):
+    bgr = np.random.default_rng(3).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    seen: list[torch.Tensor] = []
+    hook = parser.net.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0].clone()))
+    try:
+        parser([bgr])
+    finally:
+        hook.remove()
+    rgb = np.asarray(Image.fromarray(bgr[:, :, ::-1].copy()).resize((512, 512), Image.BILINEAR))
+    expected = (
+        torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
+        - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    ) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-6)
