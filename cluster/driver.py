@@ -186,10 +186,12 @@ def run_job(job: JobConfig) -> JobSummary:
             ) from None
         stats = [run.stats(s) for s in plan.shards]
         run.remove()
-    seconds = time.perf_counter() - start
-    summary = _summarise(job, plan, stats, workers, seconds, retries, reused)
-    if job.summary:
-        job.output.with_suffix(".summary.json").write_text(summary.to_json())
+        summary = _summarise(job, plan, stats, workers, time.perf_counter() - start, retries, reused)
+        if job.summary:
+            path = job.output.with_suffix(".summary.json")
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_text(summary.to_json())
+            os.replace(partial, path)
     return summary
 
 
