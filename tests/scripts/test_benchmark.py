@@ -43,7 +43,9 @@ def test_benchmark_on_tiny_models_writes_sane_json(tiny_models, demo_media, tmp_
     assert sum(res["stage_seconds"].values()) <= res["wall_seconds"]
     for stage in ("decode", "detect", "vae_encode", "audio", "generate", "blend", "encode"):
         assert res["stage_seconds"][stage] > 0
-        assert res["stage_fps"][stage] == pytest.approx(6 / res["stage_seconds"][stage], rel=1e-2)
+        # stage_seconds are rounded to 1 ms: allow for that rounding on top of 1%
+        seconds = res["stage_seconds"][stage]
+        assert res["stage_fps"][stage] == pytest.approx(6 / seconds, rel=1e-2 + 0.0005 / seconds)
     assert res["stage_seconds"]["enhance"] == 0 and res["stage_fps"]["enhance"] is None
 
 
