@@ -235,3 +235,22 @@ def test_require_gpus(require, gpus, refused):
 def test_require_gpus_is_a_config_setting(tiny_models, demo_media):
     assert _job(tiny_models, demo_media).cluster.require_gpus is False
     assert _job(tiny_models, demo_media, "out.mp4", "cluster.require_gpus=true").cluster.require_gpus is True
+
+
+def test_require_gpus_stops_before_rendering(tiny_models, demo_media, monkeypatch):
+    """render's check joins the cluster and refuses one without GPUs (Ray's answer stubbed: no cluster)."""
+    import ray
+
+    import cluster.driver
+    from cluster.render import check_cluster_gpus
+    from shards.errors import ConfigError
+
+    joined = []
+    monkeypatch.setattr(cluster.driver, "connect", joined.append)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    job = _job(tiny_models, demo_media, "out.mp4", "cluster.require_gpus=true")
+    with pytest.raises(ConfigError, match="cluster.require_gpus=true but the Ray cluster has no GPU"):
+        check_cluster_gpus(job)
+    assert joined == [job.cluster]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    check_cluster_gpus(job)
