@@ -123,7 +123,9 @@ def _submit(head: dict, runtime_env: dict, *args: str, tmp: Path) -> tuple[str, 
     done = subprocess.run(submit, cwd=REPO_ROOT, env=head["env"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     client = JobSubmissionClient(head["address"])
-    status = wait_for(lambda: (s := str(client.get_job_status(sid).value)) in TERMINAL and s, timeout=900)
+    status = wait_for(
+        lambda: (s := str(client.get_job_status(sid).value)) in TERMINAL and s, timeout=900, interval=1.0
+    )
     return status, client.get_job_logs(sid)
 
 

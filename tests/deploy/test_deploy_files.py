@@ -178,6 +178,11 @@ def test_dockerfile_structure():
     assert (REPO_ROOT / (entry[2].replace(".", "/") + ".py")).is_file()
 
 
+def test_docker_context_leaves_venv_and_weights_behind():
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert {".venv", "models/*", "!models/README.md", "outputs", "media"} <= set(ignored)
+
+
 # --- ray job submit's runtime_env ---
 
 
