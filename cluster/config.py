@@ -58,6 +58,7 @@ class ClusterConfig:
     start_timeout_s: float = 600.0
     inputs: str = "object_store"
     num_cpus: int | None = None
+    require_gpus: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         {"models_dir": "models.dir", "tiny": "models.tiny"},
     )
     cluster = typed(ClusterConfig, "cluster", node("cluster"))
-    encode = typed(EncodeSettings, "output", node("output", drop=("summary", "resume")))
+    encode = typed(EncodeSettings, "output", node("output", drop=("summary", "resume", "root")))
+    root = get("output.root", str, ".")
     summary = get("output.summary", bool, True)
     resume = get("output.resume", bool, True)
     make_demo, download = get("task.make_demo", bool, False), get("models.download", bool, False)
@@ -184,7 +186,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     return JobConfig(
         video=Path(video),
         audio=Path(audio),
-        output=Path(output),
+        output=Path(root) / output,  # an absolute task.output stays as it is
         make_demo=make_demo,
         download=download,
         shard_length=length,

@@ -1,5 +1,6 @@
 """Checks that run before any work (no media probing, no model loading, no Ray): the output can be
-written and would replace no input, the inputs exist, an explicitly named device exists here.
+written, would replace no input and would not vanish with Ray's copy of a job's working directory, the
+inputs exist, an explicitly named device exists here.
 
 Each check returns its problems as one-line strings with their fix; :func:`check_before_work` raises
 them together.
@@ -7,6 +8,7 @@ them together.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -17,6 +19,34 @@ from cluster.rundir import run_dir_path
 from shards.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
+
+# Set by Ray's job supervisor for a job's entrypoint (ray/_private/runtime_env/constants.py): the job's
+# runtime_env and metadata as JSON.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_job_copy() -> Path | None:
+    """Ray's temporary copy of the working directory when this process is the entrypoint of a Ray Job
+    submitted with a ``working_dir`` (the entrypoint runs inside that copy); None otherwise.
+
+    Ray deletes the copy once no job uses it, so nothing the user keeps may be written there.
+    """
+    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return Path.cwd().resolve() if runtime_env.get("working_dir") else None
+
+
+def in_ray_job_copy(path: Path) -> Path | None:
+    """The Ray Job working-directory copy that ``path`` lies in, if any."""
+    copy = ray_job_copy()
+    if copy is not None and (path.resolve() == copy or copy in path.resolve().parents):
+        return copy
+    return None
 
 
 def in_demo_dir(path: Path) -> bool:
@@ -65,6 +95,12 @@ def output_problems(job: JobConfig) -> list[str]:
                 f"the input {name}={path} is inside {run_dir}, the scratch directory the render deletes; "
                 f"choose another task.output"
             )
+    if copy := in_ray_job_copy(out):
+        problems.append(
+            f"task.output={out} is inside Ray's temporary copy of the job's working directory ({copy}), "
+            f"which Ray deletes; give an absolute task.output or set MUSETALK_OUTPUT_ROOT (or output.root) "
+            f"to a directory outside it, e.g. shared storage"
+        )
     if out.is_dir():
         problems.append(f"task.output={out} is a directory; give a file path ending in .mp4")
         return problems
@@ -117,6 +153,16 @@ def device_problem(job: JobConfig) -> str | None:
         return f"render.device={device} but this machine has {torch.cuda.device_count()} CUDA GPU(s); use render.device=cuda"
     if device == "mps" and not torch.backends.mps.is_available():
         return "render.device=mps but this machine has no Apple MPS device; use render.device=auto or cpu"
+    return None
+
+
+def gpu_problem(require_gpus: bool, cluster_gpus: float) -> str | None:
+    """With ``cluster.require_gpus``, a cluster without GPUs is an error rather than a CPU render."""
+    if require_gpus and not cluster_gpus:
+        return (
+            "cluster.require_gpus=true but the Ray cluster has no GPU; start GPU nodes (or wait for them to "
+            "join) or set cluster.require_gpus=false to render on CPU workers"
+        )
     return None
 
 

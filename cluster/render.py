@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cluster.config import CONF_DIR, DEMO_DIR, JobConfig, job_from_config
-from cluster.preflight import check_before_work, demo_to_build
+from cluster.preflight import check_before_work, demo_to_build, gpu_problem, in_ray_job_copy
 from shards.errors import ConfigError, FarmError, InputError, Interrupted, WeightsError
 
 logger = logging.getLogger("cluster.render")
@@ -72,10 +72,23 @@ def render(cfg: DictConfig) -> dict:
     prepare(job)
     from cluster.driver import run_job  # imports the models' code: only once the job is known to be sound
 
+    if job.cluster.require_gpus:
+        check_cluster_gpus(job)
     summary = run_job(job)
     for line in summary.lines():
         print(line)
     return json.loads(summary.to_json())
+
+
+def check_cluster_gpus(job: JobConfig) -> None:
+    """Join the job's Ray cluster and refuse to render when ``cluster.require_gpus`` finds no GPU in it."""
+    import ray
+
+    from cluster.driver import connect
+
+    connect(job.cluster)
+    if problem := gpu_problem(job.cluster.require_gpus, ray.cluster_resources().get("GPU", 0)):
+        raise ConfigError(problem)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -88,6 +101,12 @@ def main(cfg: DictConfig) -> None:
         _fail(err)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    if in_ray_job_copy(out_dir):
+        logger.warning(
+            "metrics.json and Hydra's logs are in %s, inside Ray's temporary copy of the working directory; "
+            "set MUSETALK_OUTPUT_ROOT (or output.root) to keep them",
+            out_dir,
+        )
 
 
 def _fail(err: FarmError) -> None:
