@@ -19,7 +19,17 @@ import yaml
 
 from cluster.config import REPO_ROOT
 from cluster.preflight import RAY_JOB_CONFIG_ENV, gpu_problem, output_problems
-from tests.helpers import decode_all, job_for, processes_under, trimmed_audio, wait_for
+from tests.helpers import (
+    cli,
+    cli_tmp,
+    decode_all,
+    error_lines,
+    job_for,
+    processes_under,
+    scratch_under,
+    trimmed_audio,
+    wait_for,
+)
 
 BIN = Path(sys.executable).parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -239,20 +249,28 @@ def test_require_gpus_is_a_config_setting(tiny_models, demo_media):
     assert _job(tiny_models, demo_media, "out.mp4", "cluster.require_gpus=true").cluster.require_gpus is True
 
 
-def test_require_gpus_stops_before_rendering(tiny_models, demo_media, monkeypatch):
-    """render's check joins the cluster and refuses one without GPUs (Ray's answer stubbed: no cluster)."""
-    import ray
+def test_require_gpus_stops_before_rendering(tiny_models, demo_media, tmp_path):
+    """On a real (embedded) cluster without GPUs, cluster.require_gpus=true refuses before any shard runs."""
+    import torch
 
-    import cluster.driver
-    from cluster.render import check_cluster_gpus
-    from shards.errors import ConfigError
-
-    joined = []
-    monkeypatch.setattr(cluster.driver, "connect", joined.append)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    job = _job(tiny_models, demo_media, "out.mp4", "cluster.require_gpus=true")
-    with pytest.raises(ConfigError, match="cluster.require_gpus=true but the Ray cluster has no GPU"):
-        check_cluster_gpus(job)
-    assert joined == [job.cluster]
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
-    check_cluster_gpus(job)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "gpu_only.mp4"
+    tmp = cli_tmp()
+    proc = cli(
+        "+task=test",
+        "models=tiny",
+        f"models.dir={tiny_models}",
+        f"task.video={demo_media.video}",
+        f"task.audio={demo_media.audio}",
+        f"task.output={out}",
+        f"hydra.run.dir={tmp_path}/hydra",
+        "task.make_demo=false",
+        "cluster.num_cpus=2",
+        "cluster.require_gpus=true",
+        tmp=tmp,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    assert "cluster.require_gpus=true but the Ray cluster has no GPU" in line
+    assert not out.exists() and scratch_under(tmp) == []
