@@ -381,7 +381,7 @@ def run_demo(args: argparse.Namespace, cfg: PipelineConfig) -> dict:
         "warmup_seconds": round(warmup_seconds, 3),
         "wall_seconds": round(wall, 4),
         "fps": round(frames / wall, 3),
-        "stage_seconds": {s: round(v, 4) for s, v in stage_seconds.items()},
+        "stage_seconds": {s: round(v, 6) for s, v in stage_seconds.items()},
         "stage_fps": {s: round(frames / v, 3) if v > 0 else None for s, v in stage_seconds.items()},
         "worker_wall_seconds": round(sum(st.wall_seconds for st in result.stats), 4),
         "stage_sum_seconds": round(sum(stage_seconds.values()), 4),

@@ -62,6 +62,7 @@ def _both(pipe, video, audio, tmp_path, shard_frames):
     return plan, stats
 
 
+@pytest.mark.slow
 def test_demo_with_ping_pong_matches_serial(pipe, demo_media, tmp_path):
     # 4.6 s of audio over the 4 s clip: the output bounces at source frame 99; 3 shards, one across it.
     plan, stats = _both(pipe, demo_media.video, _audio(tmp_path / "a.wav", 4.6), tmp_path, 40)
@@ -77,6 +78,7 @@ def test_demo_with_ping_pong_matches_serial(pipe, demo_media, tmp_path):
         assert ShardStats(**json.loads(json.dumps(asdict(s)))) == s
 
 
+@pytest.mark.slow
 def test_short_1080p_matches_serial(pipe, short_1080p, tmp_path):
     plan, stats = _both(pipe, short_1080p.video, short_1080p.audio, tmp_path, 30)
     kinds = stats[0].frame_kinds
