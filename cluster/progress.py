@@ -1,4 +1,8 @@
-"""Live progress across workers: workers push frame counts to one small actor; the driver polls it."""
+"""Live progress across workers: workers push frame counts to one small actor; the driver polls it.
+
+Workers call it per batch, not per frame or stage change: ``add`` once per batch of frames written,
+``stage`` once per batch of source frames prepared ("prepare 40/130") and when rendering starts.
+"""
 
 from __future__ import annotations
 

@@ -306,6 +306,16 @@ class Blender:
 
     def prepare(self, frames: Sequence[np.ndarray], boxes: Sequence[Box]) -> list[BlendMaterial]:
         """Masks for (H, W, 3) uint8 BGR source frames and their face boxes, one material per pair."""
+        regions = self.parse(frames, boxes)
+        materials = [self.material(region, box) for box, region in zip(boxes, regions, strict=True)]
+        fallbacks = sum(not m.parsed for m in materials)
+        if self.parser is not None and fallbacks:
+            log.info("blend: %d of %d masks fell back to the pure ellipse", fallbacks, len(materials))
+        return materials
+
+    def parse(self, frames: Sequence[np.ndarray], boxes: Sequence[Box]) -> list[np.ndarray | None]:
+        """The model half of :meth:`prepare`: (512, 512) uint8 {0, 255} parsing regions (:func:`parsing_mask`)
+        per frame, None where there is no parser, no square, or parsing failed. Batched by the parser."""
         if len(frames) != len(boxes):
             raise ValueError(f"prepare got {len(frames)} frames but {len(boxes)} boxes")
         for box in boxes:
@@ -323,14 +333,11 @@ class Blender:
             else:
                 for i, label_map in zip(todo, labels, strict=True):
                     regions[i] = parsing_mask(label_map, self.cfg.mode)
-        materials = [
-            make_material(region, box, square, self.cfg)
-            for box, square, region in zip(boxes, squares, regions, strict=True)
-        ]
-        fallbacks = sum(not m.parsed for m in materials)
-        if self.parser is not None and fallbacks:
-            log.info("blend: %d of %d masks fell back to the pure ellipse", fallbacks, len(materials))
-        return materials
+        return regions
+
+    def material(self, region: np.ndarray | None, box: Box) -> BlendMaterial:
+        """The CPU half of :meth:`prepare` for one box (pure numpy/OpenCV/Pillow: safe in a thread pool)."""
+        return make_material(region, box, blend_square(box, self.cfg.expand)[0], self.cfg)
 
     def paste(self, frame: np.ndarray, face: np.ndarray, box: Box, material: BlendMaterial) -> np.ndarray:
         """Composite a generated face into a NEW copy of ``frame`` (upstream's ``get_image`` paste).

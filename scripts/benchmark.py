@@ -1,15 +1,19 @@
-"""Benchmark the per-frame pipeline on the bundled demo clip with random-weight models (no downloads).
+"""Benchmark the pipelined worker with random-weight models (no downloads): 1080p pools, or the demo clip.
 
-``python -m scripts.benchmark [--models DIR] [--full-size|--tiny] [--frames 200] [--batch-size 8]
-[--dtype float32] [--device auto] [--detector haar|s3fd] [--crop box|landmarks] [--enhance 0|1|2|4]
-[--threads N] [--out outputs/benchmark.json]``
+``python -m scripts.benchmark [--models DIR] [--full-size|--tiny] [--clip 1080p|demo] [--seconds 30]
+[--layouts 1x1,2x8] [--rss-seconds 10,60] [--batch-size 8] [--dtype float32] [--device auto]
+[--detector haar|s3fd] [--crop box|landmarks] [--enhance 0|1|2|4] [--threads N] [--out outputs/benchmark.json]``
 
-Builds the demo clip and a speech-like WAV lasting exactly ``--frames`` output frames (the 100-frame
-video ping-pongs, so detection and VAE encoding run once per source frame, as in production), generates
-the stand-in models if ``--models`` has none (full-size by default: the real architectures and compute),
-loads a :class:`FramePipeline` once, renders a short warm-up (not timed), then times ``render_local``.
+``--clip 1080p`` (default): the clip of ``scripts.make_bench_media`` (``--seconds`` long, built once under
+``--media``, default ``media/bench``) rendered by pools of worker PROCESSES, one per ``WxS`` layout of
+``--layouts`` (W workers, the clip cut into S shards, longest first), then stitched and muxed. Each worker
+loads its models before the clock starts and reports, per shard, its stats and its CPU seconds
+(``getrusage`` SELF + CHILDREN: the ffmpeg encoders included); the table gives end-to-end fps, per-stage
+seconds, the workers' wall time against the sum of their stage times, CPU seconds, peak RSS of the driver
+and of each worker, peak GPU memory where there is one, the device and the commit. ``--rss-seconds``
+adds one 1-worker, 1-shard run per clip length (fresh processes) to compare peak worker RSS.
+``--clip demo``: the 256x256 demo clip ping-ponged to ``--frames`` output frames in this process.
 A random-weight S3FD finds no faces, so the default detector is the Haar cascade (with FAN landmarks).
-A models directory without a stand-in marker (real weights) is used as it is.
 """
 
 from __future__ import annotations
@@ -17,9 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import multiprocessing
+import os
 import platform
+import resource
+import subprocess
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,9 +41,13 @@ import transformers
 
 from musetalk.config import EnhanceConfig, FaceConfig, PipelineConfig
 from musetalk.device import resolve_device, resolve_dtype
-from musetalk.pipeline import FramePipeline, check_weights, render_local, stage_totals
+from musetalk.pipeline import FramePipeline, ShardStats, check_weights, plan_job, render_local, stage_totals
+from scripts.make_bench_media import ensure_bench_media
 from scripts.make_demo_media import SAMPLE_RATE, ensure_demo_media, speech_like
 from scripts.make_tiny_models import MARKER, ensure_tiny_models
+from shards.plan import dispatch_order
+from shards.segment import EncodeSettings
+from shards.stitch import concat_and_mux
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +67,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--crop", default="landmarks", choices=["box", "landmarks"])
     parser.add_argument("--enhance", type=int, default=0, choices=[0, 1, 2, 4], help="0: off, else upscale")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads")
-    parser.add_argument("--media", type=Path, help="demo media dir (default: a temporary one)")
+    parser.add_argument("--clip", default="1080p", choices=["1080p", "demo"])
+    parser.add_argument("--seconds", type=float, default=30.0, help="1080p clip length")
+    parser.add_argument("--layouts", default="1x1,2x8", help="WORKERSxSHARDS,... for the 1080p clip")
+    parser.add_argument("--rss-seconds", default="", help="clip lengths for the peak-RSS runs, e.g. 10,60")
+    parser.add_argument("--media", type=Path, help="media dir (default: media/bench, or a temporary demo)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"))
     args = parser.parse_args(argv)
     if args.frames < 1 or args.batch_size < 1:
         parser.error("--frames and --batch-size must be positive")
     args.models = args.models or Path("models/fullsize" if args.full_size else "models/tiny")
+    try:
+        args.layouts = [tuple(int(v) for v in part.split("x")) for part in args.layouts.split(",") if part]
+        args.rss_seconds = [float(v) for v in args.rss_seconds.split(",") if v]
+    except ValueError:
+        parser.error("--layouts takes WORKERSxSHARDS,... and --rss-seconds numbers, e.g. 1x1,2x8 and 10,60")
+    if any(len(lay) != 2 or min(lay) < 1 for lay in args.layouts):
+        parser.error(f"bad --layouts {args.layouts}")
     return args
 
 
@@ -88,9 +114,8 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def run(args: argparse.Namespace) -> dict:
-    weights = prepare_models(args.models, args.full_size)
-    cfg = PipelineConfig(
+def pipeline_config(args: argparse.Namespace, weights: str) -> PipelineConfig:
+    return PipelineConfig(
         models_dir=str(args.models),
         tiny=weights != "as found",
         device=args.device,
@@ -100,7 +125,221 @@ def run(args: argparse.Namespace) -> dict:
         face=FaceConfig(detector=args.detector, crop=args.crop),
         enhance=EnhanceConfig(enabled=args.enhance > 0, upscale=max(args.enhance, 1)),
     )
+
+
+def run(args: argparse.Namespace) -> dict:
+    weights = prepare_models(args.models, args.full_size)
+    cfg = pipeline_config(args, weights)
     check_weights(cfg)
+    common = environment(resolve_device(cfg.device), args, weights)
+    if args.clip == "demo":
+        return {**common, **run_demo(args, cfg)}
+    media_dir = args.media or Path("media/bench")
+    media = ensure_bench_media(media_dir, args.seconds)
+    runs = [run_pool(cfg, media.video, media.audio, workers, shards) for workers, shards in args.layouts]
+    rss = []
+    for seconds in args.rss_seconds:
+        clip = ensure_bench_media(media_dir, seconds)
+        rss.append({"seconds": seconds, **run_pool(cfg, clip.video, clip.audio, 1, 1)})
+    first = runs[0]
+    paste_ms = time_paste()
+    return {
+        **common,
+        "clip": str(media.video),
+        "frames": first["frames"],
+        "face_frames": first["face_frames"],
+        "wall_seconds": first["wall_seconds"],
+        "fps": first["fps"],
+        "stage_seconds": first["stage_seconds"],
+        "peak_cuda_memory_mib": first["peak_cuda_memory_mib"],
+        "paste_ms_1080p_one_thread": paste_ms,
+        "runs": runs,
+        "rss_runs": rss,
+        "driver_peak_rss_mib": round(_maxrss_mib(resource.RUSAGE_SELF), 1),
+    }
+
+
+def environment(device: torch.device, args: argparse.Namespace, weights: str) -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], capture_output=True, text=True
+        ).stdout
+        commit += "+dirty" if dirty.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "device": device_name(device),
+        "commit": commit,
+        "date": date.today().isoformat(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "cpu_count": os.cpu_count(),
+        "dtype": args.dtype,
+        "compute_dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."),
+        "weights": weights,
+        "models_dir": str(args.models),
+        "batch_size": args.batch_size,
+        "threads": args.threads or torch.get_num_threads(),
+        "detector": args.detector,
+        "crop": args.crop,
+        "enhance": args.enhance,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _maxrss_mib(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+_WORKER: FramePipeline | None = None
+
+
+_BARRIER = None
+
+
+def _worker_init(cfg: PipelineConfig, barrier) -> None:
+    global _WORKER, _BARRIER  # one pipeline per worker process (the Ray actor holds it as an attribute)
+    logging.basicConfig(level=logging.WARNING)
+    _WORKER, _BARRIER = FramePipeline(cfg), barrier
+
+
+def _worker_ready() -> int:
+    _BARRIER.wait(timeout=600)  # every worker holds one of these calls: all W processes are loaded
+    return os.getpid()
+
+
+def _worker_render(info, samples, plan, shard, out_path: str, encode: EncodeSettings) -> dict:
+    cpu = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
+    device = _WORKER.models.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = _WORKER.render_shard(
+        video=info, samples=samples, plan=plan, shard=shard, out_path=Path(out_path), encode=encode
+    )
+    return {
+        "pid": os.getpid(),
+        "stats": stats,
+        "cpu_seconds": _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - cpu,
+        "peak_rss_mib": _maxrss_mib(resource.RUSAGE_SELF),
+        "peak_cuda_memory_mib": (
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        ),
+    }
+
+
+def run_pool(cfg: PipelineConfig, video: Path, audio: Path, workers: int, shards: int) -> dict:
+    """Render ``video`` + ``audio`` as ``shards`` shards on ``workers`` fresh worker processes; stitch."""
+    overlap = cfg.face.smooth_radius
+    info, samples, plan = plan_job(video, audio, overlap=overlap, smooth_radius=overlap, shard_frames=1)
+    shard_frames = math.ceil(plan.output_frames / shards)
+    info, samples, plan = plan_job(
+        video, audio, overlap=overlap, smooth_radius=overlap, shard_frames=shard_frames
+    )
+    ctx = multiprocessing.get_context("spawn")
+    encode = EncodeSettings()
+    with (
+        tempfile.TemporaryDirectory(prefix="musetalk-bench-") as tmp,
+        ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg, ctx.Barrier(workers))
+        ) as pool,
+    ):
+        pids = {f.result() for f in [pool.submit(_worker_ready) for _ in range(workers)]}
+        logger.info("%d workers ready (%s); rendering %d shards", workers, sorted(pids), len(plan.shards))
+        start = time.perf_counter()
+        futures = {
+            shard.index: pool.submit(
+                _worker_render, info, samples, plan, shard, f"{tmp}/{shard.name}.mkv", encode
+            )
+            for shard in dispatch_order(plan)
+        }
+        done = {i: f.result() for i, f in futures.items()}
+        segments = [Path(tmp) / f"{shard.name}.mkv" for shard in plan.shards]
+        concat_and_mux(segments, Path(audio), Path(tmp) / "out.mp4", plan.fps, plan.output_frames)
+        wall = time.perf_counter() - start
+    stats: list[ShardStats] = [done[s.index]["stats"] for s in plan.shards]
+    per_worker: dict[int, dict] = {}
+    for res in done.values():
+        w = per_worker.setdefault(res["pid"], {"shards": 0, "cpu_seconds": 0.0, "peak_rss_mib": 0.0})
+        w["shards"] += 1
+        w["cpu_seconds"] = round(w["cpu_seconds"] + res["cpu_seconds"], 3)
+        w["peak_rss_mib"] = round(max(w["peak_rss_mib"], res["peak_rss_mib"]), 1)
+    stage_sum = sum(s.total_seconds for s in stats)
+    shard_wall = sum(s.wall_seconds for s in stats)
+    cuda = [r["peak_cuda_memory_mib"] for r in done.values() if r["peak_cuda_memory_mib"] is not None]
+    frames = plan.output_frames
+    return {
+        "workers": workers,
+        "shards": len(plan.shards),
+        "frames": frames,
+        "face_frames": sum(s.face_frames for s in stats),
+        "wall_seconds": round(wall, 3),
+        "fps": round(frames / wall, 3),
+        "stage_seconds": {k: round(v, 3) for k, v in stage_totals(stats).items()},
+        "worker_wall_seconds": round(shard_wall, 3),
+        "stage_sum_seconds": round(stage_sum, 3),
+        "overlap_ratio": round(stage_sum / shard_wall, 3) if shard_wall else None,
+        "worker_cpu_seconds": round(sum(w["cpu_seconds"] for w in per_worker.values()), 3),
+        "per_worker": list(per_worker.values()),
+        "worker_peak_rss_mib": max(w["peak_rss_mib"] for w in per_worker.values()),
+        "peak_cuda_memory_mib": round(max(cuda), 1) if cuda else None,
+    }
+
+
+def time_paste(repeats: int = 30) -> dict:
+    """Milliseconds (wall, and this thread's CPU: load-proof) per 1080p paste on ONE CPU thread (cv2 and torch set to 1 thread), a 540x600 px face box
+    with a face-parsing-like mask: upstream-exact reference, the numpy path and the torch path on CPU."""
+    import cv2
+    import numpy as np
+
+    from musetalk.blending import blend_square, fit_face, make_material, paste_face
+    from musetalk.composite import DeviceCompositor, active_rect, paste_numpy
+    from musetalk.config import BlendConfig
+
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        rng = np.random.default_rng(0)
+        frame = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+        face = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        box = (690, 260, 1230, 860)
+        square, _ = blend_square(box, 1.5)
+        region = np.zeros((512, 512), np.uint8)
+        region[120:460, 90:420] = 255
+        mask = make_material(region, box, square, BlendConfig()).mask
+        rect = active_rect(box, square, mask, frame.shape[:2])
+        compositor = DeviceCompositor(torch.device("cpu"))
+        mask_t, face_t = torch.from_numpy(mask.copy()), torch.from_numpy(face)
+        work = frame.copy()
+        cases = {
+            "reference": lambda: paste_face(frame, fit_face(face, box), box, square, mask),
+            "numpy": lambda: paste_numpy(work, face, box, square, mask, rect),
+            "torch_cpu": lambda: compositor.paste(torch.from_numpy(work), face_t, box, square, mask_t, rect),
+        }
+        out = {}
+        for name, fn in cases.items():
+            fn()
+            start, cpu = time.perf_counter(), time.thread_time()
+            for _ in range(repeats):
+                fn()
+            out[f"{name}_wall"] = round((time.perf_counter() - start) / repeats * 1000, 2)
+            out[f"{name}_cpu"] = round((time.thread_time() - cpu) / repeats * 1000, 2)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+
+
+def run_demo(args: argparse.Namespace, cfg: PipelineConfig) -> dict:
     device = resolve_device(cfg.device)
     with tempfile.TemporaryDirectory(prefix="musetalk-bench-") as tmp:
         work = Path(tmp)
@@ -134,15 +373,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     stage_seconds = stage_totals(result.stats)
     return {
-        "device": device_name(device),
-        "dtype": args.dtype,
-        "compute_dtype": str(resolve_dtype(cfg.dtype, device)).removeprefix("torch."),
-        "weights": weights,
-        "models_dir": str(args.models),
-        "batch_size": args.batch_size,
-        "detector": args.detector,
-        "crop": args.crop,
-        "enhance": args.enhance,
+        "clip": "demo",
         "frames": frames,
         "face_frames": sum(st.face_frames for st in result.stats),
         "source_frames_decoded": sum(st.decoded_frames for st in result.stats),
@@ -150,28 +381,49 @@ def run(args: argparse.Namespace) -> dict:
         "warmup_seconds": round(warmup_seconds, 3),
         "wall_seconds": round(wall, 4),
         "fps": round(frames / wall, 3),
-        "stage_seconds": {s: round(v, 4) for s, v in stage_seconds.items()},
+        "stage_seconds": {s: round(v, 6) for s, v in stage_seconds.items()},
         "stage_fps": {s: round(frames / v, 3) if v > 0 else None for s, v in stage_seconds.items()},
+        "worker_wall_seconds": round(sum(st.wall_seconds for st in result.stats), 4),
+        "stage_sum_seconds": round(sum(stage_seconds.values()), 4),
         "peak_cuda_memory_mib": (
             round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
         ),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
     }
 
 
 def table(res: dict) -> str:
     lines = [
         f"{res['device']} | {res['dtype']} (computes {res['compute_dtype']}) | batch {res['batch_size']} | "
-        f"{res['weights']} weights | {res['detector']}+{res['crop']} | enhance {res['enhance']}",
-        f"{res['frames']} frames ({res['face_frames']} with a face) in {res['wall_seconds']:.2f} s: "
-        f"{res['fps']:.2f} fps (load {res['load_seconds']:.1f} s, warm-up {res['warmup_seconds']:.1f} s)",
-        f"{'stage':<14}{'seconds':>10}{'fps':>12}",
+        f"{res['weights']} weights | {res['detector']}+{res['crop']} | enhance {res['enhance']} | "
+        f"commit {res['commit']} | {res['date']} | load {res['load_average']}",
     ]
-    for stage, seconds in res["stage_seconds"].items():
-        fps = res["stage_fps"][stage]
-        lines.append(f"{stage:<14}{seconds:>10.3f}{'-' if fps is None else f'{fps:.2f}':>12}")
+    if res["clip"] == "demo":
+        lines.append(
+            f"demo: {res['frames']} frames ({res['face_frames']} with a face) in {res['wall_seconds']:.2f} s: "
+            f"{res['fps']:.2f} fps; stage sum {res['stage_sum_seconds']:.2f} s over worker wall "
+            f"{res['worker_wall_seconds']:.2f} s"
+        )
+        lines += [f"  {k:<14}{v:>10.3f}" for k, v in res["stage_seconds"].items()]
+        return "\n".join(lines)
+    lines.append(f"clip {res['clip']}: {res['frames']} frames ({res['face_frames']} with a face)")
+    stages = list(res["stage_seconds"])
+    head = f"{'workers x shards':<18}{'fps':>8}{'wall s':>9}{'wkr wall':>9}{'stage sum':>10}{'ratio':>7}"
+    head += f"{'cpu s':>9}{'wkr RSS':>9}" + "".join(f"{k[:9]:>10}" for k in stages)
+    lines.append(head)
+    for run in res["runs"] + res["rss_runs"]:
+        name = f"{run['workers']} x {run['shards']}" + (
+            f" ({run['seconds']:g} s)" if "seconds" in run else ""
+        )
+        row = f"{name:<18}{run['fps']:>8.2f}{run['wall_seconds']:>9.1f}{run['worker_wall_seconds']:>9.1f}"
+        row += (
+            f"{run['stage_sum_seconds']:>10.1f}{run['overlap_ratio']:>7.2f}{run['worker_cpu_seconds']:>9.1f}"
+        )
+        row += f"{run['worker_peak_rss_mib']:>9.0f}" + "".join(
+            f"{run['stage_seconds'][k]:>10.2f}" for k in stages
+        )
+        lines.append(row)
+    lines.append(f"driver peak RSS {res['driver_peak_rss_mib']:.0f} MiB")
+    lines.append(f"1080p paste, one CPU thread, ms/frame: {res['paste_ms_1080p_one_thread']}")
     if res["peak_cuda_memory_mib"] is not None:
         lines.append(f"peak CUDA memory: {res['peak_cuda_memory_mib']:.0f} MiB")
     return "\n".join(lines)

@@ -31,7 +31,7 @@ def _params(module: nn.Module) -> int:
 def test_benchmark_on_tiny_models_writes_sane_json(tiny_models, demo_media, tmp_path):
     out = tmp_path / "bench.json"
     res = main(
-        ["--tiny", "--models", str(tiny_models), "--media", str(demo_media.video.parent)]
+        ["--tiny", "--clip", "demo", "--models", str(tiny_models), "--media", str(demo_media.video.parent)]
         + ["--frames", "6", "--warmup-frames", "1", "--batch-size", "4", "--crop", "box", "--out", str(out)]
     )
     assert json.loads(out.read_text()) == res
@@ -40,7 +40,9 @@ def test_benchmark_on_tiny_models_writes_sane_json(tiny_models, demo_media, tmp_
     assert res["peak_cuda_memory_mib"] is None and res["torch"] == torch.__version__
     assert res["wall_seconds"] > 0 and res["fps"] == pytest.approx(6 / res["wall_seconds"], rel=1e-2)
     assert set(res["stage_seconds"]) == set(res["stage_fps"]) == set(STAGES)
-    assert sum(res["stage_seconds"].values()) <= res["wall_seconds"]
+    # Stages overlap in the pipelined worker: their sum is compared with the workers' wall time, not bounded.
+    assert res["stage_sum_seconds"] == pytest.approx(sum(res["stage_seconds"].values()), abs=1e-3)
+    assert 0 < res["worker_wall_seconds"] <= res["wall_seconds"]
     for stage in ("decode", "detect", "vae_encode", "audio", "generate", "blend", "encode"):
         assert res["stage_seconds"][stage] > 0
         # stage_seconds are rounded to 1 ms: allow for that rounding on top of 1%

@@ -1,0 +1,195 @@
+"""Plumbing of the pipelined worker: bounded channels between threads, a thread group that propagates
+the first error and always cleans up, a thread-safe stage clock, and the performance switches.
+
+Nothing here knows about faces: :mod:`musetalk.pipeline` wires its named steps with these parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+END = object()  # the last item a producer puts into its channel
+_POLL = 0.1  # seconds between checks of the stop flag while a channel is full or empty
+
+
+class Stopped(Exception):
+    """Raised in a thread waiting on a channel when another thread of its group failed."""
+
+
+@dataclass(frozen=True)
+class PipelineTuning:
+    """How a worker runs, not what it computes: none of these changes an output pixel, except the GPU
+    switches marked below (they change rounding, so every worker of a job must share them).
+
+    ``composite``: "numpy" (the CPU path), "device" (torch ops on the worker's device; within one level of
+    the CPU maths) or "auto" (device on CUDA, numpy elsewhere: on this 2-core CPU numpy measures faster).
+    Queue depths are in items (frames); ``mask_workers`` threads build blend masks off the critical path.
+    GPU-only, not measured yet: ``channels_last`` (UNet and VAE memory format: changes rounding),
+    ``compile`` (``torch.compile`` the UNet: changes rounding), ``pin_memory`` (page-locked frame uploads).
+    Several workers per GPU is a Ray resource setting (fractional ``num_gpus``) of the driver.
+    """
+
+    composite: str = "auto"
+    decode_depth: int = 8
+    prepared_depth: int = 16
+    encode_depth: int = 4
+    mask_workers: int = 2
+    channels_last: bool = False
+    compile: bool = False
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.composite not in ("auto", "numpy", "device"):
+            raise ValueError(f"composite must be auto, numpy or device, got {self.composite!r}")
+        for name in ("decode_depth", "prepared_depth", "encode_depth", "mask_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def device_composite(self, device: torch.device) -> bool:
+        return self.composite == "device" or (self.composite == "auto" and device.type == "cuda")
+
+
+class Channel:
+    """A bounded FIFO between threads of one :class:`ThreadGroup`; no wait outlives the group's stop flag."""
+
+    def __init__(self, depth: int, stop: threading.Event) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = stop
+
+    def put(self, item) -> None:
+        while True:
+            if self._stop.is_set():
+                raise Stopped
+            try:
+                self._queue.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def get(self):
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL)
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise Stopped from None
+
+    def __iter__(self) -> Iterator:
+        """Items until the producer's END."""
+        while (item := self.get()) is not END:
+            yield item
+
+
+class ThreadGroup:
+    """Threads of one shard. The first exception in any of them stops them all (every channel wait
+    raises :class:`Stopped`) and is re-raised in the caller, with its original traceback, when the
+    ``with`` block ends; threads are always joined before the block exits."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+        self._cleanups: list[tuple[Callable[[], None], bool]] = []
+
+    def channel(self, depth: int) -> Channel:
+        return Channel(depth, self.stop)
+
+    def on_exit(self, cleanup: Callable[[], None], on_error_only: bool = False) -> None:
+        """Run ``cleanup`` (last registered first) after every thread has been joined; with
+        ``on_error_only``, only when the block or a thread failed."""
+        self._cleanups.append((cleanup, on_error_only))
+
+    def start(self, name: str, target: Callable[..., None], *args) -> threading.Thread:
+        def run() -> None:
+            try:
+                target(*args)
+            except Stopped:
+                pass
+            except BaseException as err:  # noqa: BLE001 - handed to the caller by __exit__
+                self._errors.append(err)
+                self.stop.set()
+
+        thread = threading.Thread(target=run, name=f"{self.name}-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def join(self) -> None:
+        """Wait for every thread; raise the first error any of them hit."""
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+    def __enter__(self) -> ThreadGroup:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.stop.set()
+        for thread in self._threads:
+            thread.join()
+        failed = exc_type is not None or bool(self._errors)
+        for cleanup, on_error_only in reversed(self._cleanups):
+            if on_error_only and not failed:
+                continue
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 - cleanup must not hide the original error
+                logger.exception("cleanup of %s failed", self.name)
+        if self._errors and (exc_type is None or issubclass(exc_type, Stopped)):
+            raise self._errors[0]
+        return False
+
+
+class StageClock:
+    """Seconds per stage, summed over every thread (stages overlap, so the sum exceeds the wall time).
+
+    Host stages are timed with ``perf_counter``. A ``device`` stage on CUDA is timed with CUDA events
+    recorded on the current stream and resolved once, in :meth:`totals` (no synchronize per stage).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._lock = threading.Lock()
+        self._seconds: dict[str, float] = defaultdict(float)
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def stage(self, name: str, device: bool = False) -> Iterator[None]:
+        events = None
+        if device and self._cuda:
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                if events is None:
+                    self._seconds[name] += elapsed
+                else:
+                    events[1].record()
+                    self._events.append((name, *events))
+
+    def totals(self) -> dict[str, float]:
+        with self._lock:
+            if self._events:
+                torch.cuda.synchronize()
+                for name, start, end in self._events:
+                    self._seconds[name] += start.elapsed_time(end) / 1000.0
+                self._events.clear()
+            return dict(self._seconds)

@@ -1,0 +1,151 @@
+"""The pipelined worker writes exactly what the serial renderer wrote, cleans up after any failure,
+and reports per-frame kinds."""
+
+from __future__ import annotations
+
+import json
+import threading
+import traceback
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import soundfile as sf
+
+import musetalk.pipeline as pipeline_module
+from musetalk.config import FaceConfig, PipelineConfig
+from musetalk.pipeline import FramePipeline, ShardStats, plan_job
+from scripts.make_bench_media import SHORT_SECONDS, ensure_bench_media
+from scripts.make_demo_media import speech_like
+from shards.segment import EncodeSettings, SegmentWriter
+from tests.helpers import decode_all
+from tests.musetalk.serial_reference import render_shard_serial
+
+LOSSLESS = EncodeSettings(lossless=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models):
+    cfg = PipelineConfig(
+        models_dir=str(tiny_models), tiny=True, batch_size=4, face=FaceConfig(detector="haar", crop="box")
+    )
+    return FramePipeline(cfg)
+
+
+@pytest.fixture(scope="module")
+def short_1080p(tmp_path_factory):
+    return ensure_bench_media(tmp_path_factory.mktemp("bench"), SHORT_SECONDS)
+
+
+def _audio(path: Path, seconds: float) -> Path:
+    sf.write(path, speech_like(seconds), 16000, subtype="PCM_16")
+    return path
+
+
+def _both(pipe, video, audio, tmp_path, shard_frames):
+    """Render every shard with the pipelined and the serial renderer; return their frames and stats."""
+    info, samples, plan = plan_job(video, audio, overlap=2, smooth_radius=2, shard_frames=shard_frames)
+    stats = []
+    for shard in plan.shards:
+        kw = dict(video=info, samples=samples, plan=plan, shard=shard, encode=LOSSLESS)
+        stats.append(pipe.render_shard(out_path=tmp_path / f"new{shard.index}.mkv", **kw))
+        render_shard_serial(pipe, out_path=tmp_path / f"old{shard.index}.mkv", **kw)
+        new, old = (
+            decode_all(tmp_path / f"new{shard.index}.mkv"),
+            decode_all(tmp_path / f"old{shard.index}.mkv"),
+        )
+        assert len(new) == len(old) == shard.frames
+        for t, (a, b) in enumerate(zip(new, old, strict=True)):
+            assert np.array_equal(a, b), f"{shard.name} frame {t} differs from the serial renderer"
+    return plan, stats
+
+
+@pytest.mark.slow
+def test_demo_with_ping_pong_matches_serial(pipe, demo_media, tmp_path):
+    # 4.6 s of audio over the 4 s clip: the output bounces at source frame 99; 3 shards, one across it.
+    plan, stats = _both(pipe, demo_media.video, _audio(tmp_path / "a.wav", 4.6), tmp_path, 40)
+    assert len(plan.shards) == 3 and plan.output_frames == 115
+    kinds = "".join(s.frame_kinds for s in stats)
+    assert len(kinds) == 115 and set(kinds) <= {"F", "P", "p"}
+    no_face = set(demo_media.no_face_frames)
+    for t, kind in enumerate(kinds):
+        assert (kind == "P") == (plan.source_index(t) in no_face), f"frame {t} is {kind}"
+    assert sum(s.face_frames for s in stats) == 115 - kinds.count("P")
+    assert sum(s.parsing_fallbacks for s in stats) == kinds.count("p")
+    for s in stats:  # plain data: JSON round-trips (the resume manifest stores it)
+        assert ShardStats(**json.loads(json.dumps(asdict(s)))) == s
+
+
+@pytest.mark.slow
+def test_short_1080p_matches_serial(pipe, short_1080p, tmp_path):
+    plan, stats = _both(pipe, short_1080p.video, short_1080p.audio, tmp_path, 30)
+    kinds = stats[0].frame_kinds
+    assert len(kinds) == 30
+    assert [t for t, k in enumerate(kinds) if k == "P"] == list(short_1080p.no_face_frames)
+
+
+def _ffmpeg_children() -> list:
+    return [p for p in psutil.Process().children(recursive=True) if "ffmpeg" in p.name()]
+
+
+def _fail_in(where: str, monkeypatch, pipe):
+    def boom(*_args, **_kwargs):
+        raise ValueError(f"boom in {where}")
+
+    if where == "decode":
+        real = pipeline_module.read_frames
+
+        def frames(*args):
+            it = real(*args)
+            yield next(it)
+            yield next(it)
+            boom()
+
+        monkeypatch.setattr(pipeline_module, "read_frames", frames)
+    elif where == "detect":
+        monkeypatch.setattr(pipe.models.analyzer, "detect", boom)
+    elif where == "generate":
+        monkeypatch.setattr(pipe.models.generator, "generate", boom)
+    elif where == "mask":
+        monkeypatch.setattr(pipe.models.blender, "material", boom)
+    elif where == "encode":
+        calls = []
+        real_write = SegmentWriter.write
+
+        def write(self, frame):
+            calls.append(1)
+            if len(calls) == 3:
+                boom()
+            real_write(self, frame)
+
+        monkeypatch.setattr(SegmentWriter, "write", write)
+
+
+@pytest.mark.parametrize("where", ["decode", "detect", "mask", "generate", "encode"])
+def test_an_error_in_any_thread_reaches_the_caller_and_cleans_up(
+    pipe, demo_media, tmp_path, monkeypatch, where
+):
+    info, samples, plan = plan_job(
+        demo_media.video, _audio(tmp_path / "a.wav", 1.0), overlap=2, smooth_radius=2, shard_frames=25
+    )
+    _fail_in(where, monkeypatch, pipe)
+    out = tmp_path / "out.mkv"
+    with pytest.raises(ValueError, match=f"boom in {where}") as caught:
+        pipe.render_shard(
+            video=info, samples=samples, plan=plan, shard=plan.shards[0], out_path=out, encode=LOSSLESS
+        )
+    frames = traceback.extract_tb(caught.value.__traceback__)
+    assert frames[-1].name == "boom", "the original traceback is kept"
+    assert not [t for t in threading.enumerate() if t.name.startswith(plan.shards[0].name)]
+    assert not _ffmpeg_children() and not out.exists()
+
+
+def test_tuning_rejects_bad_values():
+    from musetalk.stages import PipelineTuning
+
+    with pytest.raises(ValueError, match="composite"):
+        PipelineTuning(composite="gpu")
+    with pytest.raises(ValueError, match="decode_depth"):
+        replace(PipelineTuning(), decode_depth=0)
