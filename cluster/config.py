@@ -77,6 +77,7 @@ class JobConfig:
     pipeline: PipelineConfig
     encode: EncodeSettings
     cluster: ClusterConfig
+    qa: bool = True  # write <output>.qa.png (timeline of frame kinds, sampled source | output frames)
 
 
 def job_from_config(cfg: DictConfig) -> JobConfig:
@@ -146,9 +147,10 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         {"models_dir": "models.dir", "tiny": "models.tiny"},
     )
     cluster = typed(ClusterConfig, "cluster", node("cluster"))
-    encode = typed(EncodeSettings, "output", node("output", drop=("summary", "resume")))
+    encode = typed(EncodeSettings, "output", node("output", drop=("summary", "resume", "qa")))
     summary = get("output.summary", bool, True)
     resume = get("output.resume", bool, True)
+    qa = get("output.qa", bool, True)
     make_demo, download = get("task.make_demo", bool, False), get("models.download", bool, False)
     shard_problems = len(problems)
     length = get("shards.length", int, nullable=True)
@@ -196,6 +198,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         pipeline=pipeline,
         encode=encode,
         cluster=cluster,
+        qa=qa,
     )
 
 

@@ -462,6 +462,8 @@ def _finish(st: _Job, rendered: list[Shard], error, retries: int, isolate: bool,
         summary = _summarise(st, stats, retries)
         if job.summary:
             job.output.with_suffix(".summary.json").write_text(summary.to_json())
+        if job.qa:
+            _qa_sheet(st, stats)
     except FarmError as err:
         st.lock.close()
         if not isolate:
@@ -471,6 +473,17 @@ def _finish(st: _Job, rendered: list[Shard], error, retries: int, isolate: bool,
         return
     st.lock.close()
     report(JobResult(job, summary=summary), st.index)
+
+
+def _qa_sheet(st: _Job, stats: list[ShardStats]) -> None:
+    """The job's QA sheet beside its output; a sheet that cannot be drawn is logged, the output stands."""
+    from cluster.qa import kinds_of, write_qa_sheet
+
+    path = st.cfg.output.with_suffix(".qa.png")
+    try:
+        write_qa_sheet(path, st.cfg.output, st.info, st.plan, kinds_of(stats, st.plan.output_frames))
+    except (FarmError, OSError, ValueError) as err:
+        logger.warning("no QA sheet for %s: %s", st.cfg.output, err)
 
 
 def _dispatch(pool: _Pool, broker: Broker, jobs: dict[int, _Job], progress, job_done) -> None:
