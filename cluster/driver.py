@@ -291,9 +291,9 @@ def run_jobs(
     shards interleaved. With ``isolate``, a failed job is reported in its result while the others finish;
     without, its error is raised. ``on_result`` is told of each job as it ends. Ctrl-C raises Interrupted.
     """
-    groups: dict[PipelineConfig, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        groups.setdefault(pool_key(pinned(job)), []).append(i)
+        groups.setdefault((pool_key(pinned(job)), job.cluster), []).append(i)
     results: dict[int, JobResult] = {}
 
     def report(r: JobResult, i: int) -> None:
@@ -323,7 +323,7 @@ def _run_group(jobs: list[JobConfig], indices: list[int], isolate: bool, report)
                     continue
                 states.append(st)
             for st in [s for s in states if not s.todo]:
-                _finish(st, [], None, 0, isolate, report)  # every shard was kept from an interrupted run
+                _finish(st, None, 0, isolate, report)  # every shard was kept from an interrupted run
             busy = [s for s in states if s.todo]
             if busy:
                 connect(busy[0].cfg.cluster)
@@ -378,17 +378,21 @@ def _open(st: _Job) -> None:
     st.plan_seconds = time.perf_counter() - st.opened
 
 
-def _inputs(st: _Job, progress) -> JobInputs:
+def _inputs(st: _Job, progress, videos: dict) -> JobInputs:
+    """How workers get the job's inputs; ``videos`` shares one object-store copy per video file."""
     job, job_id = st.cfg, uuid.uuid4().hex[:12]
     common = dict(
         pipeline=st.pipeline, progress=progress, tag=f"{st.index}/", scratch=str(scratch_root(job_id))
     )
     if job.cluster.inputs == "object_store":
+        key = job.video.resolve()
+        if key not in videos:  # many jobs often dub the same presenter video
+            videos[key] = ray.put(job.video.read_bytes())
         return JobInputs(
             job_id,
             job.video.suffix,
             st.info,
-            video_ref=[ray.put(job.video.read_bytes())],
+            video_ref=[videos[key]],
             audio_ref=[ray.put(st.samples)],
             **common,
         )
@@ -421,9 +425,9 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
         )
         for i in pool.up:
             broker.slot_up(i, time.monotonic())
-        by_index = {}
+        by_index, videos = {}, {}
         for st in states:
-            st.inputs = _inputs(st, progress)
+            st.inputs = _inputs(st, progress, videos)
             st.pool_id, st.workers = pool.id, len(pool.actors)
             broker.add_job(st.index, st.todo)
             by_index[st.index] = st
@@ -432,7 +436,7 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
             st = by_index[index]
             err = broker.job_errors.get(index)
             try:
-                _finish(st, st.todo, err, broker.job_retries.get(index, 0), isolate, report)
+                _finish(st, err, broker.job_retries.get(index, 0), isolate, report)
             finally:
                 pool.forget(st.inputs.job_id)
                 shutil.rmtree(scratch_root(st.inputs.job_id), ignore_errors=True)
@@ -448,7 +452,7 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
         ray.kill(progress)
 
 
-def _finish(st: _Job, rendered: list[Shard], error, retries: int, isolate: bool, report) -> None:
+def _finish(st: _Job, error, retries: int, isolate: bool, report) -> None:
     """Stitch a job whose units all landed, write its summary, release its lock; or report its error."""
     job, plan, run = st.cfg, st.plan, st.run
     try:

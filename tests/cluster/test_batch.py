@@ -212,3 +212,22 @@ def test_three_jobs_on_one_warm_pool(
     table = (results / "batch_summary.txt").read_text()
     assert table.split()[:7] == ["job", "status", "frames", "fps", "seconds", "output", "error"]
     assert format_rows(rows).count("failed") == 1
+
+
+def test_cli_bad_task_file_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from cluster.config import REPO_ROOT
+
+    bad = _write(tmp_path / "t.yaml", "video: a.mp4\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.batch", str(bad), "render.batch_size=2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "video not understood" in errors[0], proc.stderr[-2000:]
