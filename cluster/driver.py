@@ -214,14 +214,10 @@ class WarmPools:
 
     def get(self, pipeline: PipelineConfig, cluster: ClusterConfig) -> _Pool:
         size, gpus = pool_shape(cluster, ray.cluster_resources().get("GPU", 0))
-        key = (
-            pool_key(pipeline),
-            size,
-            gpus,
-            cluster.cpus_per_worker,
-            os.environ.get(HOLD_ENV),
-            ray.get_runtime_context().get_node_id(),  # new for every Ray session
-        )
+        session = ray.get_runtime_context().get_node_id()  # new for every Ray session
+        key = (pool_key(pipeline), size, gpus, cluster.cpus_per_worker, os.environ.get(HOLD_ENV), session)
+        if self.key is not None and self.key[-1] != session:
+            self.pool = self.key = None  # its actors went with the old session: nothing to stop
         if self.pool is not None and key == self.key:
             logger.info("reusing warm pool %s (%d workers)", self.pool.id, size)
             return self.pool
@@ -236,8 +232,8 @@ class WarmPools:
         return self.pool
 
     def discard(self, *, graceful: bool) -> None:
-        pool, self.pool, self.key = self.pool, None, None
-        if pool is not None and ray.is_initialized():
+        pool, key, self.pool, self.key = self.pool, self.key, None, None
+        if pool is not None and ray.is_initialized() and key[-1] == ray.get_runtime_context().get_node_id():
             pool.shutdown(graceful=graceful)
 
     def close(self) -> None:
