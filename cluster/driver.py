@@ -93,7 +93,7 @@ class JobSummary:
             f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers",
             f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards, "
             f"{self.reused_shards} reused from an interrupted run",
-            f"models      {self.model_loads} loads, {self.load_seconds:.1f} s; without loading "
+            f"models      {self.model_loads} worker loads, {self.load_seconds:.1f} s waited; without loading "
             f"{self.render_seconds:.1f} s, {self.render_fps:.2f} frames/s (pool {self.pool})",
             "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
             "workers     "
