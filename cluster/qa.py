@@ -58,16 +58,24 @@ def sample_frames(frames: int, kinds: str, count: int = 4) -> list[int]:
 def draw_sheet(
     kinds: str, frames: int, pairs: list[tuple[int, np.ndarray, np.ndarray]], width: int = 960
 ) -> np.ndarray:
-    """The sheet as (H, width, 3) uint8 BGR: title line, timeline strip, legend, then one row per
-    (output frame, source (h, w, 3) BGR, output (h, w, 3) BGR) pair, source left, output right."""
+    """The sheet as (H, width, 3) uint8 BGR: title line, timeline strip, legend, then the (output frame,
+    source (h, w, 3) BGR, output (h, w, 3) BGR) pairs two to a row, each as source | output."""
     rows = [_line(f"{frames} output frames" + ("" if kinds else ": frame kinds unavailable"), width)]
     rows.append(timeline(kinds, frames, width))
     rows.append(_legend(kinds, width))
-    half = width // 2
-    for t, src, out in pairs:
-        kind = KINDS.get(kinds[t], UNKNOWN)[1] if kinds else UNKNOWN[1]
-        rows.append(_line(f"frame {t}: {kind}   (source | output)", width))
-        rows.append(np.hstack([_fit(src, half), _fit(out, width - half)]))
+    cell = width // 2
+    for i in range(0, len(pairs), 2):
+        cells = []
+        for t, src, out in pairs[i : i + 2]:
+            kind = KINDS.get(kinds[t], UNKNOWN)[1] if kinds else UNKNOWN[1]
+            images = np.hstack([_fit(src, cell // 2), _fit(out, cell - cell // 2)])
+            cells.append(np.vstack([_line(f"frame {t}: {kind} (source | output)", cell), images]))
+        height = max(c.shape[0] for c in cells)
+        cells = [np.pad(c, ((0, height - c.shape[0]), (0, 0), (0, 0)), constant_values=255) for c in cells]
+        row = np.full((height, width, 3), 255, np.uint8)
+        for j, c in enumerate(cells):
+            row[:, j * cell : j * cell + cell] = c
+        rows.append(row)
     return np.vstack(rows)
 
 

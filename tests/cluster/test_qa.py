@@ -15,20 +15,25 @@ DEMO = "F" * 38 + "P" * 25 + "F" * 30 + "p" * 4 + "e" * 3
 
 def test_strip_colours_read_back_from_the_png(tmp_path):
     frames = len(DEMO)
-    src = np.zeros((64, 48, 3), np.uint8)
-    out = np.full((64, 48, 3), 255, np.uint8)
-    sheet = draw_sheet(DEMO, frames, [(10, src, out)], width=4 * frames)
+    black = np.zeros((64, 48, 3), np.uint8)
+    white = np.full((64, 48, 3), 255, np.uint8)
+    red = np.zeros((64, 48, 3), np.uint8)
+    red[..., 2] = 255
+    width = 4 * frames
+    sheet = draw_sheet(DEMO, frames, [(10, black, white), (50, red, black)], width=width)
     path = tmp_path / "qa.png"
     assert cv2.imwrite(str(path), sheet)
     png = cv2.imread(str(path))
+    assert png.shape[1] == width
     strip_y = 22 + STRIP_H // 2  # below the title line
     colour = {k: np.array(c) for k, (c, _) in KINDS.items()}
     for t, kind in [(0, "F"), (37, "F"), (38, "P"), (50, "P"), (62, "P"), (63, "F"), (94, "p"), (99, "e")]:
         x = 4 * t + 2  # 4 pixels per frame
         assert np.array_equal(png[strip_y, x], colour[kind]), (t, kind, png[strip_y, x])
-    # The sampled pair: source on the left half, output on the right.
-    row_y = png.shape[0] - 5
-    assert png[row_y, 10].tolist() == [0, 0, 0] and png[row_y, png.shape[1] - 10].tolist() == [255, 255, 255]
+    # Two pairs side by side, each source | output, in quarters of the width.
+    y = png.shape[0] - 10
+    quarters = [png[y, q * width // 4 + width // 8].tolist() for q in range(4)]
+    assert quarters == [[0, 0, 0], [255, 255, 255], [0, 0, 255], [0, 0, 0]]
 
 
 def test_without_frame_kinds_the_strip_is_unknown():
