@@ -78,6 +78,7 @@ class JobConfig:
     pipeline: PipelineConfig
     encode: EncodeSettings
     cluster: ClusterConfig
+    qa: bool = True  # write <output>.qa.png (timeline of frame kinds, sampled source | output frames)
 
 
 def job_from_config(cfg: DictConfig) -> JobConfig:
@@ -147,10 +148,11 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         {"models_dir": "models.dir", "tiny": "models.tiny"},
     )
     cluster = typed(ClusterConfig, "cluster", node("cluster"))
-    encode = typed(EncodeSettings, "output", node("output", drop=("summary", "resume", "root")))
+    encode = typed(EncodeSettings, "output", node("output", drop=("summary", "resume", "root", "qa")))
     root = get("output.root", str, ".")
     summary = get("output.summary", bool, True)
     resume = get("output.resume", bool, True)
+    qa = get("output.qa", bool, True)
     make_demo, download = get("task.make_demo", bool, False), get("models.download", bool, False)
     shard_problems = len(problems)
     length = get("shards.length", int, nullable=True)
@@ -159,6 +161,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     shards_typed = len(problems) == shard_problems
 
     problems += pipeline_problems(pipeline)
+    problems += noop_problems(pipeline, encode)
     problems += cluster_problems(cluster, pipeline.device)
     if overlap < face.smooth_radius:
         problems.append(
@@ -197,6 +200,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         pipeline=pipeline,
         encode=encode,
         cluster=cluster,
+        qa=qa,
     )
 
 
@@ -307,4 +311,31 @@ def pipeline_problems(p: PipelineConfig) -> list[str]:
         out.append("blend.ellipse=false needs blend.parsing=true (without parsing the mask is the ellipse)")
     if p.enhance.upscale not in (1, 2, 4):
         out.append(f"enhance.upscale must be 1, 2 or 4, got {p.enhance.upscale}")
+    return out
+
+
+def noop_problems(p: PipelineConfig, encode: EncodeSettings) -> list[str]:
+    """Settings that would change nothing: a sweep over them renders byte-identical duplicates, and a
+    single run silently ignores what the user asked for. Each is refused with its fix."""
+    out = []
+    if not p.enhance.enabled and p.enhance.upscale != 1:
+        out.append(
+            f"enhance.upscale={p.enhance.upscale} does nothing with enhancement off; "
+            "use enhance=gfpgan, or leave enhance.upscale=1"
+        )
+    if not p.blend.parsing and p.blend.mode != BlendConfig.mode:
+        out.append(
+            f"blend.mode={p.blend.mode} does nothing with blend.parsing=false (the mask is the ellipse); "
+            "set blend.parsing=true, or leave blend.mode=jaw"
+        )
+    if encode.lossless and encode.crf != EncodeSettings.crf:
+        out.append(
+            f"output.crf={encode.crf} does nothing with output.lossless=true (lossless is qp 0); "
+            "set output.lossless=false, or leave output.crf=18"
+        )
+    if p.device == "cpu" and p.dtype not in ("float32", "fp32"):
+        out.append(
+            f"render.dtype={p.dtype} does nothing on render.device=cpu (the CPU computes in float32); "
+            "use a GPU device, or leave render.dtype=float32"
+        )
     return out

@@ -1,18 +1,23 @@
-"""The driver: plan a job, run its shards on a pool of RenderWorker actors, stitch the segments.
+"""The driver: plan jobs, run their shards on a warm pool of RenderWorker actors, stitch the segments.
 
-Ray is started once per process (an embedded local cluster by default) and reused by every job
-in it, so a Hydra multirun sweep renders job after job on the same cluster.
+Ray is started once per process (an embedded local cluster by default) and reused by every job in it.
+The pool is warm too: it outlives a job, so a batch (``cluster.batch``) or the runs of a Hydra multirun
+sweep load the models once per worker. A pool is keyed by what its workers load (:func:`pool_key`) and
+its shape; a job with other model settings replaces it. Pools are shut down at process exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -24,6 +29,7 @@ from cluster.progress import ProgressActor
 from cluster.rundir import RunDir, job_key, output_lock
 from cluster.scheduler import Broker, Failure, pool_shape
 from cluster.worker import HOLD_ENV, JobInputs, RenderWorker, scratch_root
+from musetalk.config import PipelineConfig
 from musetalk.pipeline import ShardStats, plan_job, required_weights, stage_totals
 from shards.errors import FarmError, Interrupted
 from shards.plan import Plan, Shard, dispatch_order
@@ -71,6 +77,12 @@ class JobSummary:
     reused_shards: int
     enhance_fallbacks: int
     parsing_fallbacks: int
+    # Model loading, apart from rendering: ``seconds`` = ``load_seconds`` + ``render_seconds``.
+    load_seconds: float = 0.0  # waiting for the pool's workers to load their models (0 on a warm pool)
+    render_seconds: float = 0.0
+    render_fps: float = 0.0  # frames / render_seconds: throughput without model loading
+    model_loads: int = 0  # workers that loaded models for this job (0 when it ran on a warm pool)
+    pool: str = ""  # the pool's id: jobs with the same id shared loaded models
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -81,6 +93,8 @@ class JobSummary:
             f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers",
             f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards, "
             f"{self.reused_shards} reused from an interrupted run",
+            f"models      {self.model_loads} worker loads, {self.load_seconds:.1f} s waited; without loading "
+            f"{self.render_seconds:.1f} s, {self.render_fps:.2f} frames/s (pool {self.pool})",
             "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
             "workers     "
             + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
@@ -92,33 +106,82 @@ class JobSummary:
         return out
 
 
+@dataclass(frozen=True)
+class JobResult:
+    """One job of a batch: its summary, or the error that ended it."""
+
+    job: JobConfig
+    summary: JobSummary | None = None
+    error: FarmError | None = None
+
+
+def pool_key(pipeline: PipelineConfig) -> PipelineConfig:
+    """What a worker loads: ``pipeline`` with the settings a job may set on its own blanked out.
+
+    ``face.bbox_shift``, ``face.extra_margin`` and ``face.smooth_radius`` act on boxes inside
+    ``render_shard``, not on any loaded model, so jobs that differ only there share a pool.
+    """
+    return replace(pipeline, face=replace(pipeline.face, bbox_shift=0, extra_margin=0, smooth_radius=0))
+
+
+def pinned(job: JobConfig) -> PipelineConfig:
+    """The job's pipeline with its thread count fixed: every worker computes with the same count, so
+    results never depend on placement."""
+    p = job.pipeline
+    return replace(p, threads=p.threads or max(1, int(job.cluster.cpus_per_worker)))
+
+
 class _Pool:
     """The Ray side of the worker slots: actors, their ready() refs, restarts and shutdown.
 
     Policy (what to retry, when to give up) lives in :class:`cluster.scheduler.Broker`.
     """
 
-    def __init__(self, job: JobConfig, progress, size: int, gpus: float, scratch: str) -> None:
-        self.job, self.progress, self.gpus, self.scratch = job, progress, gpus, scratch
+    def __init__(self, pipeline: PipelineConfig, cluster: ClusterConfig, size: int, gpus: float) -> None:
+        self.pipeline, self.cluster, self.gpus = pipeline, cluster, gpus
+        self.id = uuid.uuid4().hex[:8]
         self.actors: list = [None] * size
         self.starting: dict = {}  # ready() ref -> slot
+        self.up: set[int] = set()
+        self.started = 0  # actors started (each loads the models once)
+        self.charged = 0  # of which already reported in a job's summary
+        self.created = time.monotonic()
+        self.first_up: float | None = None
         for i in range(size):
             self.start(i)
 
     def start(self, i: int) -> None:
-        c = self.job.cluster
+        c = self.cluster
         options = dict(num_gpus=self.gpus, num_cpus=c.cpus_per_worker, max_restarts=0, max_task_retries=0)
         hold = os.environ.get(HOLD_ENV)
         if hold:  # a test's hold point travels to workers on every node
             options["runtime_env"] = {"env_vars": {HOLD_ENV: hold}}
-        # Every worker computes with the same thread count, so results never depend on placement.
-        pipeline = replace(
-            self.job.pipeline, threads=self.job.pipeline.threads or max(1, int(c.cpus_per_worker))
-        )
-        self.actors[i] = (
-            ray.remote(RenderWorker).options(**options).remote(pipeline, self.progress, self.scratch)
-        )
+        self.up.discard(i)
+        self.actors[i] = ray.remote(RenderWorker).options(**options).remote(self.pipeline)
         self.starting[self.actors[i].ready.remote()] = i
+        self.started += 1
+
+    def came_up(self, i: int) -> None:
+        self.up.add(i)
+        if self.first_up is None:
+            self.first_up = time.monotonic()
+
+    def take_loads(self) -> tuple[int, float]:
+        """(model loads not yet charged to a job, and the wait for the first worker when the pool is new)."""
+        first = self.charged == 0
+        loads, self.charged = self.started - self.charged, self.started
+        wait = (self.first_up or time.monotonic()) - self.created if first and loads else 0.0
+        return loads, wait
+
+    def forget(self, job_id: str) -> None:
+        """Tell every worker to drop a finished job's inputs (no reply awaited)."""
+        for a in self.actors:
+            if a is not None:
+                a.forget.remote(job_id)
+
+    def worker_info(self) -> list[dict]:
+        """Each live worker's own report: name, model loads, load seconds, units rendered."""
+        return ray.get([self.actors[i].info.remote() for i in sorted(self.up)])
 
     def shutdown(self, *, graceful: bool) -> None:
         """Stop every actor; when ``graceful``, first let live ones delete their scratch (bounded wait)."""
@@ -135,130 +198,316 @@ class _Pool:
                 ray.kill(a)
 
 
+class WarmPools:
+    """The process's warm pool: reused by the next job with the same key, replaced otherwise.
+
+    One pool at a time (a second would hold the GPUs the next one needs). The key is what the workers
+    load (:func:`pool_key`), the pool's shape, the test hold point and the Ray session (a pool does not
+    survive ``ray.shutdown()``).
+    """
+
+    def __init__(self) -> None:
+        self.pool: _Pool | None = None
+        self.key: tuple | None = None
+        self.built = 0
+        self._registered = False
+
+    def get(self, pipeline: PipelineConfig, cluster: ClusterConfig) -> _Pool:
+        size, gpus = pool_shape(cluster, ray.cluster_resources().get("GPU", 0))
+        session = ray.get_runtime_context().get_node_id()  # new for every Ray session
+        key = (pool_key(pipeline), size, gpus, cluster.cpus_per_worker, os.environ.get(HOLD_ENV), session)
+        if self.key is not None and self.key[-1] != session:
+            self.pool = self.key = None  # its actors went with the old session: nothing to stop
+        if self.pool is not None and key == self.key:
+            logger.info("reusing warm pool %s (%d workers)", self.pool.id, size)
+            return self.pool
+        if self.pool is not None:
+            logger.info("model settings changed: replacing pool %s", self.pool.id)
+            self.discard(graceful=True)
+        self.pool, self.key = _Pool(pipeline, cluster, size, gpus), key
+        self.built += 1
+        if not self._registered:  # registered after ray.init, so it runs before Ray's own exit hook
+            atexit.register(self.close)
+            self._registered = True
+        return self.pool
+
+    def discard(self, *, graceful: bool) -> None:
+        pool, key, self.pool, self.key = self.pool, self.key, None, None
+        if pool is not None and ray.is_initialized() and key[-1] == ray.get_runtime_context().get_node_id():
+            pool.shutdown(graceful=graceful)
+
+    def close(self) -> None:
+        try:
+            self.discard(graceful=True)
+        except Exception as err:  # noqa: BLE001 - at exit, Ray may already be going down
+            logger.debug("closing the warm pool: %s", err)
+
+
+# The one process-wide pool cache: a multirun calls run_job once per run in this process.
+WARM = WarmPools()
+
+
+@dataclass
+class _Job:
+    """Driver-side state of one job on a pool."""
+
+    index: int
+    cfg: JobConfig
+    pipeline: PipelineConfig
+    lock: ExitStack
+    opened: float
+    plan: Plan | None = None
+    info: VideoInfo | None = None
+    samples: object = None
+    run: RunDir | None = None
+    todo: list[Shard] = field(default_factory=list)
+    reused: int = 0
+    plan_seconds: float = 0.0
+    first_dispatch: float | None = None
+    load: tuple[int, float] = (0, 0.0)
+    inputs: JobInputs | None = None
+    pool_id: str = ""
+    workers: int = 0
+
+
 def run_job(job: JobConfig) -> JobSummary:
     """Render one job end to end; the output appears atomically or not at all.
 
     Holds the output's lock throughout; finished segments survive a crash or Ctrl-C in the output's run
-    directory, and running the same job again renders only the missing shards.
+    directory, and running the same job again renders only the missing shards. Raises the job's error.
     """
-    start = time.perf_counter()
-    job.output.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(job.output):
-        info, samples, plan = plan_job(
-            job.video,
-            job.audio,
-            overlap=job.overlap,
-            smooth_radius=job.pipeline.face.smooth_radius,
-            shard_frames=job.shard_length,
-            shard_seconds=job.shard_seconds,
-        )
-        logger.info(
-            "plan: %d output frames at %s fps from %d source frames, %d shards",
-            plan.output_frames,
-            plan.fps,
-            plan.source_frames,
-            len(plan.shards),
-        )
-        key = job_key(
-            [job.video, job.audio],
-            {"plan": plan.to_json(), "pipeline": asdict(job.pipeline), "encode": asdict(job.encode)},
-            [p for p, _ in required_weights(job.pipeline)],
-        )
-        run = RunDir.open(job.output, key, plan, resume=job.resume)
-        reused = run.done_count
-        todo = [s for s in dispatch_order(plan) if not run.has(s)]
-        workers, retries = 0, 0
-        try:
-            if todo:
-                connect(job.cluster)
-                workers, retries = _render(job, info, plan, todo, samples, run)
-            concat_and_mux(
-                [run.segment(s.name) for s in plan.shards],
-                job.audio,
-                job.output,
-                plan.fps,
-                plan.output_frames,
-            )
-        except KeyboardInterrupt:
+    (result,) = run_jobs([job], isolate=False)
+    return result.summary
+
+
+def run_jobs(
+    jobs: list[JobConfig], *, isolate: bool = True, on_result: Callable[[JobResult], None] | None = None
+) -> list[JobResult]:
+    """Render many jobs, grouped by the models they need, each group on one warm pool with its jobs'
+    shards interleaved. With ``isolate``, a failed job is reported in its result while the others finish;
+    without, its error is raised. ``on_result`` is told of each job as it ends. Ctrl-C raises Interrupted.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((pool_key(pinned(job)), job.cluster), []).append(i)
+    results: dict[int, JobResult] = {}
+
+    def report(r: JobResult, i: int) -> None:
+        results[i] = r
+        if on_result is not None:
+            on_result(r)
+
+    for members in groups.values():
+        _run_group([jobs[i] for i in members], members, isolate, report)
+    return [results[i] for i in range(len(jobs))]
+
+
+def _run_group(jobs: list[JobConfig], indices: list[int], isolate: bool, report) -> None:
+    states: list[_Job] = []
+    try:
+        with ExitStack() as every_lock:
+            for i, job in zip(indices, jobs, strict=True):
+                lock = every_lock.enter_context(ExitStack())
+                st = _Job(i, job, pinned(job), lock, time.perf_counter())
+                try:
+                    _open(st)
+                except FarmError as err:
+                    if not isolate:
+                        raise
+                    lock.close()
+                    report(JobResult(job, error=err), i)
+                    continue
+                states.append(st)
+            for st in [s for s in states if not s.todo]:
+                _finish(st, None, 0, isolate, report)  # every shard was kept from an interrupted run
+            busy = [s for s in states if s.todo]
+            if busy:
+                connect(busy[0].cfg.cluster)
+                _render(busy, isolate, report)
+    except KeyboardInterrupt:
+        kept = [st.run for st in states if st.run is not None and st.run.root.exists()]
+        if not kept:
+            raise
+        if len(kept) == 1:
+            run = kept[0]
+            total = next(len(st.plan.shards) for st in states if st.run is run)
             raise Interrupted(
-                f"interrupted; {run.done_count} of {len(plan.shards)} shards are kept in {run.root}: "
+                f"interrupted; {run.done_count} of {total} shards are kept in {run.root}: "
                 "run the same command again to resume"
             ) from None
+        raise Interrupted(
+            f"interrupted; finished shards of {len(kept)} jobs are kept beside their outputs: "
+            "run the same command again to resume"
+        ) from None
+
+
+def _open(st: _Job) -> None:
+    """Take the output's lock, probe and plan, open the run directory (InputError on bad inputs)."""
+    job = st.cfg
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    st.lock.enter_context(output_lock(job.output))
+    st.info, st.samples, st.plan = plan_job(
+        job.video,
+        job.audio,
+        overlap=job.overlap,
+        smooth_radius=job.pipeline.face.smooth_radius,
+        shard_frames=job.shard_length,
+        shard_seconds=job.shard_seconds,
+    )
+    plan = st.plan
+    logger.info(
+        "plan %s: %d output frames at %s fps from %d source frames, %d shards",
+        job.output.name,
+        plan.output_frames,
+        plan.fps,
+        plan.source_frames,
+        len(plan.shards),
+    )
+    key = job_key(
+        [job.video, job.audio],
+        {"plan": plan.to_json(), "pipeline": asdict(job.pipeline), "encode": asdict(job.encode)},
+        [p for p, _ in required_weights(job.pipeline)],
+    )
+    st.run = RunDir.open(job.output, key, plan, resume=job.resume)
+    st.reused = st.run.done_count
+    st.todo = [s for s in dispatch_order(plan) if not st.run.has(s)]
+    st.plan_seconds = time.perf_counter() - st.opened
+
+
+def _inputs(st: _Job, progress, videos: dict) -> JobInputs:
+    """How workers get the job's inputs; ``videos`` shares one object-store copy per video file."""
+    job, job_id = st.cfg, uuid.uuid4().hex[:12]
+    common = dict(
+        pipeline=st.pipeline, progress=progress, tag=f"{st.index}/", scratch=str(scratch_root(job_id))
+    )
+    if job.cluster.inputs == "object_store":
+        key = job.video.resolve()
+        if key not in videos:  # many jobs often dub the same presenter video
+            videos[key] = ray.put(job.video.read_bytes())
+        return JobInputs(
+            job_id,
+            job.video.suffix,
+            st.info,
+            video_ref=[videos[key]],
+            audio_ref=[ray.put(st.samples)],
+            **common,
+        )
+    return JobInputs(
+        job_id,
+        job.video.suffix,
+        st.info,
+        video_path=str(job.video.resolve()),
+        audio_path=str(job.audio.resolve()),
+        **common,
+    )
+
+
+def _render(states: list[_Job], isolate: bool, report) -> None:
+    """Render every state's ``todo`` on the warm pool, finishing each job as its last unit lands."""
+    first = states[0].cfg
+    # Progress lives on the driver's node: a lost worker node must not take the progress counter with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = ProgressActor.options(scheduling_strategy=here).remote()
+    ok = False
+    try:
+        pool = WARM.get(states[0].pipeline, first.cluster)
+        broker = Broker(
+            slots=len(pool.actors),
+            max_in_flight=first.cluster.max_in_flight,
+            max_attempts=first.cluster.max_attempts,
+            start_timeout_s=first.cluster.start_timeout_s,
+            now=time.monotonic(),
+            isolate_jobs=isolate,
+        )
+        for i in pool.up:
+            broker.slot_up(i, time.monotonic())
+        by_index, videos = {}, {}
+        for st in states:
+            st.inputs = _inputs(st, progress, videos)
+            st.pool_id, st.workers = pool.id, len(pool.actors)
+            broker.add_job(st.index, st.todo)
+            by_index[st.index] = st
+
+        def job_done(index: int) -> None:
+            st = by_index[index]
+            err = broker.job_errors.get(index)
+            try:
+                _finish(st, err, broker.job_retries.get(index, 0), isolate, report)
+            finally:
+                pool.forget(st.inputs.job_id)
+                shutil.rmtree(scratch_root(st.inputs.job_id), ignore_errors=True)
+
+        _dispatch(pool, broker, by_index, progress, job_done)
+        ok = True
+    finally:
+        if not ok:  # Ctrl-C, a worker that cannot load, a job error raised: the pool goes too
+            WARM.discard(graceful=False)
+            for st in states:
+                if st.inputs is not None:
+                    shutil.rmtree(scratch_root(st.inputs.job_id), ignore_errors=True)
+        ray.kill(progress)
+
+
+def _finish(st: _Job, error, retries: int, isolate: bool, report) -> None:
+    """Stitch a job whose units all landed, write its summary, release its lock; or report its error."""
+    job, plan, run = st.cfg, st.plan, st.run
+    try:
+        if error is not None:
+            raise error
+        concat_and_mux(
+            [run.segment(s.name) for s in plan.shards], job.audio, job.output, plan.fps, plan.output_frames
+        )
         stats = [run.stats(s) for s in plan.shards]
         run.remove()
-        summary = _summarise(job, plan, stats, workers, time.perf_counter() - start, retries, reused)
+        summary = _summarise(st, stats, retries)
         if job.summary:
             path = job.output.with_suffix(".summary.json")
             partial = path.with_name(f".{path.name}.partial")
             partial.write_text(summary.to_json())
             os.replace(partial, path)
-    return summary
+        if job.qa:
+            _qa_sheet(st, stats)
+    except FarmError as err:
+        st.lock.close()
+        if not isolate:
+            raise
+        logger.error("job %s failed: %s", job.output, err)
+        report(JobResult(job, error=err), st.index)
+        return
+    st.lock.close()
+    report(JobResult(job, summary=summary), st.index)
 
 
-def _render(
-    job: JobConfig, info: VideoInfo, plan: Plan, todo: list[Shard], samples, run: RunDir
-) -> tuple[int, int]:
-    """Render ``todo`` on a pool into ``run``; returns (pool size, retried shards)."""
-    job_id = uuid.uuid4().hex[:12]
-    if job.cluster.inputs == "object_store":
-        inputs = JobInputs(
-            job_id,
-            job.video.suffix,
-            info,
-            video_ref=[ray.put(job.video.read_bytes())],
-            audio_ref=[ray.put(samples)],
-        )
-    else:
-        inputs = JobInputs(
-            job_id,
-            job.video.suffix,
-            info,
-            video_path=str(job.video.resolve()),
-            audio_path=str(job.audio.resolve()),
-        )
-    # Progress lives on the driver's node: a lost worker node must not take the progress counter with it.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    progress = ProgressActor.options(scheduling_strategy=here).remote()
-    size, gpus = pool_shape(job.cluster, ray.cluster_resources().get("GPU", 0))
-    scratch = scratch_root(job_id)
-    graceful = False
-    pool = None
+def _qa_sheet(st: _Job, stats: list[ShardStats]) -> None:
+    """The job's QA sheet beside its output; a sheet that cannot be drawn is logged, the output stands."""
+    from cluster.qa import kinds_of, write_qa_sheet
+
+    path = st.cfg.output.with_suffix(".qa.png")
     try:
-        pool = _Pool(job, progress, size, gpus, str(scratch))
-        broker = Broker(
-            todo,
-            slots=size,
-            max_in_flight=job.cluster.max_in_flight,
-            max_attempts=job.cluster.max_attempts,
-            start_timeout_s=job.cluster.start_timeout_s,
-            now=time.monotonic(),
-        )
-        done_before = sum(s.frames for s in plan.shards if run.has(s))
-        _dispatch(job, plan, pool, broker, inputs, progress, run, done_before)
-        graceful = True
-        return size, broker.retries
-    finally:
-        if pool is not None:
-            pool.shutdown(graceful=graceful)
-        ray.kill(progress)
-        # Workers on this node keep their scratch under one root per job: removed even when one was killed.
-        shutil.rmtree(scratch, ignore_errors=True)
+        write_qa_sheet(path, st.cfg.output, st.info, st.plan, kinds_of(stats, st.plan.output_frames))
+    except (FarmError, OSError, ValueError) as err:
+        logger.warning("no QA sheet for %s: %s", st.cfg.output, err)
 
 
-def _dispatch(
-    job, plan: Plan, pool: _Pool, broker: Broker, inputs: JobInputs, progress, run: RunDir, done_before
-):
-    in_flight: dict = {}  # render ref -> (Assignment, actor)
-    bar = tqdm(total=plan.output_frames, unit="frame", desc="render", dynamic_ncols=True, mininterval=1.0)
+def _dispatch(pool: _Pool, broker: Broker, jobs: dict[int, _Job], progress, job_done) -> None:
+    in_flight: dict = {}  # render ref -> Assignment
+    ended: set[int] = set()
+    total = sum(st.plan.output_frames for st in jobs.values())
+    done_before = sum(s.frames for st in jobs.values() for s in st.plan.shards if st.run.has(s))
+    bar = tqdm(total=total, unit="frame", desc="render", dynamic_ncols=True, mininterval=1.0)
     bar.n = done_before
     try:
         while not broker.finished:
             for a in broker.assignments():
+                st = jobs[a.job]
+                if st.first_dispatch is None:
+                    st.first_dispatch = time.perf_counter()
+                    st.load = pool.take_loads()
                 actor = pool.actors[a.slot]
-                in_flight[actor.render.remote(inputs, plan, a.shard, job.encode)] = a
+                in_flight[actor.render.remote(st.inputs, st.plan, a.shard, st.cfg.encode)] = a
             ready, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
             frames, stages = ray.get(progress.snapshot.remote())
-            bar.n = min(plan.output_frames, done_before + frames)
+            bar.n = min(total, done_before + frames)
             bar.set_postfix_str(" ".join(f"{s}:{st}" for s, st in sorted(stages.items())), refresh=False)
             bar.refresh()
             for ref in ready:
@@ -266,29 +515,40 @@ def _dispatch(
                     _came_up(pool, broker, ref)
                     continue
                 a = in_flight.pop(ref)
-                try:
-                    data, st = ray.get(ref)
-                except RayActorError as err:
-                    if broker.failed(a, Failure.LOST, err):
-                        logger.warning("worker %d died; starting a replacement", a.slot)
-                        pool.start(a.slot)
-                    continue
-                except RayTaskError as err:
-                    cause = err.cause if isinstance(err.cause, BaseException) else err
-                    broker.failed(a, Failure.FATAL if isinstance(cause, FarmError) else Failure.ERROR, cause)
-                    continue
-                run.add(a.shard, data, st)
-                broker.succeeded(a)
-                logger.info("%s done on %s: %d frames", a.shard.name, st.worker, st.frames)
+                _landed(pool, broker, jobs[a.job], a, ref)
+                if a.job not in ended and broker.job_finished(a.job):
+                    ended.add(a.job)
+                    job_done(a.job)
             broker.check_start(time.monotonic())
-        bar.n = plan.output_frames
+        bar.n = total
         bar.refresh()
     finally:
         bar.close()
 
 
+def _landed(pool: _Pool, broker: Broker, st: _Job, a, ref) -> None:
+    """A render ref resolved: store the segment, or tell the broker how it failed."""
+    try:
+        data, stats = ray.get(ref)
+    except RayActorError as err:
+        if broker.failed(a, Failure.LOST, err):
+            logger.warning("worker %d died; starting a replacement", a.slot)
+            pool.start(a.slot)
+        return
+    except RayTaskError as err:
+        cause = err.cause if isinstance(err.cause, BaseException) else err
+        broker.failed(a, Failure.FATAL if isinstance(cause, FarmError) else Failure.ERROR, cause)
+        return
+    if a.job not in broker.job_errors:
+        st.run.add(a.shard, data, stats)
+        logger.info(
+            "%s of %s done on %s: %d frames", a.shard.name, st.cfg.output.name, stats.worker, stats.frames
+        )
+    broker.succeeded(a)
+
+
 def _came_up(pool: _Pool, broker: Broker, ref) -> None:
-    """A ready() ref resolved: the slot is up, its worker failed to start (the job fails), or it died."""
+    """A ready() ref resolved: the slot is up, its worker failed to start (the pool fails), or it died."""
     i = pool.starting.pop(ref)
     try:
         name = ray.get(ref)
@@ -302,35 +562,40 @@ def _came_up(pool: _Pool, broker: Broker, ref) -> None:
         logger.warning("worker %d died while starting (%s); starting another", i, err)
         pool.start(i)
         return
+    pool.came_up(i)
     broker.slot_up(i, time.monotonic())
     logger.info("worker %d up: %s", i, name)
 
 
-def _summarise(
-    job: JobConfig,
-    plan: Plan,
-    stats: list[ShardStats],
-    workers: int,
-    seconds: float,
-    retries: int,
-    reused: int,
-):
+def _summarise(st: _Job, stats: list[ShardStats], retries: int) -> JobSummary:
+    plan = st.plan
     stage = {k: round(v, 3) for k, v in stage_totals(stats).items()}
     per_worker: dict[str, int] = {}
     for s in stats:
         per_worker[s.worker] = per_worker.get(s.worker, 0) + s.frames
+    loads, load_wait = st.load
+    # A job's time: planning, waiting for workers it made load, then first unit out to output landed
+    # (in a batch, time queued behind other jobs is not the job's).
+    span = time.perf_counter() - (st.first_dispatch or st.opened)
+    seconds = st.plan_seconds + load_wait + span if st.first_dispatch else time.perf_counter() - st.opened
+    render_seconds = max(1e-9, seconds - load_wait)
     return JobSummary(
-        output=str(job.output),
+        output=str(st.cfg.output),
         frames=plan.output_frames,
         face_frames=sum(s.face_frames for s in stats),
         shards=len(plan.shards),
-        workers=workers,
+        workers=st.workers,
         seconds=round(seconds, 3),
         fps=round(plan.output_frames / seconds, 3),
         stage_seconds=stage,
         worker_frames=per_worker,
         retries=retries,
-        reused_shards=reused,
+        reused_shards=st.reused,
         enhance_fallbacks=sum(s.enhance_fallbacks for s in stats),
         parsing_fallbacks=sum(s.parsing_fallbacks for s in stats),
+        load_seconds=round(load_wait, 3),
+        render_seconds=round(render_seconds, 3),
+        render_fps=round(plan.output_frames / render_seconds, 3),
+        model_loads=loads,
+        pool=st.pool_id,
     )

@@ -83,12 +83,17 @@ def output_problems(job: JobConfig) -> list[str]:
             problems.append(
                 f"task.output={out} is the input {name}: the render would replace it; choose another task.output"
             )
-        summary = out.with_suffix(".summary.json")
-        if job.summary and _same_file(summary, path):
-            problems.append(
-                f"the summary {summary} (written beside task.output) would replace the input {name}; "
-                f"choose another task.output or set output.summary=false"
-            )
+        for wanted, side, switch in (
+            (job.summary, ".summary.json", "output.summary"),
+            (job.qa, ".qa.png", "output.qa"),
+        ):
+            beside = out.with_suffix(side)
+            if wanted and _same_file(beside, path):
+                what = "summary" if side == ".summary.json" else "QA sheet"
+                problems.append(
+                    f"the {what} {beside} (written beside task.output) would replace the input {name}; "
+                    f"choose another task.output or set {switch}=false"
+                )
         run_dir = run_dir_path(out).resolve()
         if run_dir in path.resolve().parents:
             problems.append(

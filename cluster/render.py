@@ -14,10 +14,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cluster.config import CONF_DIR, DEMO_DIR, JobConfig, job_from_config
 from cluster.preflight import check_before_work, demo_to_build, gpu_problem, in_ray_job_copy
+from cluster.sweep import REJECTED
 from shards.errors import ConfigError, FarmError, InputError, Interrupted, WeightsError
 
 logger = logging.getLogger("cluster.render")
@@ -93,13 +95,22 @@ def check_cluster_gpus(job: JobConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = render(cfg)
     except KeyboardInterrupt:
         _fail(Interrupted("interrupted; nothing was written to the output"))
+    except ConfigError as err:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            _fail(err)
+        # One refused combination of a sweep (e.g. a setting that does nothing there): recorded for the
+        # sweep table, and the other runs go on; the sweep exits non-zero at its end.
+        logger.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        (out_dir / REJECTED).write_text(json.dumps({"error": str(err), "exit_code": err.exit_code}))
+        return
     except FarmError as err:
         _fail(err)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     if in_ray_job_copy(out_dir):
         logger.warning(

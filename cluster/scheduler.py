@@ -1,16 +1,20 @@
-"""The scheduling policy of a job, free of Ray: which shard goes to which worker slot, what is retried,
-when to give up. Av1an's broker is the model; ``cluster/driver.py`` is a thin Ray layer around it.
+"""The scheduling policy of a pool, free of Ray: which (job, shard) unit goes to which worker slot, what
+is retried, when to give up. Av1an's broker is the model; ``cluster/driver.py`` is a thin Ray layer around it.
 
 Time is passed in (``now``, seconds on any monotonic clock), so every rule has a table test.
 
 Rules:
-- Shards are handed out in the order given (the planner's longest-first order); a retried shard goes to
-  the front of the queue so a job never ends on a straggler retried late.
+- Units are handed out in the order given: job after job (in the order they were added), each job's
+  shards in the planner's longest-first order, so a job's output lands as early as possible while the
+  next job's shards fill the slots its tail leaves idle. A retried unit goes to the front of the queue so
+  a job never ends on a straggler retried late.
 - A shard goes to the least-loaded slot that is up (ties: the lowest slot), never beyond ``max_in_flight``.
 - A failure is one of three kinds. ``lost``: the worker died (killed, OOM, node gone): the shard is retried
   and the slot restarted. ``error``: the render raised an unexpected exception: retried. ``fatal``: an
   expected domain error (bad input, bad weights): never retried, the job fails with it. A shard that has
-  failed ``max_attempts`` times fails the job.
+  failed ``max_attempts`` times fails the job. With ``isolate_jobs`` (a batch), a failed job is recorded
+  in ``job_errors`` and its pending units dropped while the other jobs go on; without it (one job), the
+  error is raised.
 - A worker that raises while starting fails the job at once with its reason (no retry loop); one that
   dies while starting is restarted, at most ``max_attempts`` times in a row per slot.
 - When no slot is up and none has come up for ``start_timeout_s``, the job fails (no node can host a worker).
@@ -62,36 +66,50 @@ class Assignment:
     attempt: int
     slot: int
     generation: int
+    job: int = 0
 
 
 class Broker:
-    """Pending shards, attempts and worker slots of one job."""
+    """Pending (job, shard) units, attempts and worker slots of a pool; ``shards`` are job 0's."""
 
     def __init__(
         self,
-        shards: Iterable[Shard],
+        shards: Iterable[Shard] = (),
         *,
         slots: int,
         max_in_flight: int,
         max_attempts: int,
         start_timeout_s: float,
         now: float,
+        isolate_jobs: bool = False,
     ) -> None:
         if slots < 1 or max_in_flight < 1 or max_attempts < 1:
             raise ValueError("slots, max_in_flight and max_attempts must be >= 1")
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
         self.start_timeout_s = start_timeout_s
-        self.pending: deque[tuple[Shard, int]] = deque((s, 1) for s in shards)
+        self.isolate_jobs = isolate_jobs
+        self.pending: deque[tuple[int, Shard, int]] = deque()  # (job, shard, attempt)
         self.slots = [_Slot() for _ in range(slots)]
-        self.in_flight: dict[int, Assignment] = {}  # shard index -> assignment
-        self.done: set[int] = set()
+        self.in_flight: dict[tuple[int, int], Assignment] = {}  # (job, shard index) -> assignment
+        self.done: set[tuple[int, int]] = set()
         self.retries = 0
+        self.job_retries: dict[int, int] = {}
+        self.job_errors: dict[int, BaseException] = {}
         self._since = now  # last time a slot came up, or the start
+        self.add_job(0, shards)
+
+    def add_job(self, job: int, shards: Iterable[Shard]) -> None:
+        """Queue ``job``'s shards behind everything already queued."""
+        self.pending.extend((job, s, 1) for s in shards)
 
     @property
     def finished(self) -> bool:
         return not self.pending and not self.in_flight
+
+    def job_finished(self, job: int) -> bool:
+        """No unit of ``job`` is pending or in flight (it succeeded, or failed: see ``job_errors``)."""
+        return not any(j == job for j, _, _ in self.pending) and not any(j == job for j, _ in self.in_flight)
 
     # ---------------------------------------------------------------- slots
 
@@ -135,10 +153,10 @@ class Broker:
         if not ready:
             return None
         slot = min(ready, key=lambda i: (self.slots[i].load, i))
-        shard, attempt = self.pending.popleft()
+        job, shard, attempt = self.pending.popleft()
         self.slots[slot].load += 1
-        a = Assignment(shard, attempt, slot, self.slots[slot].generation)
-        self.in_flight[shard.index] = a
+        a = Assignment(shard, attempt, slot, self.slots[slot].generation, job)
+        self.in_flight[(job, shard.index)] = a
         return a
 
     def assignments(self) -> list[Assignment]:
@@ -150,13 +168,15 @@ class Broker:
 
     def succeeded(self, a: Assignment) -> None:
         self._release(a)
-        self.done.add(a.shard.index)
+        if a.job not in self.job_errors:
+            self.done.add((a.job, a.shard.index))
 
     def failed(self, a: Assignment, kind: Failure, reason: object) -> bool:
-        """Record a failed attempt: requeue the shard at the front, or raise RenderError to end the job.
+        """Record a failed attempt: requeue the unit at the front, or end its job (RenderError, or
+        ``job_errors`` with ``isolate_jobs``).
 
         Returns True when the caller must restart the slot's worker (the first ``LOST`` report of that
-        worker; the other shards it held fail with it and are requeued without a second restart).
+        worker; the other units it held fail with it and are requeued without a second restart).
         """
         self._release(a)
         restart = False
@@ -164,19 +184,33 @@ class Broker:
         if kind is Failure.LOST and a.generation == slot.generation:
             slot.up, slot.load, slot.generation = False, 0, slot.generation + 1
             restart = True
+        if a.job in self.job_errors:
+            return restart  # the job already failed: its late units are dropped
         if kind is Failure.FATAL:
-            raise RenderError(str(reason)) if not isinstance(reason, BaseException) else reason
+            self._end_job(a.job, reason if isinstance(reason, BaseException) else RenderError(str(reason)))
+            return restart
         if a.attempt >= self.max_attempts:
-            raise RenderError(
-                f"{a.shard.name} (frames {a.shard.start}..{a.shard.end - 1}) failed {a.attempt} times, "
-                f"last: {reason}; see the worker log above, or raise cluster.max_attempts"
+            self._end_job(
+                a.job,
+                RenderError(
+                    f"{a.shard.name} (frames {a.shard.start}..{a.shard.end - 1}) failed {a.attempt} times, "
+                    f"last: {reason}; see the worker log above, or raise cluster.max_attempts"
+                ),
             )
+            return restart
         self.retries += 1
-        self.pending.appendleft((a.shard, a.attempt + 1))
+        self.job_retries[a.job] = self.job_retries.get(a.job, 0) + 1
+        self.pending.appendleft((a.job, a.shard, a.attempt + 1))
         return restart
 
+    def _end_job(self, job: int, error: BaseException) -> None:
+        if not self.isolate_jobs:
+            raise error
+        self.job_errors[job] = error
+        self.pending = deque(u for u in self.pending if u[0] != job)
+
     def _release(self, a: Assignment) -> None:
-        self.in_flight.pop(a.shard.index, None)
+        self.in_flight.pop((a.job, a.shard.index), None)
         s = self.slots[a.slot]
         if a.generation == s.generation:
             s.load -= 1

@@ -1,10 +1,12 @@
 """The RenderWorker actor: a thin Ray shell around musetalk.pipeline.FramePipeline.
 
-Models load once in ``__init__``; each ``render`` call renders one shard and returns its encoded
-segment bytes and stats. Inputs arrive through the object store (or as paths every node can read)
-and are materialised once per job on the worker's node, under ``<tmp>/musetalk-job-<id>/<pid>/``: the
-driver removes the job's root on its node, a worker removes its own directory when closed, and a worker
-starting on a node removes what dead workers left there.
+Models load once in ``__init__`` and serve every job the pool is given (a warm pool outlives a job: a
+batch, or the runs of a multirun sweep); each ``render`` call renders one (job, shard) unit and returns
+its encoded segment bytes and stats. Per-job settings that do not change the models (``bbox_shift``)
+travel with the job. Inputs arrive through the object store (or as paths every node can read) and are
+materialised once per job on the worker's node, under ``<tmp>/musetalk-job-<id>/<pid>/``: the driver
+removes the job's root on its node when the job ends, a worker removes its own directories when told to
+forget a job or when closed, and a worker starting on a node removes what dead workers left there.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import shutil
 import socket
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -80,6 +81,9 @@ class JobInputs:
     """How a worker gets a job's inputs: object-store refs (held in lists so Ray does not resolve them per call) or paths.
 
     ``video`` is the driver's probe (probing decodes the whole stream, so workers never repeat it).
+    ``pipeline`` is the job's own settings: they may differ from the pool's only where the models do not
+    (see ``cluster.driver.pool_key``). ``progress`` is the driver's progress actor, ``tag`` this job's
+    prefix in it (units of several jobs share one counter); ``scratch`` is the job's scratch root.
     """
 
     job_id: str
@@ -89,66 +93,116 @@ class JobInputs:
     audio_ref: list | None = None  # [ObjectRef to (N,) float32 16 kHz samples]
     video_path: str | None = None
     audio_path: str | None = None
+    pipeline: PipelineConfig | None = None
+    progress: object = None
+    tag: str = ""
+    scratch: str | None = None
+
+
+# Inputs of this many jobs stay materialised per worker (units of neighbouring jobs interleave).
+_KEEP_JOBS = 4
 
 
 class RenderWorker:
-    """Holds the models; renders one shard at a time. Use via ``ray.remote(RenderWorker).options(...)``."""
+    """Holds the models; renders one unit at a time. Use via ``ray.remote(RenderWorker).options(...)``."""
 
-    def __init__(self, cfg: PipelineConfig, progress=None, scratch: str | None = None) -> None:
+    def __init__(self, cfg: PipelineConfig) -> None:
         logging.basicConfig(level=logging.INFO)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{ray.get_runtime_context().get_node_id()[:8]}"
-        self.progress = progress
-        self._tmp = (Path(scratch) if scratch else scratch_root(uuid.uuid4().hex[:12])) / str(os.getpid())
-        self._job: tuple[str, VideoInfo, np.ndarray] | None = None
+        self.cfg = cfg
+        self._jobs: dict[str, tuple[VideoInfo, np.ndarray, Path]] = {}  # job id -> inputs, scratch dir
+        self._pipelines: dict[PipelineConfig, FramePipeline] = {}
+        self.loads = 0
+        self.load_seconds = 0.0
+        self.units = 0
         sweep_dead_scratch()
         # A failure while loading (missing weights, a device this node lacks, ...) is kept and raised by
         # ready(), so the driver fails the job with the reason at once instead of restarting workers.
         self._init_error: Exception | None = None
+        start = time.perf_counter()
         try:
             self.pipeline = FramePipeline(cfg)
         except Exception as err:  # noqa: BLE001 - re-raised by ready()
             logger.exception("worker %s failed to load its models", self.name)
             self._init_error = err
             return
-        logger.info("worker %s ready on %s", self.name, self.pipeline.models.device)
+        self.loads += 1
+        self.load_seconds = time.perf_counter() - start
+        self._pipelines[cfg] = self.pipeline
+        logger.info(
+            "worker %s ready on %s (models loaded in %.1f s)",
+            self.name,
+            self.pipeline.models.device,
+            self.load_seconds,
+        )
 
     def ready(self) -> str:
         if self._init_error is not None:
             raise self._init_error
         return self.name
 
-    def _inputs(self, job: JobInputs) -> tuple[VideoInfo, np.ndarray]:
-        if self._job is None or self._job[0] != job.job_id:
+    def info(self) -> dict:
+        """Name, model loads and their seconds, units rendered: the driver charges loads to jobs."""
+        return {
+            "name": self.name,
+            "loads": self.loads,
+            "load_seconds": self.load_seconds,
+            "units": self.units,
+        }
+
+    def _pipeline(self, cfg: PipelineConfig | None) -> FramePipeline:
+        """The job's pipeline over the already-loaded models (per-job settings such as bbox_shift)."""
+        if cfg is None:
+            return self.pipeline
+        if cfg not in self._pipelines:
+            self._pipelines[cfg] = FramePipeline(cfg, models=self.pipeline.models)
+        return self._pipelines[cfg]
+
+    def _scratch(self, job: JobInputs) -> Path:
+        return Path(job.scratch or scratch_root(job.job_id)) / str(os.getpid())
+
+    def _inputs(self, job: JobInputs) -> tuple[VideoInfo, np.ndarray, Path]:
+        if job.job_id not in self._jobs:
+            while len(self._jobs) >= _KEEP_JOBS:
+                self.forget(next(iter(self._jobs)))
+            tmp = self._scratch(job)
             if job.video_ref is not None:
-                self._tmp.mkdir(parents=True, exist_ok=True)
-                video = self._tmp / f"{job.job_id}{job.video_suffix}"
+                tmp.mkdir(parents=True, exist_ok=True)
+                video = tmp / f"{job.job_id}{job.video_suffix}"
                 video.write_bytes(ray.get(job.video_ref[0]))
                 samples = ray.get(job.audio_ref[0])
             else:
                 video = Path(job.video_path)
                 samples = load_audio(job.audio_path)
-            self._job = (job.job_id, replace(job.video, path=str(video)), samples)
-        return self._job[1], self._job[2]
+            self._jobs[job.job_id] = (replace(job.video, path=str(video)), samples, tmp)
+        return self._jobs[job.job_id]
+
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job's inputs and scratch directory."""
+        entry = self._jobs.pop(job_id, None)
+        if entry is not None:
+            _remove_scratch(entry[2])
 
     def render(
         self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings
     ) -> tuple[bytes, ShardStats]:
-        info, samples = self._inputs(job)
+        info, samples, tmp = self._inputs(job)
         _hold(shard)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        out = self._tmp / f"{job.job_id}-{shard.name}.mkv"
+        tmp.mkdir(parents=True, exist_ok=True)
+        out = tmp / f"{job.job_id}-{shard.name}.mkv"
         progress = on_stage = None
-        if self.progress is not None:
-            self.progress.reset.remote(shard.index)
+        tracker, key = job.progress, f"{job.tag}{shard.index}"
+        if tracker is not None:
+            tracker.reset.remote(key)
 
             def progress(n: int) -> None:
-                self.progress.add.remote(shard.index, n)
+                tracker.add.remote(key, n)
 
             def on_stage(name: str) -> None:
-                self.progress.stage.remote(shard.index, name)
+                tracker.stage.remote(key, name)
 
         try:
-            stats = self.pipeline.render_shard(
+            stats = self._pipeline(job.pipeline).render_shard(
                 video=info,
                 samples=samples,
                 plan=plan,
@@ -158,15 +212,21 @@ class RenderWorker:
                 progress=progress,
                 on_stage=on_stage,
             )
+            self.units += 1
             return out.read_bytes(), replace(stats, worker=self.name)
         finally:
             out.unlink(missing_ok=True)
-            if self.progress is not None:
-                self.progress.done.remote(shard.index)
+            if tracker is not None:
+                tracker.done.remote(key)
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        try:
-            self._tmp.parent.rmdir()
-        except OSError:
-            pass  # other workers of the job still use it (or it is gone): the driver removes it
+        for job_id in list(self._jobs):
+            self.forget(job_id)
+
+
+def _remove_scratch(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.parent.rmdir()
+    except OSError:
+        pass  # other workers of the job still use it (or it is gone): the driver removes it

@@ -173,3 +173,32 @@ def test_mistyped_and_out_of_range_reported_together():
     msg = str(err.value)
     assert "render.batch_size" in msg and "shards.length" in msg and "cluster.cpus_per_worker" in msg
     assert "set shards.length (frames) or shards.seconds" not in msg  # no knock-on noise from the bad type
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["enhance=none", "enhance.upscale=2"], "enhance.upscale=2 does nothing with enhancement off"),
+        (["blend.parsing=false", "blend.mode=raw"], "blend.mode=raw does nothing with blend.parsing=false"),
+        (["output.lossless=true", "output.crf=23"], "output.crf=23 does nothing with output.lossless=true"),
+        (["render.device=cpu", "render.dtype=bf16"], "render.dtype=bf16 does nothing on render.device=cpu"),
+    ],
+)
+def test_settings_that_do_nothing_are_refused(overrides, needle):
+    """A no-op setting would make a sweep render byte-identical duplicates: one line names it and its fix."""
+    with pytest.raises(ConfigError) as err:
+        job_from_config(_compose("+task=test", *overrides))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["enhance=gfpgan", "enhance.upscale=2"],
+        ["blend.parsing=true", "blend.mode=raw"],
+        ["output.lossless=false", "output.crf=23"],
+        ["render.device=auto", "render.dtype=bf16"],
+    ],
+)
+def test_the_same_settings_are_accepted_where_they_act(overrides):
+    job_from_config(_compose("+task=test", *overrides))

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import av
+import cv2
 import psutil
 import pytest
 import ray
@@ -181,22 +182,48 @@ def test_cli_bad_input_one_line_error_and_no_output(
 
 
 def test_multirun_sweep_writes_summary(tiny_models, demo_media, tmp_path):
+    """A sweep on one warm pool: runs whose models are the same reuse it (no new loads), a change of
+    model settings rebuilds it; a setting that does nothing is refused per run; table and plot written."""
     audio = trimmed_audio(demo_media.audio, tmp_path / "tiny.wav", 0.8)
     sweep = tmp_path / "sweep"
     proc = _cli(
         "-m",
         *_common(tiny_models, demo_media, audio),
         "render.batch_size=2,4",
-        "enhance=none,gfpgan",
+        "enhance.upscale=1,2",  # enhance=none: upscale 2 does nothing and is refused
+        "task.bbox_shift=0,2",  # per job: changes no model, so the pool stays warm
         f"hydra.sweep.dir={sweep}",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]  # some runs were refused
     rows = json.loads((sweep / "sweep_summary.json").read_text())
-    assert len(rows) == 4 and all(r["status"] == "ok" and r["frames"] == 20 for r in rows)
-    assert sorted(r["overrides"] for r in rows) == sorted(
-        f"render.batch_size={b} enhance={e}" for b in (2, 4) for e in ("none", "gfpgan")
-    )
-    for r in range(4):
-        outputs = list((sweep / str(r)).glob("*.mp4"))
+    assert len(rows) == 8
+    ok = [r for r in rows if r["status"] == "ok"]
+    refused = [r for r in rows if r["status"] == "rejected"]
+    assert [r["run"] for r in ok] == [0, 1, 4, 5] and all(r["frames"] == 20 for r in ok)
+    assert [r["run"] for r in refused] == [2, 3, 6, 7]
+    assert all("enhance.upscale=2 does nothing" in r["error"] for r in refused)
+    assert ok[0]["overrides"] == "render.batch_size=2 enhance.upscale=1 task.bbox_shift=0"
+    # One load per worker per model settings: the second run of each batch size reuses the pool.
+    assert [r["loads"] for r in ok] == [1, 0, 1, 0]
+    assert ok[0]["pool"] == ok[1]["pool"] != ok[2]["pool"] == ok[3]["pool"]
+    assert ok[0]["load_s"] > 0 and ok[1]["load_s"] == 0
+    for r in ok:
+        assert r["render_fps"] >= r["fps"] > 0 and r["retries"] == 0
+    table = (sweep / "sweep_summary.txt").read_text().splitlines()
+    for col in (
+        "render_fps",
+        "load_s",
+        "loads",
+        "retries",
+        "detect_s",
+        "blend_prepare_s",
+        "generate_s",
+        "error",
+    ):
+        assert col in table[0].split()
+    png = cv2.imread(str(sweep / "sweep_summary.png"))
+    assert png is not None and png.shape[1] == 70 + 150 * 8 + 190 and png.shape[0] > 400
+    for r in ok:
+        outputs = list((sweep / str(r["run"])).glob("*.mp4"))
         assert len(outputs) == 1 and outputs[0].stat().st_size > 0
     assert "sweep summary" in proc.stdout

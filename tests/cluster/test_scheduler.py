@@ -73,7 +73,7 @@ def test_failed_shard_goes_back_to_the_front(kind, retried, restart):
     (a,) = b.assignments()
     assert b.failed(a, kind, "boom") is restart
     assert b.retries == 1
-    assert b.pending[0] == (a.shard, 2)
+    assert b.pending[0] == (0, a.shard, 2)
     assert b.slots[0].up is (not restart)
 
 
@@ -111,7 +111,7 @@ def test_a_lost_worker_is_restarted_once_for_all_its_shards():
     assert [(a.shard.index, a.attempt) for a in b.assignments()] == [(0, 2), (2, 1)]
     assert b.failed(a2, Failure.LOST, "killed") is False  # the old worker's second shard: no restart
     assert b.slots[0].up and b.slots[0].load == 2  # the replacement's load is untouched
-    assert b.pending[0] == (a2.shard, 2) and b.retries == 2
+    assert b.pending[0] == (0, a2.shard, 2) and b.retries == 2
 
 
 def test_worker_that_raises_while_starting_fails_the_job_at_once():
@@ -170,8 +170,89 @@ def test_finished_after_every_shard_succeeded():
     b.slot_up(1, 0.0)
     for a in b.assignments():
         b.succeeded(a)
-    assert b.finished and b.done == {0, 1}
+    assert b.finished and b.done == {(0, 0), (0, 1)}
     b.check_start(10_000.0)  # nothing left to do: no timeout
+
+
+# ---------------------------------------------------------------- many jobs on one pool
+
+
+def batch_broker(jobs: dict[int, int], slots=2, max_in_flight=1, max_attempts=2) -> Broker:
+    b = Broker(
+        slots=slots,
+        max_in_flight=max_in_flight,
+        max_attempts=max_attempts,
+        start_timeout_s=60.0,
+        now=0.0,
+        isolate_jobs=True,
+    )
+    for job, n in jobs.items():
+        b.add_job(job, shards(n))
+    for i in range(slots):
+        b.slot_up(i, 0.0)
+    return b
+
+
+def test_units_of_different_jobs_interleave_job_after_job():
+    """Job 1's shards fill the slots job 0's tail leaves idle; every (job, shard) unit is its own."""
+    b = batch_broker({0: 3, 1: 2}, slots=2)
+    first = b.assignments()
+    assert [(a.job, a.shard.index, a.slot) for a in first] == [(0, 0, 0), (0, 1, 1)]
+    b.succeeded(first[0])
+    (nxt,) = b.assignments()
+    assert (nxt.job, nxt.shard.index) == (0, 2)
+    b.succeeded(first[1])
+    (nxt2,) = b.assignments()
+    assert (nxt2.job, nxt2.shard.index) == (1, 0)  # job 0's last shard still runs beside it
+    assert not b.job_finished(0) and not b.job_finished(1)
+    b.succeeded(nxt)
+    assert b.job_finished(0) and not b.job_finished(1)
+    assert (0, 0) in b.done and (1, 0) not in b.done
+
+
+@pytest.mark.parametrize(
+    ("kind", "attempts_before", "ends_job"),
+    [
+        (Failure.FATAL, 0, True),  # a bad input: the job ends at once
+        (Failure.ERROR, 0, False),  # retried
+        (Failure.ERROR, 1, True),  # max_attempts=2 reached
+    ],
+)
+def test_a_failed_job_is_recorded_and_the_others_go_on(kind, attempts_before, ends_job):
+    b = batch_broker({0: 2, 1: 2}, slots=1)
+    (a,) = b.assignments()
+    for _ in range(attempts_before):
+        b.failed(a, Failure.ERROR, "flaky")
+        (a,) = b.assignments()
+    b.failed(a, kind, InputError("not media") if kind is Failure.FATAL else "boom")
+    assert (0 in b.job_errors) is ends_job
+    queued = [(j, s.index) for j, s, _ in b.pending]
+    if ends_job:
+        assert queued == [(1, 0), (1, 1)] and b.job_finished(0)
+        assert b.job_retries.get(0, 0) == attempts_before
+    else:
+        assert queued[0] == (0, 0) and b.job_retries[0] == 1
+
+
+@pytest.mark.parametrize("late", ["succeeded", "failed"])
+def test_late_results_of_a_failed_job_are_dropped(late):
+    b = batch_broker({0: 2, 1: 1}, slots=2)
+    a0, a1 = b.assignments()
+    b.failed(a0, Failure.FATAL, InputError("bad"))
+    if late == "succeeded":
+        b.succeeded(a1)
+    else:
+        b.failed(a1, Failure.ERROR, "late")  # neither retried nor raised
+    assert (0, 1) not in b.done and b.job_finished(0) and b.retries == 0
+    assert [(j, s.index) for j, s, _ in b.pending] == [(1, 0)]
+
+
+def test_without_isolation_a_failed_unit_raises():
+    b = broker(n=2, slots=1)
+    b.slot_up(0, 0.0)
+    (a,) = b.assignments()
+    with pytest.raises(InputError):
+        b.failed(a, Failure.FATAL, InputError("bad"))
 
 
 @pytest.mark.parametrize(
