@@ -31,7 +31,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cluster.config import CONF_DIR, JobConfig, job_from_config
-from cluster.preflight import _same_file, check_before_work
+from cluster.preflight import check_before_work, same_file
+from cluster.sweep import cell, text_table
 from shards.errors import ConfigError, FarmError, Interrupted
 
 logger = logging.getLogger("cluster.batch")
@@ -245,11 +246,11 @@ def build_jobs(
 def _collision(name: str, job: JobConfig, earlier: list, others: list) -> str | None:
     """An output that an earlier job also writes, or that is any other job's input."""
     for other, o in earlier:
-        if _same_file(job.output, o.output):
+        if same_file(job.output, o.output):
             return f"output {job.output} is also the output of {other}; give {name} its own output"
     for other, o in others:
         for kind, path in (("video", o.video), ("audio", o.audio)):
-            if _same_file(job.output, path):
+            if same_file(job.output, path):
                 return f"output {job.output} is the {kind} input of {other}: it would be replaced"
     return None
 
@@ -263,7 +264,7 @@ def _check_model_path(model: Path | None, job: JobConfig) -> None:
     expected = ModelLayout.at(job.pipeline.models_dir, tiny=job.pipeline.tiny).gfpgan
     if not model.is_file():
         raise ConfigError(f"gfpgan.model_path {model} not found; give the GFPGANv1.4.pth file")
-    if not expected.exists() or not _same_file(model, expected):
+    if not expected.exists() or not same_file(model, expected):
         raise ConfigError(
             f"gfpgan.model_path {model} is not the GFPGAN weights the workers load ({expected}); "
             f"place the file there, or point models.dir at the directory that holds gfpgan/GFPGANv1.4.pth"
@@ -325,17 +326,7 @@ def run_batch(task_file: Path, output_dir: Path | None, overrides: list[str]) ->
 def format_rows(rows: list[BatchRow]) -> str:
     """The closing table: job, status, frames, fps (without model loading), seconds, error."""
     cols = ["job", "status", "frames", "fps", "seconds", "output", "error"]
-    cells = [[_cell(getattr(r, c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    return text_table(cols, [[cell(getattr(r, c)) for c in cols] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,7 @@ def demo_to_build(job: JobConfig) -> list[Path]:
     return [p for p in (job.video, job.audio) if not p.exists() and in_demo_dir(p)]
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     """The same file after resolving symlinks and relative parts (and hard links, when both exist)."""
     if a.resolve() == b.resolve():
         return True
@@ -79,7 +79,7 @@ def output_problems(job: JobConfig) -> list[str]:
     problems = []
     inputs = [("task.video", job.video), ("task.audio", job.audio)]
     for name, path in inputs:
-        if _same_file(out, path):
+        if same_file(out, path):
             problems.append(
                 f"task.output={out} is the input {name}: the render would replace it; choose another task.output"
             )
@@ -88,7 +88,7 @@ def output_problems(job: JobConfig) -> list[str]:
             (job.qa, ".qa.png", "output.qa"),
         ):
             beside = out.with_suffix(side)
-            if wanted and _same_file(beside, path):
+            if wanted and same_file(beside, path):
                 what = "summary" if side == ".summary.json" else "QA sheet"
                 problems.append(
                     f"the {what} {beside} (written beside task.output) would replace the input {name}; "

@@ -79,17 +79,22 @@ def stage_columns(rows: list[dict]) -> list[str]:
 
 def format_table(rows: list[dict]) -> str:
     cols = [*_HEAD, *stage_columns(rows), "overrides", "error"]
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    return text_table(cols, [[cell(r.get(c), missing="") for c in cols] for r in rows])
+
+
+def cell(value, missing: str = "-") -> str:
+    """One table cell: floats to 2 decimals, None as ``missing``."""
+    if value is None:
+        return missing
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def text_table(cols: list[str], cells: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart, a header line first."""
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 # BGR colours: fps lines, then one per stage (stacked bars), model loading last.

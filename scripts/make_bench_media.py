@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from scripts.make_demo_media import (
@@ -32,6 +31,7 @@ from scripts.make_demo_media import (
     _atomic,
     _photo,
     _write_wav,
+    camera_window,
     speech_like,
 )
 from scripts.owned import claim
@@ -58,7 +58,6 @@ def cutaway_span(seconds: float) -> tuple[float, float]:
 
 def bench_frame(t: float, seconds: float, size: tuple[int, int] = BENCH_SIZE) -> np.ndarray:
     """The frame at ``t`` seconds: (H, W, 3) uint8 BGR, ``size`` = (W, H). Pure function of its inputs."""
-    width, height = size
     lo, hi = cutaway_span(seconds)
     if lo <= t < hi:
         source = _photo("coffee")
@@ -71,19 +70,7 @@ def bench_frame(t: float, seconds: float, size: tuple[int, int] = BENCH_SIZE) ->
         win_h = 225.0 - 40.0 * (0.5 - 0.5 * math.cos(phase))
         cx = _FACE_CENTRE[0] + 6.0 * math.sin(phase) + 2.0 * math.sin(wobble)
         cy = _FACE_CENTRE[1] + 3.0 * math.sin(phase + 1.0) + 1.5 * math.cos(wobble)
-    win_w = win_h * width / height
-    sx, sy = win_w / width, win_h / height
-    matrix = np.array(
-        [[sx, 0.0, cx - win_w / 2 + 0.5 * sx - 0.5], [0.0, sy, cy - win_h / 2 + 0.5 * sy - 0.5]],
-        dtype=np.float64,
-    )
-    return cv2.warpAffine(
-        source,
-        matrix,
-        (width, height),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REFLECT_101,
-    )
+    return camera_window(source, cx, cy, win_h, size)
 
 
 def frame_total(fps: Fraction, seconds: float) -> int:

@@ -72,21 +72,12 @@ def _photo(name: str) -> np.ndarray:
     return image
 
 
-def demo_frame(t: float, seconds: float, size: tuple[int, int]) -> np.ndarray:
-    """The frame shown at ``t`` seconds: (H, W, 3) uint8 BGR, ``size`` = (W, H). Pure function of its inputs."""
+def camera_window(
+    source: np.ndarray, cx: float, cy: float, win_h: float, size: tuple[int, int]
+) -> np.ndarray:
+    """The window of ``source`` centred on (cx, cy), ``win_h`` source pixels tall with the output's aspect,
+    resampled to ``size`` = (W, H): (H, W, 3) uint8 BGR. A virtual camera that pans and zooms."""
     width, height = size
-    lo, hi = cutaway_span(seconds)
-    phase = 2 * math.pi * t / seconds
-    if lo <= t < hi:
-        source = _photo("coffee")  # 400x600, a cup of coffee, no face
-        u = (t - lo) / (hi - lo)
-        win_h = 300.0 - 40.0 * u
-        cx, cy = 300.0 + 60.0 * (u - 0.5), 200.0
-    else:
-        source = _photo("astronaut")  # 512x512, face ~95 px at (224, 113)
-        win_h = 225.0 - 40.0 * (0.5 - 0.5 * math.cos(phase))  # zoom in, then out again
-        cx = _FACE_CENTRE[0] + 10.0 * math.sin(phase)
-        cy = _FACE_CENTRE[1] + 5.0 * math.sin(phase + 1.0)
     win_w = win_h * width / height
     sx, sy = win_w / width, win_h / height
     # Inverse map: output pixel centre (u + 0.5) lands on source coordinate x0 + (u + 0.5) * sx - 0.5.
@@ -101,6 +92,23 @@ def demo_frame(t: float, seconds: float, size: tuple[int, int]) -> np.ndarray:
         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REFLECT_101,
     )
+
+
+def demo_frame(t: float, seconds: float, size: tuple[int, int]) -> np.ndarray:
+    """The frame shown at ``t`` seconds: (H, W, 3) uint8 BGR, ``size`` = (W, H). Pure function of its inputs."""
+    lo, hi = cutaway_span(seconds)
+    phase = 2 * math.pi * t / seconds
+    if lo <= t < hi:
+        source = _photo("coffee")  # 400x600, a cup of coffee, no face
+        u = (t - lo) / (hi - lo)
+        win_h = 300.0 - 40.0 * u
+        cx, cy = 300.0 + 60.0 * (u - 0.5), 200.0
+    else:
+        source = _photo("astronaut")  # 512x512, face ~95 px at (224, 113)
+        win_h = 225.0 - 40.0 * (0.5 - 0.5 * math.cos(phase))  # zoom in, then out again
+        cx = _FACE_CENTRE[0] + 10.0 * math.sin(phase)
+        cy = _FACE_CENTRE[1] + 5.0 * math.sin(phase + 1.0)
+    return camera_window(source, cx, cy, win_h, size)
 
 
 def demo_frames(fps: Fraction, seconds: float, size: tuple[int, int]) -> Iterator[np.ndarray]:
