@@ -10,6 +10,7 @@ same indices whether it starts at 0 or seeks into the middle.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -232,8 +233,25 @@ def probe_video(path: str | Path) -> VideoInfo:
     "timestamps": frames sit at their pts (CFR on a grid, or VFR normalised). Mode "decode order": the
     decoded pts are missing, repeated or out of order, so frame ``k`` is the ``k``-th decoded frame at the
     stream's constant rate.
+
+    The full decode costs seconds per minute of video, so results are kept per process, keyed by the
+    path and the file's size and modification time: a batch of many audio tracks on one video probes it
+    once.
     """
     p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return _probe_video(p)  # the one-line InputError for a missing file
+    return _probe_cached(str(p), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_cached(path: str, inode: int, size: int, mtime_ns: int) -> VideoInfo:
+    return _probe_video(Path(path))
+
+
+def _probe_video(p: Path) -> VideoInfo:
     fix = "pass a video file (any container/codec ffmpeg reads)"
     with open_input(p, "video input", fix) as container:
         stream = video_stream(container)

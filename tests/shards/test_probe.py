@@ -57,3 +57,17 @@ def test_bad_inputs_raise_one_line_input_errors(clips, tmp_path, call, name, nee
         call(path)
     message = str(err.value)
     assert needle in message and str(path) in message and "\n" not in message
+
+
+def test_probe_is_cached_per_file_version(tmp_path, demo_media):
+    """A second probe of an unchanged file is the same object (no second decode); a rewritten file is probed anew."""
+    import shutil
+
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(demo_media.video, clip)
+    first = probe_video(clip)
+    assert probe_video(clip) is first
+    shutil.copy(demo_media.video, tmp_path / "other.mp4")
+    (tmp_path / "other.mp4").replace(clip)  # same contents, a new file at the same path
+    again = probe_video(clip)
+    assert again is not first and again == first
