@@ -191,10 +191,11 @@ def make_demo_media(
 ) -> DemoMedia:
     """Write ``{name}.mp4`` and ``{name}.wav`` into ``out_dir`` (atomically) and describe them.
 
-    ``out_dir`` must be absent, empty or already marked as the demo's: a ConfigError refuses any other
-    directory before a file is written, so a user's own ``demo.mp4`` is never replaced.
+    ``out_dir`` must be absent, marked as the demo's, or free of the two names: a ConfigError refuses a
+    directory holding a ``demo.mp4``/``demo.wav`` it did not make, before a file is written, so a user's own
+    ``demo.mp4`` is never replaced.
     """
-    out_dir = claim(out_dir, MARKER, TOOL, FIX)
+    out_dir = claim(out_dir, MARKER, TOOL, FIX, writes=(f"{name}.mp4", f"{name}.wav"))
     fps = Fraction(fps)
     video, audio = out_dir / f"{name}.mp4", out_dir / f"{name}.wav"
     tmp_video, tmp_audio = _atomic(video, ".mp4"), _atomic(audio, ".wav")
@@ -231,10 +232,11 @@ def _describe(out_dir: Path, name: str, fps: Fraction, seconds: float = 4.0) -> 
 
 def ensure_demo_media(out_dir: Path, *, force: bool = False) -> DemoMedia:
     """Build the 25 fps demo and the 29.97 fps variant in ``out_dir`` unless present; return the 25 fps one."""
-    out_dir = claim(out_dir, MARKER, TOOL, FIX)
-    marker = out_dir / MARKER
     variants = (("demo", DEMO_FPS), ("demo_2997", DEMO_2997_FPS))
-    files = [out_dir / f"{name}{ext}" for name, _ in variants for ext in (".mp4", ".wav")]
+    names = [f"{name}{ext}" for name, _ in variants for ext in (".mp4", ".wav")]
+    out_dir = claim(out_dir, MARKER, TOOL, FIX, writes=names)
+    marker = out_dir / MARKER
+    files = [out_dir / n for n in names]
     current = marker.exists() and marker.read_text().strip() == f"version={DEMO_VERSION}"
     if force or not current or not all(f.exists() for f in files):
         logger.info("building the demo media in %s", out_dir)

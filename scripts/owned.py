@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from shards.errors import ConfigError
@@ -32,10 +33,23 @@ def check_owned(directory: Path, marker: str, tool: str, fix: str) -> None:
         )
 
 
-def claim(directory: Path, marker: str, tool: str, fix: str) -> Path:
-    """Create ``directory`` (or adopt it when empty) and mark it as ``tool``'s; refuse a user's directory."""
+def claim(directory: Path, marker: str, tool: str, fix: str, writes: Iterable[str] | None = None) -> Path:
+    """Create ``directory`` (or adopt it when empty) and mark it as ``tool``'s; refuse a user's directory.
+
+    ``writes``: for a generator that only adds files (it deletes nothing), the names it will write. An
+    unmarked directory is then also adopted when none of those names is there (a benchmark clip beside
+    the demo is no reason to refuse), and refused when one is (it would be replaced).
+    """
     directory = Path(directory)
-    check_owned(directory, marker, tool, fix)
+    if writes is not None and directory.is_dir() and not (directory / marker).is_file():
+        taken = sorted(name for name in writes if (directory / name).exists())
+        if taken:
+            raise ConfigError(
+                f"{tool} refuses to write into {directory}: it holds {', '.join(taken)}, which {tool} did not "
+                f"make (no {marker} marker); {fix}"
+            )
+    else:
+        check_owned(directory, marker, tool, fix)
     directory.mkdir(parents=True, exist_ok=True)
     mark = directory / marker
     if not mark.exists():

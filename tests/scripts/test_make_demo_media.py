@@ -133,3 +133,15 @@ def test_refuses_a_users_directory_and_keeps_their_demo(tmp_path):
             call(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["demo.mp4"]
     assert (tmp_path / "demo.mp4").read_bytes() == b"my own clip"
+
+
+def test_builds_beside_other_files_it_would_not_replace(tmp_path):
+    """An unmarked directory holding only other things (here the benchmark clips' folder and a note) is
+    used; those stay as they were."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "clip.mp4").write_bytes(b"bench clip")
+    (tmp_path / "notes.txt").write_text("mine")
+    demo = ensure_demo_media(tmp_path)
+    assert probe_video(demo.video).frame_count == 100
+    assert (tmp_path / "bench" / "clip.mp4").read_bytes() == b"bench clip"
+    assert (tmp_path / "notes.txt").read_text() == "mine"
