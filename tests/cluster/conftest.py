@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import ray
 
 from musetalk.pipeline import render_local
 from tests.helpers import decode_all, job_for, trimmed_audio
@@ -23,3 +24,12 @@ def reference_frames(tiny_models, demo_media, short_audio, tmp_path_factory):
     frames = decode_all(out)
     assert len(frames) == 50
     return frames
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded Ray cluster for the tests of one module (2 CPUs, no dashboard)."""
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import cv2
 import pytest
-import ray
 import yaml
 
 from cluster.batch import build_jobs, default_output, format_rows, load_tasks, run_batch
@@ -134,14 +133,6 @@ def test_gfpgan_model_path_must_be_the_loaded_weights(tiny_models, tmp_path):
         ConfigError, match="enhance.upscale=2 does nothing"
     ):  # a shared setting: the batch fails
         build_jobs(load_tasks(_write(tmp_path / "t.yaml", off)), tmp_path, ["enhance.upscale=2"])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_three_jobs_on_one_warm_pool(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import subprocess
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -16,26 +14,19 @@ import psutil
 import pytest
 import ray
 
-from cluster.config import REPO_ROOT
 from cluster.driver import run_job
 from cluster.worker import HOLD_ENV
 from shards.errors import FarmError
 from tests.helpers import (
     assert_same_frames,
+    cli,
+    cli_tmp,
     held,
     job_for,
     scratch_under,
     trimmed_audio,
     wait_for,
 )
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_shard_invariance_across_shardings_and_workers(
@@ -116,10 +107,9 @@ def test_worker_that_cannot_start_fails_the_job_at_once(
     assert scratch_under(Path(tempfile.gettempdir())) == []
 
 
-def _cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.render", *args], cwd=cwd, capture_output=True, text=True, timeout=900
-    )
+def _cli(*args: str):
+    """The CLI from the repository root, with its own TMPDIR (tests.helpers.cli)."""
+    return cli(*args, tmp=cli_tmp())
 
 
 def _common(tiny_models, demo_media, audio) -> list[str]:
