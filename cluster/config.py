@@ -7,11 +7,12 @@ import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from cluster import storage
 from musetalk.config import BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
 from shards.errors import ConfigError
 from shards.segment import EncodeSettings
@@ -79,6 +80,12 @@ class JobConfig:
     encode: EncodeSettings
     cluster: ClusterConfig
     qa: bool = True  # write <output>.qa.png (timeline of frame kinds, sampled source | output frames)
+    # Object storage (cluster/storage.py): the URI an input is read from or the output is published to.
+    # ``video``/``audio`` then hold their node-local staging place (set when the driver stages them) and
+    # ``output`` the local file rendered before it is published.
+    video_uri: str | None = None
+    audio_uri: str | None = None
+    output_uri: str | None = None
 
 
 def job_from_config(cfg: DictConfig) -> JobConfig:
@@ -186,10 +193,15 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         problems.append(f"task.output must be an .mp4 path, got {output}")
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
+    (video, video_uri), (audio, audio_uri) = _source(video), _source(audio)
+    output, output_uri = _target(output, root)
     return JobConfig(
-        video=Path(video),
-        audio=Path(audio),
-        output=Path(root) / output,  # an absolute task.output stays as it is
+        video=video,
+        audio=audio,
+        output=output,
+        video_uri=video_uri,
+        audio_uri=audio_uri,
+        output_uri=output_uri,
         make_demo=make_demo,
         download=download,
         shard_length=length,
@@ -202,6 +214,25 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         cluster=cluster,
         qa=qa,
     )
+
+
+def _source(value: str) -> tuple[Path, str | None]:
+    """(local path, URI) of an input: a path or ``file://`` is local; another URI is staged by the driver
+    into ``<staging root>/inputs`` (the path here is its place before the object's version is known)."""
+    local = storage.local_path(value)
+    if local is not None:
+        return local, None
+    return storage.staging_root() / "inputs" / storage.key(value) / PurePosixPath(value).name, value
+
+
+def _target(value: str, root: str) -> tuple[Path, str | None]:
+    """(local path, URI) of the output: a path (relative ones under ``output.root``) or ``file://`` is
+    local; another URI is rendered into ``<staging root>/outputs/<hash of the URI>/`` (where its lock and
+    resumable run directory live) and published to the URI, never joined under ``output.root``."""
+    local = storage.local_path(value)
+    if local is not None:
+        return Path(root) / local, None  # an absolute task.output stays as it is
+    return storage.staging_root() / "outputs" / storage.key(value) / PurePosixPath(value).name, value
 
 
 def check_type(key: str, value, kind: type, nullable: bool = False) -> tuple[object, str | None]:

@@ -24,13 +24,15 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
+from cluster import storage
 from cluster.config import ClusterConfig, JobConfig
 from cluster.progress import ProgressActor
 from cluster.rundir import RunDir, job_key, output_lock
 from cluster.scheduler import Broker, Failure, pool_shape
+from cluster.weights import weight_ids
 from cluster.worker import HOLD_ENV, JobInputs, RenderWorker, scratch_root
 from musetalk.config import PipelineConfig
-from musetalk.pipeline import ShardStats, plan_job, required_weights, stage_totals
+from musetalk.pipeline import ShardStats, plan_job, stage_totals
 from shards.errors import FarmError, Interrupted
 from shards.plan import Plan, Shard, dispatch_order
 from shards.probe import VideoInfo
@@ -342,7 +344,9 @@ def _run_group(jobs: list[JobConfig], indices: list[int], isolate: bool, report)
 
 
 def _open(st: _Job) -> None:
-    """Take the output's lock, probe and plan, open the run directory (InputError on bad inputs)."""
+    """Stage URI inputs, take the output's lock, probe and plan, open the run directory (InputError on
+    bad inputs). From here on ``st.cfg`` names local files (see :func:`_staged`)."""
+    st.cfg = _staged(st.cfg)
     job = st.cfg
     job.output.parent.mkdir(parents=True, exist_ok=True)
     st.lock.enter_context(output_lock(job.output))
@@ -366,7 +370,7 @@ def _open(st: _Job) -> None:
     key = job_key(
         [job.video, job.audio],
         {"plan": plan.to_json(), "pipeline": asdict(job.pipeline), "encode": asdict(job.encode)},
-        [p for p, _ in required_weights(job.pipeline)],
+        weight_ids(job.pipeline),
     )
     st.run = RunDir.open(job.output, key, plan, resume=job.resume)
     st.reused = st.run.done_count
@@ -374,8 +378,19 @@ def _open(st: _Job) -> None:
     st.plan_seconds = time.perf_counter() - st.opened
 
 
+def _staged(job: JobConfig) -> JobConfig:
+    """``job`` with its URI inputs downloaded into this node's staging directory (once per object
+    version); a URI output is rendered at its local staging path and published by :func:`_finish`."""
+    return replace(
+        job,
+        video=storage.stage(job.video_uri) if job.video_uri else job.video,
+        audio=storage.stage(job.audio_uri) if job.audio_uri else job.audio,
+    )
+
+
 def _inputs(st: _Job, progress, videos: dict) -> JobInputs:
-    """How workers get the job's inputs; ``videos`` shares one object-store copy per video file."""
+    """How workers get the job's inputs; ``videos`` shares one object-store copy per video file. With
+    ``cluster.inputs=uri`` workers get the input URIs (or local paths) and stage them on their node."""
     job, job_id = st.cfg, uuid.uuid4().hex[:12]
     common = dict(
         pipeline=st.pipeline, progress=progress, tag=f"{st.index}/", scratch=str(scratch_root(job_id))
@@ -396,8 +411,8 @@ def _inputs(st: _Job, progress, videos: dict) -> JobInputs:
         job_id,
         job.video.suffix,
         st.info,
-        video_path=str(job.video.resolve()),
-        audio_path=str(job.audio.resolve()),
+        video_path=job.video_uri or str(job.video.resolve()),
+        audio_path=job.audio_uri or str(job.audio.resolve()),
         **common,
     )
 
@@ -467,6 +482,9 @@ def _finish(st: _Job, error, retries: int, isolate: bool, report) -> None:
             os.replace(partial, path)
         if job.qa:
             _qa_sheet(st, stats)
+        if job.output_uri:
+            summary = replace(summary, output=job.output_uri)
+            _publish(job)
     except FarmError as err:
         st.lock.close()
         if not isolate:
@@ -476,6 +494,19 @@ def _finish(st: _Job, error, retries: int, isolate: bool, report) -> None:
         return
     st.lock.close()
     report(JobResult(job, summary=summary), st.index)
+
+
+def _publish(job: JobConfig) -> None:
+    """Upload a finished output to its URI, its QA sheet and summary first (so an output object always
+    has them beside it), each object whole or not at all; the local staging copies go once uploaded."""
+    sides = [".qa.png", ".summary.json", ".mp4"]  # the output last
+    files = [(job.output.with_suffix(side), storage.beside(job.output_uri, side)) for side in sides]
+    for path, uri in files:
+        if path.exists():
+            storage.publish(path, uri)
+    for path, _ in files:
+        path.unlink(missing_ok=True)
+    logger.info("output published to %s", job.output_uri)
 
 
 def _qa_sheet(st: _Job, stats: list[ShardStats]) -> None:

@@ -1,6 +1,7 @@
 """Checks that run before any work (no media probing, no model loading, no Ray): the output can be
 written, would replace no input and would not vanish with Ray's copy of a job's working directory, the
-inputs exist, an explicitly named device exists here.
+inputs exist, an explicitly named device exists here. URIs (object storage) are checked with fsspec:
+objects exist, buckets exist, the output URI is no input URI.
 
 Each check returns its problems as one-line strings with their fix; :func:`check_before_work` raises
 them together.
@@ -14,9 +15,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from cluster import storage
 from cluster.config import DEMO_DIR, JobConfig
 from cluster.rundir import run_dir_path
-from shards.errors import ConfigError, InputError
+from shards.errors import ConfigError, InputError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +132,16 @@ def output_problems(job: JobConfig) -> list[str]:
 
 
 def input_problems(job: JobConfig) -> list[str]:
-    """Each input must be an existing file, unless the demo builder is about to make it."""
+    """Each input must be an existing file (or object), unless the demo builder is about to make it."""
     problems = []
     pending = demo_to_build(job)
-    for name, path in (("task.video", job.video), ("task.audio", job.audio)):
+    for name, path, uri in (
+        ("task.video", job.video, job.video_uri),
+        ("task.audio", job.audio, job.audio_uri),
+    ):
+        if uri is not None:
+            problems += _object_problems(name, uri)
+            continue
         if path in pending:
             continue
         if not path.exists():
@@ -141,6 +149,49 @@ def input_problems(job: JobConfig) -> list[str]:
             problems.append(f"{name} not found: {path}{hint}; check the path")
         elif not path.is_file():
             problems.append(f"{name} is not a file: {path}; give a video or audio file")
+    return problems
+
+
+def _object_problems(name: str, uri: str) -> list[str]:
+    """An input URI must name an existing object in an existing bucket (one line each, no traceback)."""
+    try:
+        if storage.exists(uri):
+            return []
+        if problem := storage.bucket_problem(uri):
+            return [f"{name}: {problem}"]
+    except StorageError as err:
+        return [f"{name}: {err}"]
+    return [f"{name} not found: {uri}; check the URI"]
+
+
+def output_uri_problems(job: JobConfig) -> list[str]:
+    """An output URI must not be an input URI (nor may its summary or QA sheet be), and its bucket must
+    exist; the local staging file behind it is checked like any output."""
+    out = job.output_uri
+    if out is None:
+        return []
+    problems = []
+    for name, uri in (("task.video", job.video_uri), ("task.audio", job.audio_uri)):
+        if uri is None:
+            continue
+        if uri == out:
+            problems.append(
+                f"task.output={out} is the input {name}: the render would replace it; choose another task.output"
+            )
+        for wanted, side, switch in (
+            (job.summary, ".summary.json", "output.summary"),
+            (job.qa, ".qa.png", "output.qa"),
+        ):
+            if wanted and storage.beside(out, side) == uri:
+                problems.append(
+                    f"{storage.beside(out, side)} (written beside task.output) would replace the input {name}; "
+                    f"choose another task.output or set {switch}=false"
+                )
+    try:
+        if problem := storage.bucket_problem(out):
+            problems.append(f"task.output: {problem}")
+    except StorageError as err:
+        problems.append(f"task.output: {err}")
     return problems
 
 
@@ -175,7 +226,7 @@ def check_before_work(job: JobConfig) -> None:
     """Raise ConfigError for a device this machine lacks, else one InputError listing every path problem."""
     if problem := device_problem(job):
         raise ConfigError(problem)
-    problems = output_problems(job) + input_problems(job)
+    problems = output_uri_problems(job) + output_problems(job) + input_problems(job)
     if problems:
         raise InputError("; ".join(problems))
     logger.debug("preflight passed for %s", job.output)

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cluster import storage
 from cluster.config import CONF_DIR, DEMO_DIR, JobConfig, job_from_config
 from cluster.preflight import check_before_work, demo_to_build, gpu_problem, in_ray_job_copy
 from cluster.sweep import REJECTED
@@ -39,6 +40,11 @@ def prepare(job: JobConfig) -> None:
                 raise InputError(
                     f"{path} not found: the demo builder makes only demo.mp4, demo.wav, demo_2997.mp4 and demo_2997.wav in {DEMO_DIR}"
                 )
+    if storage.is_remote(job.pipeline.models_dir):
+        from cluster.weights import check_remote_weights  # imports torch: after the cheap refusals above
+
+        check_remote_weights(job.pipeline)  # workers fetch them per node; nothing is built or fetched here
+        return
     if job.pipeline.tiny:
         _script("make_tiny_models").ensure_tiny_models(Path(job.pipeline.models_dir))
     elif job.download:

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster import storage
 from shards.errors import InputError
 from shards.plan import Plan, Shard
 
@@ -58,12 +59,16 @@ def file_digest(path: str | Path) -> str:
 
 def job_key(inputs: Iterable[str | Path], settings: dict, weights: Iterable[str | Path]) -> str:
     """A hash of the inputs' contents, the pixel-affecting settings (JSON-able) and the weight files'
-    identity (path, size, mtime: hashing gigabytes of weights per job would cost more than it guards)."""
+    identity (path, size, mtime: hashing gigabytes of weights per job would cost more than it guards; for
+    a URI, its size, ETag and modification time from the object store)."""
     h = hashlib.sha256()
     for p in inputs:
         h.update(file_digest(p).encode())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for w in weights:
+        if storage.is_remote(str(w)):
+            h.update(f"{w}:{storage.identity(storage.info(str(w)))}".encode())
+            continue
         st = Path(w).stat()
         h.update(f"{Path(w).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()

@@ -3,7 +3,8 @@
 Models load once in ``__init__`` and serve every job the pool is given (a warm pool outlives a job: a
 batch, or the runs of a multirun sweep); each ``render`` call renders one (job, shard) unit and returns
 its encoded segment bytes and stats. Per-job settings that do not change the models (``bbox_shift``)
-travel with the job. Inputs arrive through the object store (or as paths every node can read) and are
+travel with the job. Inputs arrive through the object store (or as paths every node can read, or as URIs
+each node stages once: ``cluster.storage``; a URI ``models.dir`` is synced per node likewise) and are
 materialised once per job on the worker's node, under ``<tmp>/musetalk-job-<id>/<pid>/``: the driver
 removes the job's root on its node when the job ends, a worker removes its own directories when told to
 forget a job or when closed, and a worker starting on a node removes what dead workers left there.
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from cluster import storage
+from cluster.weights import local_models
 from musetalk.config import PipelineConfig
 from musetalk.pipeline import FramePipeline, ShardStats
 from shards.plan import Plan, Shard
@@ -121,7 +124,8 @@ class RenderWorker:
         self._init_error: Exception | None = None
         start = time.perf_counter()
         try:
-            self.pipeline = FramePipeline(cfg)
+            # A URI models.dir is synced into this node's staging directory first (once per node).
+            self.pipeline = FramePipeline(local_models(cfg))
         except Exception as err:  # noqa: BLE001 - re-raised by ready()
             logger.exception("worker %s failed to load its models", self.name)
             self._init_error = err
@@ -171,9 +175,9 @@ class RenderWorker:
                 video = tmp / f"{job.job_id}{job.video_suffix}"
                 video.write_bytes(ray.get(job.video_ref[0]))
                 samples = ray.get(job.audio_ref[0])
-            else:
-                video = Path(job.video_path)
-                samples = load_audio(job.audio_path)
+            else:  # local paths every node can read, or URIs staged on this node (once per object version)
+                video = storage.stage(job.video_path)
+                samples = load_audio(storage.stage(job.audio_path))
             self._jobs[job.job_id] = (replace(job.video, path=str(video)), samples, tmp)
         return self._jobs[job.job_id]
 

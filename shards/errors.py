@@ -55,3 +55,10 @@ class Interrupted(FarmError):
     """The user stopped a render (Ctrl-C / SIGINT); finished work is kept for resume."""
 
     exit_code = 130
+
+
+class StorageError(FarmError):
+    """An object store could not be read or written (missing object or bucket, no credentials, a
+    protocol whose fsspec package is not installed); the message names the URI and the fix."""
+
+    exit_code = 2

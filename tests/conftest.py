@@ -18,6 +18,8 @@ torch.set_num_threads(2)
 _SESSION_TMP = tempfile.mkdtemp(prefix="mt", dir="/tmp")
 os.environ["TMPDIR"] = _SESSION_TMP
 tempfile.tempdir = None
+# Staged inputs, synced weights and URI outputs (cluster/storage.py) go here, never under the home directory.
+os.environ["MUSETALK_STAGING_DIR"] = os.path.join(_SESSION_TMP, "staging")
 
 
 def pytest_unconfigure(config):
