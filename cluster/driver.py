@@ -475,6 +475,8 @@ def _finish(st: _Job, error, retries: int, isolate: bool, report) -> None:
         stats = [run.stats(s) for s in plan.shards]
         run.remove()
         summary = _summarise(st, stats, retries)
+        if job.output_uri:
+            summary = replace(summary, output=job.output_uri)  # not the local staging file
         if job.summary:
             path = job.output.with_suffix(".summary.json")
             partial = path.with_name(f".{path.name}.partial")
@@ -483,7 +485,6 @@ def _finish(st: _Job, error, retries: int, isolate: bool, report) -> None:
         if job.qa:
             _qa_sheet(st, stats)
         if job.output_uri:
-            summary = replace(summary, output=job.output_uri)
             _publish(job)
     except FarmError as err:
         st.lock.close()
