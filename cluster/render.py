@@ -27,7 +27,8 @@ logger = logging.getLogger("cluster.render")
 
 
 def prepare(job: JobConfig) -> None:
-    """Build the demo clip and tiny weights when asked for and missing; fetch real weights when allowed.
+    """Build the demo clip and tiny weights when asked for and missing; fetch real weights when allowed; a
+    URI ``models.dir`` is only checked (workers copy it per node).
 
     The demo is only ever built in the bundled directory (``media/``): inputs elsewhere are the user's,
     and the generators refuse directories holding files they did not make.
