@@ -473,7 +473,6 @@ def _finish(st: _Job, error, retries: int, isolate: bool, report) -> None:
             [run.segment(s.name) for s in plan.shards], job.audio, job.output, plan.fps, plan.output_frames
         )
         stats = [run.stats(s) for s in plan.shards]
-        run.remove()
         summary = _summarise(st, stats, retries)
         if job.output_uri:
             summary = replace(summary, output=job.output_uri)  # not the local staging file
@@ -486,6 +485,7 @@ def _finish(st: _Job, error, retries: int, isolate: bool, report) -> None:
             _qa_sheet(st, stats)
         if job.output_uri:
             _publish(job)
+        run.remove()  # last: a failed summary or upload is retried by the same command without rendering
     except FarmError as err:
         st.lock.close()
         if not isolate:

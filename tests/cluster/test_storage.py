@@ -145,6 +145,23 @@ def test_config_keeps_uri_outputs_out_of_output_root(tiny_models, tmp_path):
     assert tmp_path not in job.output.parents
 
 
+def test_preflight_refuses_an_output_uri_that_is_an_input(tiny_models, tmp_path):
+    from cluster.preflight import input_problems, output_uri_problems
+
+    base = _memory(b"clip", "in.mp4").rsplit("/", 1)[0]
+    with fsspec.open(f"{base}/take.summary.json", "wb") as f:
+        f.write(b"{}")
+    job = job_for(tiny_models, f"{base}/in.mp4", f"{base}/take.summary.json", f"{base}/in.mp4")
+    problems = output_uri_problems(job)
+    assert any(f"task.output={base}/in.mp4 is the input task.video" in p for p in problems), problems
+    assert input_problems(job) == []
+    job = job_for(tiny_models, f"{base}/in.mp4", f"{base}/take.summary.json", f"{base}/take.mp4")
+    (problem,) = output_uri_problems(job)
+    assert "would replace the input task.audio" in problem
+    job = job_for(tiny_models, f"{base}/gone.mp4", f"{base}/take.summary.json", str(tmp_path / "o.mp4"))
+    assert input_problems(job) == [f"task.video not found: {base}/gone.mp4; check the URI"]
+
+
 # ---------------------------------------------------------------- a real S3 server on localhost
 
 BUCKET = "farm-test"
@@ -289,24 +306,40 @@ def test_render_from_and_to_s3_with_workers_reading_it(s3, s3_job, tiny_models, 
     assert not [p for p in (staging / "outputs").rglob("*") if p.is_file()]
 
 
+# No credentials anywhere: none in the environment, no config files, no instance metadata service.
+_NO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "",
+    "AWS_SECRET_ACCESS_KEY": "",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+}
+
+
 @pytest.mark.parametrize(
-    ("override", "needle"),
+    ("override", "env", "needle"),
     [
-        ("task.video=s3://farm-test/in/nothing.mp4", "task.video not found: s3://farm-test/in/nothing.mp4"),
-        ("task.output=s3://no-such-bucket-here/x/out.mp4", "the bucket s3://no-such-bucket-here of"),
+        (
+            "task.video=s3://farm-test/in/nothing.mp4",
+            {},
+            "task.video not found: s3://farm-test/in/nothing.mp4",
+        ),
+        ("task.output=s3://no-such-bucket-here/x/out.mp4", {}, "the bucket s3://no-such-bucket-here of"),
+        ("output.qa=true", _NO_CREDENTIALS, "no credentials for s3://farm-test/in/demo.mp4"),
     ],
-    ids=["missing_object", "missing_bucket"],
+    ids=["missing_object", "missing_bucket", "no_credentials"],
 )
-def test_missing_object_or_bucket_is_one_line(s3, s3_job, override, needle, tmp_path):
+def test_missing_object_or_bucket_is_one_line(s3, s3_job, override, env, needle, tmp_path):
     staging = tmp_path / "staging"
     out = f"s3://{BUCKET}/refused/{uuid.uuid4().hex}/out.mp4"
     proc = cli(
         *_args(s3_job, out, override, f"hydra.run.dir={tmp_path}/run"),
         tmp=cli_tmp(),
-        env={**s3, "MUSETALK_STAGING_DIR": str(staging)},
+        env={**s3, "MUSETALK_STAGING_DIR": str(staging), **env},
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = error_lines(proc.stderr)
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert _keys("refused/") == []
+    assert not [p for p in staging.rglob("*") if p.is_file()]  # nothing staged or half-written
