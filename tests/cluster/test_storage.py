@@ -16,6 +16,7 @@ import fsspec
 import pytest
 
 from cluster import storage
+from cluster.rundir import run_dir_path
 from cluster.worker import HOLD_ENV
 from shards.errors import StorageError
 from tests.helpers import assert_same_frames, cli, cli_tmp, error_lines, held, job_for, wait_for
@@ -143,6 +144,24 @@ def test_config_keeps_uri_outputs_out_of_output_root(tiny_models, tmp_path):
     assert job.output_uri == "s3://bkt/out/take.mp4"
     assert job.output.name == "take.mp4" and storage.staging_root() in job.output.parents
     assert tmp_path not in job.output.parents
+    # The same output URI always renders at the same place (its lock and resumable run directory).
+    again = job_for(tiny_models, "s3://bkt/in/other.mp4", "s3://bkt/v.wav", "s3://bkt/out/take.mp4")
+    assert again.output == job.output
+    assert run_dir_path(job.output).parent == job.output.parent
+
+
+def test_resume_key_follows_remote_weights_without_downloading(tmp_path):
+    from cluster.rundir import job_key
+
+    clip = tmp_path / "in.wav"
+    clip.write_bytes(b"audio")
+    weights = _memory(b"w" * 10, "unet.pth")
+    first = job_key([clip], {"a": 1}, [weights])
+    assert job_key([clip], {"a": 1}, [weights]) == first
+    with fsspec.open(weights, "wb") as f:
+        f.write(b"w" * 11)  # replaced: another size (and version)
+    assert job_key([clip], {"a": 1}, [weights]) != first
+    assert not list(tmp_path.glob("**/unet.pth"))
 
 
 def test_preflight_refuses_an_output_uri_that_is_an_input(tiny_models, tmp_path):
