@@ -35,6 +35,17 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 # The fsspec implementation each common protocol needs, for the "install ..." hint.
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
+_PROVIDER_MODULES = {
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "gcsfs",
+    "google",
+    "adlfs",
+    "azure",
+    "aiohttp",
+    "fsspec",
+}
 
 
 def staging_root() -> Path:
@@ -85,7 +96,7 @@ def key(*parts: str) -> str:
 
 
 @contextlib.contextmanager
-def _errors(uri: str, action: str) -> Iterator[None]:
+def errors(uri: str, action: str) -> Iterator[None]:
     """Turn fsspec and provider exceptions into one-line StorageErrors that name ``uri`` and the fix."""
     try:
         yield
@@ -99,13 +110,16 @@ def _errors(uri: str, action: str) -> Iterator[None]:
         raise StorageError(
             f"access to {uri} denied while {action} ({_first_line(err)}); check the credentials' permissions"
         ) from None
-    except Exception as err:  # noqa: BLE001 - providers raise their own classes; all become one line
+    except Exception as err:
         if type(err).__name__ in _CREDENTIAL_ERRORS:
             raise StorageError(
                 f"no credentials for {uri} while {action}; set the provider's usual environment "
                 "(e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) or config file (~/.aws/credentials)"
             ) from None
-        raise StorageError(f"{action} {uri} failed: {type(err).__name__}: {_first_line(err)}") from None
+        # I/O errors and the providers' own classes become one line; anything else is a bug: raised.
+        if isinstance(err, OSError) or type(err).__module__.split(".")[0] in _PROVIDER_MODULES:
+            raise StorageError(f"{action} {uri} failed: {type(err).__name__}: {_first_line(err)}") from None
+        raise
 
 
 def _first_line(err: BaseException) -> str:
@@ -127,8 +141,9 @@ def open_fs(uri: str):
     try:
         return fsspec.core.url_to_fs(uri)
     except ImportError:
-        package = _PACKAGES.get(name or "", f"the fsspec implementation for {name}://")
-        raise StorageError(f"{uri} needs {package}, which is not installed; pip install {package}") from None
+        package = _PACKAGES.get(name or "")
+        fix = f"pip install {package}" if package else f"install the fsspec implementation for {name}://"
+        raise StorageError(f"{uri} needs a package that is not installed; {fix}") from None
     except ValueError as err:
         raise StorageError(f"cannot open {uri}: {_first_line(err)}") from None
 
@@ -136,7 +151,7 @@ def open_fs(uri: str):
 def info(uri: str) -> dict:
     """fsspec's ``info`` for ``uri`` (StorageError when it is missing or unreadable)."""
     fs, path = open_fs(uri)
-    with _errors(uri, "reading"):
+    with errors(uri, "reading"):
         return fs.info(path)
 
 
@@ -150,7 +165,7 @@ def identity(meta: dict) -> str:
 def exists(uri: str) -> bool:
     """Whether the object or file ``uri`` exists (StorageError for credentials, protocol, ...)."""
     fs, path = open_fs(uri)
-    with _errors(uri, "reading"):
+    with errors(uri, "reading"):
         return fs.exists(path)
 
 
@@ -160,7 +175,7 @@ def bucket_problem(uri: str) -> str | None:
         return None
     fs, path = open_fs(uri)
     bucket = path.strip("/").split("/")[0]
-    with _errors(uri, "checking its bucket"):
+    with errors(uri, "checking its bucket"):
         if fs.exists(bucket):
             return None
     return f"the bucket {protocol(uri)}://{bucket} of {uri} does not exist; create it or choose another URI"
@@ -173,7 +188,7 @@ def stage(uri: str, root: Path | None = None) -> Path:
     if local is not None:
         return local
     fs, path = open_fs(uri)
-    with _errors(uri, "reading"):
+    with errors(uri, "reading"):
         meta = fs.info(path)
     if meta.get("type") == "directory":
         raise StorageError(f"{uri} is a directory; give a file")
@@ -191,7 +206,7 @@ def _download(fs, path: str, uri: str, dest: Path, size: int | None) -> None:
     """``path`` into ``dest`` through a temporary name in the same directory: ``dest`` is whole or absent."""
     partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        with _errors(uri, "downloading"):
+        with errors(uri, "downloading"):
             fs.get_file(path, str(partial))
         got = partial.stat().st_size
         if size is not None and got != size:
@@ -216,16 +231,9 @@ def publish(local: Path, uri: str) -> None:
             partial.unlink(missing_ok=True)
         return
     fs, path = open_fs(uri)
-    with _errors(uri, "uploading to"):
+    with errors(uri, "uploading to"):
         fs.put_file(str(local), path)  # one PUT (or multipart upload): visible only once complete
     logger.info("published %s", uri)
-
-
-def remove(uri: str) -> None:
-    """Delete ``uri`` if it exists (a stale summary or QA sheet of an earlier render)."""
-    fs, path = open_fs(uri)
-    with _errors(uri, "deleting"), contextlib.suppress(FileNotFoundError):
-        fs.rm_file(path)
 
 
 def sync(root: str, relative: Iterable[str], dest: Path) -> Path:
@@ -242,7 +250,7 @@ def sync(root: str, relative: Iterable[str], dest: Path) -> Path:
         fetched = 0
         for rel in relative:
             uri = join(root, rel)
-            with _errors(uri, "reading"):
+            with errors(uri, "reading"):
                 meta = fs.info(join(base, rel))
             target = dest / rel
             if target.is_file() and target.stat().st_size == meta.get("size"):

@@ -31,7 +31,7 @@ def weight_files(cfg: PipelineConfig) -> list[tuple[str, str]]:
         fs, base = storage.open_fs(cfg.models_dir)
         for d in (layout.vae_dir, layout.whisper_dir):
             rel = d.relative_to(root).as_posix()
-            with storage._errors(storage.join(cfg.models_dir, rel), "listing"):
+            with storage.errors(storage.join(cfg.models_dir, rel), "listing"):
                 found = fs.find(storage.join(base, rel))
             names = sorted(PurePath(f).relative_to(base.rstrip("/")).as_posix() for f in found)
             files += [(n, f"{d.name} file") for n in names if n not in {f for f, _ in files}]
