@@ -18,6 +18,8 @@ torch.set_num_threads(2)
 _SESSION_TMP = tempfile.mkdtemp(prefix="mt", dir="/tmp")
 os.environ["TMPDIR"] = _SESSION_TMP
 tempfile.tempdir = None
+# The avatar cache of every render in this run (never the user's ~/.cache).
+os.environ["MUSETALK_CACHE_DIR"] = os.path.join(_SESSION_TMP, "avatars")
 
 
 def pytest_unconfigure(config):
