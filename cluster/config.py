@@ -63,6 +63,15 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """The avatar cache (``musetalk.avatar.AvatarStore``): per-source-frame preparation kept for later
+    renders of the same video. ``dir`` is a directory or an fsspec URI; only the driver reads and writes it."""
+
+    enabled: bool = True
+    dir: str = "~/.cache/musetalk-farm/avatars"
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """One render job, fully resolved and validated."""
 
@@ -86,6 +95,8 @@ class JobConfig:
     video_uri: str | None = None
     audio_uri: str | None = None
     output_uri: str | None = None
+    cache: CacheConfig = CacheConfig()
+    prep_length: int = 64  # source frames per preparation unit (and avatar cache file)
 
 
 def job_from_config(cfg: DictConfig) -> JobConfig:
@@ -165,6 +176,8 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     length = get("shards.length", int, nullable=True)
     seconds = get("shards.seconds", float, nullable=True)
     overlap = get("shards.overlap", int, face.smooth_radius)
+    prep_length = get("shards.prep_length", int, 64)
+    cache = typed(CacheConfig, "cache", node("cache")) if "cache" in cfg else CacheConfig()
     shards_typed = len(problems) == shard_problems
 
     problems += pipeline_problems(pipeline)
@@ -183,6 +196,10 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         problems.append(f"shards.length must be positive, got {length}")
     if seconds is not None and seconds <= 0:
         problems.append(f"shards.seconds must be positive, got {seconds}")
+    if prep_length is not None and prep_length < 1:
+        problems.append(f"shards.prep_length must be positive, got {prep_length}")
+    if not cache.dir:
+        problems.append("cache.dir must name a directory or URI (or set cache.enabled=false)")
     if not 0 <= encode.crf <= 51:
         problems.append(f"output.crf must be in 0..51, got {encode.crf}")
     if encode.preset not in X264_PRESETS:
@@ -213,6 +230,8 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         encode=encode,
         cluster=cluster,
         qa=qa,
+        cache=cache,
+        prep_length=prep_length,
     )
 
 

@@ -9,6 +9,7 @@ its shape; a job with other model settings replaces it. Pools are shut down at p
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
@@ -26,15 +27,25 @@ from tqdm import tqdm
 
 from cluster import storage
 from cluster.config import ClusterConfig, JobConfig
+from cluster.phases import JobPhases
 from cluster.progress import ProgressActor
-from cluster.rundir import RunDir, job_key, output_lock
+from cluster.rundir import RunDir, file_digest, job_key, output_lock
 from cluster.scheduler import Broker, Failure, pool_shape
-from cluster.weights import weight_ids
-from cluster.worker import HOLD_ENV, JobInputs, RenderWorker, scratch_root
+from cluster.weights import weight_files, weight_ids
+from cluster.worker import HOLD_ENV, JobInputs, Prepared, RenderWorker, scratch_root
+from musetalk.avatar import (
+    AvatarStore,
+    ChunkReader,
+    detect_key,
+    detections_from_json,
+    prepare_key,
+    weights_fingerprint,
+)
 from musetalk.config import PipelineConfig
-from musetalk.pipeline import ShardStats, plan_job, stage_totals
+from musetalk.layout import ModelLayout
+from musetalk.pipeline import PrepStats, ShardStats, plan_job, required_weights, stage_totals
 from shards.errors import FarmError, Interrupted
-from shards.plan import Plan, Shard, dispatch_order
+from shards.plan import Plan, PrepUnit, Shard, dispatch_order
 from shards.probe import VideoInfo
 from shards.stitch import concat_and_mux
 
@@ -85,6 +96,13 @@ class JobSummary:
     render_fps: float = 0.0  # frames / render_seconds: throughput without model loading
     model_loads: int = 0  # workers that loaded models for this job (0 when it ran on a warm pool)
     pool: str = ""  # the pool's id: jobs with the same id shared loaded models
+    # The preparation phase: work done this run (each distinct source frame at most once) and reuse.
+    detections: int = 0  # source frames run through face detection
+    vae_encodes: int = 0  # face crops VAE-encoded
+    parsings: int = 0  # face crops run through face parsing
+    audio_segments: int = 0  # 30 s Whisper segments encoded
+    cache_hits: int = 0  # shown source frames whose entries came from the avatar cache
+    cache: str = ""  # the avatar cache's root, or "" when off
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -95,6 +113,9 @@ class JobSummary:
             f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers",
             f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards, "
             f"{self.reused_shards} reused from an interrupted run",
+            f"prepare     {self.detections} detections, {self.vae_encodes} VAE encodes, {self.parsings} parsings, "
+            f"{self.audio_segments} audio segments; {self.cache_hits} frames from the avatar cache"
+            + (f" ({self.cache})" if self.cache else " (off)"),
             f"models      {self.model_loads} worker loads, {self.load_seconds:.1f} s waited; without loading "
             f"{self.render_seconds:.1f} s, {self.render_fps:.2f} frames/s (pool {self.pool})",
             "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
@@ -270,6 +291,10 @@ class _Job:
     inputs: JobInputs | None = None
     pool_id: str = ""
     workers: int = 0
+    phases: JobPhases | None = None
+    prep_stats: list = field(default_factory=list)
+    store: AvatarStore | None = None
+    keys: tuple[str, str, str] = ("", "", "")  # (video sha256, detect key, prepare key)
 
 
 def run_job(job: JobConfig) -> JobSummary:
@@ -440,7 +465,8 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
         for st in states:
             st.inputs = _inputs(st, progress, videos)
             st.pool_id, st.workers = pool.id, len(pool.actors)
-            broker.add_job(st.index, st.todo)
+            _start_phases(st, pool.gpus)
+            broker.add_job(st.index, st.phases.initial_units() + st.phases.ready_shards())
             by_index[st.index] = st
 
         def job_done(index: int) -> None:
@@ -535,8 +561,7 @@ def _dispatch(pool: _Pool, broker: Broker, jobs: dict[int, _Job], progress, job_
                 if st.first_dispatch is None:
                     st.first_dispatch = time.perf_counter()
                     st.load = pool.take_loads()
-                actor = pool.actors[a.slot]
-                in_flight[actor.render.remote(st.inputs, st.plan, a.shard, st.cfg.encode)] = a
+                in_flight[_submit(pool.actors[a.slot], st, a.shard)] = a
             ready, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
             frames, stages = ray.get(progress.snapshot.remote())
             bar.n = min(total, done_before + frames)
@@ -572,11 +597,132 @@ def _landed(pool: _Pool, broker: Broker, st: _Job, a, ref) -> None:
         broker.failed(a, Failure.FATAL if isinstance(cause, FarmError) else Failure.ERROR, cause)
         return
     if a.job not in broker.job_errors:
-        st.run.add(a.shard, data, stats)
-        logger.info(
-            "%s of %s done on %s: %d frames", a.shard.name, st.cfg.output.name, stats.worker, stats.frames
-        )
+        if isinstance(a.shard, PrepUnit):
+            released = _prepared(st, a.shard, data, stats)
+            broker.add_job(a.job, released, front=True)
+        else:
+            st.run.add(a.shard, data, stats)
+            logger.info(
+                "%s of %s done on %s: %d frames", a.shard.name, st.cfg.output.name, stats.worker, stats.frames
+            )
     broker.succeeded(a)
+
+
+def _device_type(pipeline: PipelineConfig, gpus: float) -> str:
+    """The device type the pool's workers compute on (it changes rounding, so it keys the avatar cache)."""
+    if pipeline.device == "auto":
+        return "cuda" if gpus else "cpu"
+    return pipeline.device.split(":")[0]
+
+
+def _prep_weights(pipeline: PipelineConfig) -> str:
+    """A fingerprint of the weight files preparation reads (detector, landmarks, VAE, face parsing): of
+    their contents when local, of their size and ETag under a URI ``models.dir``."""
+    layout = ModelLayout.at(pipeline.models_dir, tiny=pipeline.tiny)
+    if storage.is_remote(pipeline.models_dir):
+        skip = {
+            p.relative_to(layout.root).as_posix()
+            for p in (layout.unet_config, layout.unet_weights, layout.gfpgan)
+        }
+        whisper = layout.whisper_dir.relative_to(layout.root).as_posix() + "/"
+        ids = [
+            f"{rel}:{storage.identity(storage.info(storage.join(pipeline.models_dir, rel)))}"
+            for rel, _ in weight_files(pipeline)
+            if rel not in skip and not rel.startswith(whisper)
+        ]
+        return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+    skip = {layout.unet_config, layout.unet_weights, layout.gfpgan}
+    files = [
+        p for p, _ in required_weights(pipeline) if p not in skip and layout.whisper_dir not in p.parents
+    ]
+    return weights_fingerprint(sorted({*files, *(p for p in layout.vae_dir.iterdir() if p.is_file())}))
+
+
+def _start_phases(st: _Job, gpus: float) -> None:
+    """The job's preparation units, with what the avatar cache already holds for its video."""
+    job, plan = st.cfg, st.plan
+    device = _device_type(st.pipeline, gpus)
+    weights = _prep_weights(st.pipeline)
+    video = file_digest(job.video)
+    st.keys = (video, detect_key(st.pipeline, device, weights), prepare_key(st.pipeline, device, weights))
+    detections: dict = {}
+    cached: dict = {}
+    if job.cache.enabled:
+        st.store = AvatarStore(job.cache.dir)
+        shown = {plan.source_index(t) for s in st.todo for t in range(s.start, s.end)}
+        for a, b in st.store.ranges(video, st.keys[2]):
+            if any(a <= x < b for x in shown):
+                try:
+                    blob = st.store.read(video, st.keys[2], a, b, "npz")
+                    ChunkReader(blob)  # refuse a file we cannot read before any worker gets it
+                except (OSError, ValueError, KeyError) as err:
+                    logger.warning(
+                        "avatar cache: skipping unreadable entries %d-%d of %s: %s", a, b, job.video, err
+                    )
+                    continue
+                cached[(a, b)] = ray.put(blob)
+        for a, b in st.store.ranges(video, st.keys[1]):
+            try:
+                detections.update(detections_from_json(st.store.read(video, st.keys[1], a, b, "json")))
+            except (OSError, ValueError, KeyError) as err:
+                logger.warning(
+                    "avatar cache: skipping unreadable detections %d-%d of %s: %s", a, b, job.video, err
+                )
+    st.phases = JobPhases(
+        plan,
+        st.todo,
+        st.pipeline,
+        (st.info.height, st.info.width),
+        chunk=job.prep_length,
+        detections=detections,
+        cached=cached,
+    )
+    p = st.phases.prep
+    logger.info(
+        "prepare %s: %d shown source frames, %d from the avatar cache; %d to detect, %d to prepare, %d audio segments",
+        job.output.name,
+        len(p.shown),
+        st.phases.cache_hits,
+        len(p.detections_needed),
+        len(p.entries_needed),
+        len(p.segments),
+    )
+
+
+def _submit(actor, st: _Job, unit):
+    if isinstance(unit, PrepUnit):
+        boxes = st.phases.boxes_for(unit) if unit.kind == "prepare" else None
+        return actor.prepare.remote(st.inputs, unit, boxes)
+    chunks, segments = st.phases.inputs_of(unit)
+    return actor.render.remote(st.inputs, st.plan, unit, st.cfg.encode, Prepared(chunks, segments))
+
+
+def _prepared(st: _Job, unit: PrepUnit, data, stats: PrepStats) -> list:
+    """A preparation unit landed: keep its result (driver-owned, so it outlives the worker's node), write
+    it to the avatar cache, and return the units it releases."""
+    st.prep_stats.append(stats)
+    phases = st.phases
+    if unit.kind == "audio":
+        for k, features in data.items():
+            phases.add_segment(k, ray.put(features))
+        return phases.ready_shards()
+    if unit.kind == "detect":
+        _remember(st, st.keys[1], unit, data.encode(), "json")
+        return phases.detected(unit, detections_from_json(data)) + phases.ready_shards()
+    _remember(st, st.keys[2], unit, data, "npz")
+    phases.add_chunk(unit.start, unit.end, ray.put(data))
+    return phases.ready_shards()
+
+
+def _remember(st: _Job, key: str, unit: PrepUnit, data: bytes, suffix: str) -> None:
+    """Write a preparation result to the avatar cache; a cache that cannot be written costs reuse, not
+    the render (logged)."""
+    if st.store is None:
+        return
+    try:
+        st.store.write(st.keys[0], key, unit.start, unit.end, suffix, data)
+    except OSError as err:
+        logger.warning("avatar cache: could not write %s of %s: %s", unit.name, st.cfg.output.name, err)
 
 
 def _came_up(pool: _Pool, broker: Broker, ref) -> None:
@@ -601,7 +747,8 @@ def _came_up(pool: _Pool, broker: Broker, ref) -> None:
 
 def _summarise(st: _Job, stats: list[ShardStats], retries: int) -> JobSummary:
     plan = st.plan
-    stage = {k: round(v, 3) for k, v in stage_totals(stats).items()}
+    stage = {k: round(v, 3) for k, v in stage_totals([*stats, *st.prep_stats]).items()}
+    prep = st.prep_stats
     per_worker: dict[str, int] = {}
     for s in stats:
         per_worker[s.worker] = per_worker.get(s.worker, 0) + s.frames
@@ -630,4 +777,10 @@ def _summarise(st: _Job, stats: list[ShardStats], retries: int) -> JobSummary:
         render_fps=round(plan.output_frames / render_seconds, 3),
         model_loads=loads,
         pool=st.pool_id,
+        detections=sum(p.detections for p in prep),
+        vae_encodes=sum(p.vae_encodes for p in prep),
+        parsings=sum(p.parsings for p in prep),
+        audio_segments=sum(p.audio_segments for p in prep),
+        cache_hits=st.phases.cache_hits if st.phases is not None else 0,
+        cache=st.cfg.cache.dir if st.cfg.cache.enabled else "",
     )

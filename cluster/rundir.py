@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -49,7 +50,14 @@ def lock_path(output: Path) -> Path:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's contents, streamed."""
+    """sha256 of a file's contents, streamed; remembered per file version (path, inode, size, mtime), as a
+    job hashes its video for both its resume key and its avatar cache key."""
+    st = os.stat(path)
+    return _digest(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):

@@ -91,17 +91,22 @@ class Broker:
         self.isolate_jobs = isolate_jobs
         self.pending: deque[tuple[int, Shard, int]] = deque()  # (job, shard, attempt)
         self.slots = [_Slot() for _ in range(slots)]
-        self.in_flight: dict[tuple[int, int], Assignment] = {}  # (job, shard index) -> assignment
-        self.done: set[tuple[int, int]] = set()
+        self.in_flight: dict[tuple[int, str], Assignment] = {}  # (job, unit name) -> assignment
+        self.done: set[tuple[int, str]] = set()  # (job, unit name)
         self.retries = 0
         self.job_retries: dict[int, int] = {}
         self.job_errors: dict[int, BaseException] = {}
         self._since = now  # last time a slot came up, or the start
         self.add_job(0, shards)
 
-    def add_job(self, job: int, shards: Iterable[Shard]) -> None:
-        """Queue ``job``'s shards behind everything already queued."""
-        self.pending.extend((job, s, 1) for s in shards)
+    def add_job(self, job: int, shards: Iterable[Shard], front: bool = False) -> None:
+        """Queue ``job``'s units behind everything already queued; with ``front``, ahead of it (in order:
+        units a landed unit released, which let that job go on)."""
+        units = [(job, s, 1) for s in shards]
+        if front:
+            self.pending.extendleft(reversed(units))
+        else:
+            self.pending.extend(units)
 
     @property
     def finished(self) -> bool:
@@ -156,7 +161,7 @@ class Broker:
         job, shard, attempt = self.pending.popleft()
         self.slots[slot].load += 1
         a = Assignment(shard, attempt, slot, self.slots[slot].generation, job)
-        self.in_flight[(job, shard.index)] = a
+        self.in_flight[(job, shard.name)] = a
         return a
 
     def assignments(self) -> list[Assignment]:
@@ -169,7 +174,7 @@ class Broker:
     def succeeded(self, a: Assignment) -> None:
         self._release(a)
         if a.job not in self.job_errors:
-            self.done.add((a.job, a.shard.index))
+            self.done.add((a.job, a.shard.name))
 
     def failed(self, a: Assignment, kind: Failure, reason: object) -> bool:
         """Record a failed attempt: requeue the unit at the front, or end its job (RenderError, or
@@ -210,7 +215,7 @@ class Broker:
         self.pending = deque(u for u in self.pending if u[0] != job)
 
     def _release(self, a: Assignment) -> None:
-        self.in_flight.pop((a.job, a.shard.index), None)
+        self.in_flight.pop((a.job, a.shard.name), None)
         s = self.slots[a.slot]
         if a.generation == s.generation:
             s.load -= 1

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
 from cluster import storage
 from cluster.weights import local_models
+from musetalk.avatar import ChunkReader, Entry, detections_to_json, pack_chunk
 from musetalk.config import PipelineConfig
-from musetalk.pipeline import FramePipeline, ShardStats
-from shards.plan import Plan, Shard
+from musetalk.pipeline import AudioFeatures, FramePipeline, PrepStats, ShardStats
+from shards.plan import Plan, PrepUnit, Shard
 from shards.probe import VideoInfo, load_audio
 from shards.segment import EncodeSettings
 
@@ -102,8 +104,21 @@ class JobInputs:
     scratch: str | None = None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Where a generation unit finds what the preparation phase made: entry chunks as ``(start, end,
+    [ref])`` over source frames ``[start, end)``, and Whisper segments as ``(k, [ref])`` (refs in lists so
+    Ray does not resolve them per call: the worker fetches only the chunks holding its frames)."""
+
+    chunks: tuple = ()
+    segments: tuple = ()
+
+
 # Inputs of this many jobs stay materialised per worker (units of neighbouring jobs interleave).
 _KEEP_JOBS = 4
+# Entry chunks and Whisper segments kept per worker for the next unit of the same job.
+_KEEP_CHUNKS = 16
+_KEEP_SEGMENTS = 4
 
 
 class RenderWorker:
@@ -115,6 +130,8 @@ class RenderWorker:
         self.cfg = cfg
         self._jobs: dict[str, tuple[VideoInfo, np.ndarray, Path]] = {}  # job id -> inputs, scratch dir
         self._pipelines: dict[PipelineConfig, FramePipeline] = {}
+        self._chunks: dict[tuple, ChunkReader] = {}  # (job id, start, end) -> reader, oldest first
+        self._segments: dict[tuple, torch.Tensor] = {}  # (job id, k) -> Whisper features
         self.loads = 0
         self.load_seconds = 0.0
         self.units = 0
@@ -184,35 +201,99 @@ class RenderWorker:
     def forget(self, job_id: str) -> None:
         """Drop a finished job's inputs and scratch directory."""
         entry = self._jobs.pop(job_id, None)
+        for cache in (self._chunks, self._segments):
+            for key in [k for k in cache if k[0] == job_id]:
+                del cache[key]
         if entry is not None:
             _remove_scratch(entry[2])
 
+    def _tracker(self, job: JobInputs, name: str):
+        """(progress, on_stage) callbacks into the driver's progress actor, or Nones."""
+        tracker, key = job.progress, f"{job.tag}{name}"
+        if tracker is None:
+            return None, None
+        tracker.reset.remote(key)
+        return (lambda n: tracker.add.remote(key, n)), (lambda text: tracker.stage.remote(key, text))
+
+    def _untrack(self, job: JobInputs, name: str) -> None:
+        if job.progress is not None:
+            job.progress.done.remote(f"{job.tag}{name}")
+
+    def prepare(self, job: JobInputs, unit: PrepUnit, boxes: dict | None = None) -> tuple[object, PrepStats]:
+        """One preparation unit: ``detect`` -> detections JSON of source frames ``[start, end)``;
+        ``prepare`` -> their entry chunk (:func:`musetalk.avatar.pack_chunk`) from ``boxes``; ``audio``
+        -> {k: (1500, L, D) float32 array} for Whisper segments ``[start, end)``."""
+        info, samples, _ = self._inputs(job)
+        pipeline = self._pipeline(job.pipeline)
+        _, on_stage = self._tracker(job, unit.name)
+        try:
+            if unit.kind == "detect":
+                found, stats = pipeline.detect_range(info, unit.start, unit.end, on_stage)
+                result = detections_to_json(found)
+            elif unit.kind == "prepare":
+                entries, stats = pipeline.prepare_range(info, unit.start, unit.end, boxes, on_stage)
+                result = pack_chunk(entries)
+            elif unit.kind == "audio":
+                features, stats = pipeline.encode_audio(samples, list(range(unit.start, unit.end)))
+                result = {k: v.numpy() for k, v in features.items()}
+            else:
+                raise ValueError(f"unknown preparation unit kind {unit.kind!r}")
+        finally:
+            self._untrack(job, unit.name)
+        self.units += 1
+        return result, replace(stats, unit=unit.name, worker=self.name)
+
+    def _entries(self, job: JobInputs, prepared: Prepared, shown: set[int]):
+        """src -> Entry over the chunks holding ``shown`` frames (fetched once per worker and job)."""
+        readers = []
+        for start, end, ref in prepared.chunks:
+            if not any(start <= s < end for s in shown):
+                continue
+            key = (job.job_id, start, end)
+            if key not in self._chunks:
+                while len(self._chunks) >= _KEEP_CHUNKS:
+                    del self._chunks[next(iter(self._chunks))]
+                self._chunks[key] = ChunkReader(ray.get(ref[0]))
+            readers.append((start, end, self._chunks[key]))
+
+        def entry(src: int) -> Entry:
+            for start, end, reader in readers:
+                if start <= src < end:
+                    return reader.get(src)
+            raise RuntimeError(f"source frame {src} was never prepared")
+
+        return entry
+
+    def _audio(self, job: JobInputs, prepared: Prepared, plan: Plan) -> AudioFeatures:
+        segments = {}
+        for k, ref in prepared.segments:
+            key = (job.job_id, k)
+            if key not in self._segments:
+                while len(self._segments) >= _KEEP_SEGMENTS:
+                    del self._segments[next(iter(self._segments))]
+                self._segments[key] = torch.from_numpy(ray.get(ref[0]))
+            segments[k] = self._segments[key]
+        return AudioFeatures(segments, plan.total_samples, plan.fps)
+
     def render(
-        self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings
+        self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings, prepared: Prepared
     ) -> tuple[bytes, ShardStats]:
-        info, samples, tmp = self._inputs(job)
+        """One generation unit: output frames ``[shard.start, shard.end)`` from the prepared entries."""
+        info, _, tmp = self._inputs(job)
         _hold(shard)
         tmp.mkdir(parents=True, exist_ok=True)
         out = tmp / f"{job.job_id}-{shard.name}.mkv"
-        progress = on_stage = None
-        tracker, key = job.progress, f"{job.tag}{shard.index}"
-        if tracker is not None:
-            tracker.reset.remote(key)
-
-            def progress(n: int) -> None:
-                tracker.add.remote(key, n)
-
-            def on_stage(name: str) -> None:
-                tracker.stage.remote(key, name)
-
+        progress, on_stage = self._tracker(job, shard.name)
+        shown = {plan.source_index(t) for t in range(shard.start, shard.end)}
         try:
             stats = self._pipeline(job.pipeline).render_shard(
                 video=info,
-                samples=samples,
                 plan=plan,
                 shard=shard,
                 out_path=out,
                 encode=encode,
+                entries=self._entries(job, prepared, shown),
+                audio=self._audio(job, prepared, plan),
                 progress=progress,
                 on_stage=on_stage,
             )
@@ -220,8 +301,7 @@ class RenderWorker:
             return out.read_bytes(), replace(stats, worker=self.name)
         finally:
             out.unlink(missing_ok=True)
-            if tracker is not None:
-                tracker.done.remote(key)
+            self._untrack(job, shard.name)
 
     def close(self) -> None:
         for job_id in list(self._jobs):

@@ -14,7 +14,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,18 +23,20 @@ import torch
 
 from musetalk.audio import (
     SAMPLE_RATE,
+    SEGMENT_SAMPLES,
     WhisperAudioEncoder,
     audio_span,
     frame_windows,
     load_whisper,
     positional_encoding,
 )
-from musetalk.blending import Blender, Box
+from musetalk.avatar import Entry, JobPrep, boxes_from_detections
+from musetalk.blending import Blender, BlendMaterial, Box
 from musetalk.composite import DeviceCompositor, active_rect, paste_numpy
 from musetalk.config import PipelineConfig
 from musetalk.device import resolve_device, resolve_dtype
 from musetalk.enhance import FaceEnhancer, load_gfpgan
-from musetalk.faces import FaceAnalyzer, crop_box, crop_face, load_face_analyzer, smooth_boxes
+from musetalk.faces import Detection, FaceAnalyzer, crop_face, load_face_analyzer
 from musetalk.generation import LatentGenerator, load_unet, load_vae
 from musetalk.layout import ModelLayout
 from musetalk.parsing import load_face_parser
@@ -130,6 +132,50 @@ def load_models(cfg: PipelineConfig, tuning: PipelineTuning | None = None) -> Mo
     return Models(analyzer, audio, generator, blender, enhancer, device)
 
 
+@dataclass(frozen=True)
+class PrepStats:
+    """What one preparation unit cost and did (plain data, like :class:`ShardStats`).
+
+    ``detections``: source frames run through the face detector; ``vae_encodes``: face crops VAE-encoded;
+    ``parsings``: face crops run through face parsing; ``audio_segments``: 30 s Whisper segments encoded.
+    """
+
+    unit: str
+    frames: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    detections: int = 0
+    vae_encodes: int = 0
+    parsings: int = 0
+    audio_segments: int = 0
+    worker: str = ""
+    wall_seconds: float = 0.0
+
+
+class AudioFeatures:
+    """Whisper features of the 30 s segments of a job's audio that some shards need, each encoded once.
+
+    ``segments``: segment k -> (1500, L, D) float32 CPU rows (:meth:`FramePipeline.encode_audio`).
+    """
+
+    def __init__(self, segments: dict[int, torch.Tensor], total_samples: int, fps) -> None:
+        self.segments = segments
+        self.total_samples = total_samples
+        self.fps = fps
+
+    def for_shard(self, start: int, end: int) -> Callable[[list[int]], torch.Tensor]:
+        """A function from output frames in ``[start, end)`` to (n, 50, 384) UNet prompts."""
+        span = audio_span(self.total_samples, self.fps, start, end)
+        parts = [self.segments[k] for k in range(span.first_segment, span.end_segment)]
+        features = torch.cat(parts) if parts else torch.zeros(0, 1, 1)
+
+        def windows(ts: list[int]) -> torch.Tensor:
+            return positional_encoding(
+                frame_windows(features, span.first_step, span.total_steps, self.fps, ts)
+            )
+
+        return windows
+
+
 @dataclass(eq=False)
 class Prepared:
     """One shown source frame, ready to render: its pixels and, with a face, box, latents and mask."""
@@ -138,7 +184,7 @@ class Prepared:
     frame: np.ndarray  # (H, W, 3) uint8 BGR
     box: Box | None = None
     latents: torch.Tensor | None = None  # (8, 32, 32) float32 CPU
-    material: Future | None = None  # -> (BlendMaterial, active Rect | None), built in the mask pool
+    material: tuple | None = None  # (BlendMaterial, active Rect | None)
 
 
 @dataclass
@@ -146,21 +192,28 @@ class ShardContext:
     """One shard's inputs and the index maps every step shares (built by step 0)."""
 
     video: VideoInfo
-    samples: np.ndarray
     plan: Plan
     shard: Shard
     clock: StageClock
     shown: frozenset[int]  # source frames some output frame of the shard shows
     last_use: dict[int, int]  # source frame -> the last output frame that shows it
+    entries: Callable[[int], Entry]
+    windows: Callable[[list[int]], torch.Tensor]
     progress: Callable[[int], None] | None
     on_stage: Callable[[str], None] | None
     decoded: int = 0
     kinds: list[str] = field(default_factory=list)
-    windows: Callable[[list[int]], torch.Tensor] | None = None
 
 
 class FramePipeline:
-    """Renders shards with models loaded once, as a bounded producer/consumer pipeline per shard."""
+    """Prepares source frames and renders shards with models loaded once.
+
+    Three calls, each a bounded producer/consumer pipeline over its frames:
+    :meth:`detect_range` (raw detections), :meth:`prepare_range` (latents and blend masks per source frame
+    from smoothed boxes, see :mod:`musetalk.avatar`), :meth:`encode_audio` (Whisper features per 30 s
+    segment), then :meth:`render_shard` (generation, compositing, encoding) reads their results.
+    :meth:`prepare_job` runs the first two over a whole job in this process.
+    """
 
     def __init__(
         self, cfg: PipelineConfig, models: Models | None = None, tuning: PipelineTuning | None = None
@@ -173,29 +226,201 @@ class FramePipeline:
         self._device_composite = self.tuning.device_composite(self.models.device)
         self._compositor = DeviceCompositor(self.models.device) if self._device_composite else None
 
+    # Preparation --------------------------------------------------------------------------------
+    def _decoded(
+        self, group: ThreadGroup, clock: StageClock, video: VideoInfo, start: int, end: int
+    ) -> Channel:
+        """Start a decode thread for source frames ``[start, end)`` -> a channel of (src, frame)."""
+        decoded = group.channel(self.tuning.decode_depth)
+
+        def run() -> None:
+            frames = read_frames(video, start, end)
+            src = start
+            while True:
+                with clock.stage("decode"):
+                    frame = next(frames, None)
+                if frame is None:
+                    break
+                decoded.put((src, frame))
+                src += 1
+            if src != end:
+                raise RuntimeError(f"source frames [{start}, {end}): decoded {src - start} frames")
+            decoded.put(END)
+
+        group.start("decode", run)
+        return decoded
+
+    def detect_range(
+        self, video: VideoInfo, start: int, end: int, on_stage: Callable[[str], None] | None = None
+    ) -> tuple[dict[int, Detection | None], PrepStats]:
+        """Raw detections (largest face, landmarks) of source frames ``[start, end)``, in padded batches."""
+        wall, clock = time.perf_counter(), StageClock(self.models.device)
+        found: dict[int, Detection | None] = {}
+        batch: list[tuple[int, np.ndarray]] = []
+
+        def detect() -> None:
+            with clock.stage("detect"):
+                dets = self.models.analyzer.detect([f for _, f in batch])
+            found.update((s, d) for (s, _), d in zip(batch, dets, strict=True))
+            batch.clear()
+            if on_stage is not None:
+                on_stage(f"detect {len(found)}/{end - start}")
+
+        with ThreadGroup(f"detect-{start}") as group:
+            for src, frame in self._decoded(group, clock, video, start, end):
+                batch.append((src, frame))
+                if len(batch) == self.cfg.face.batch_size:
+                    detect()
+            if batch:
+                detect()
+        stats = PrepStats(
+            unit=f"detect {start}-{end}",
+            frames=end - start,
+            seconds=clock.totals(),
+            detections=len(found),
+            wall_seconds=time.perf_counter() - wall,
+        )
+        return found, stats
+
+    def prepare_range(
+        self,
+        video: VideoInfo,
+        start: int,
+        end: int,
+        boxes: dict[int, Box | None],
+        on_stage: Callable[[str], None] | None = None,
+    ) -> tuple[list[Entry], PrepStats]:
+        """Entries of source frames ``[start, end)`` from their smoothed ``boxes``: per face frame, the
+        crop's VAE latents (batched, padded) and blend material (parsing batched, masks in a thread pool).
+        Each entry is a pure function of its frame and box, so the grouping into units changes nothing."""
+        wall, clock = time.perf_counter(), StageClock(self.models.device)
+        m, shape = self.models, (video.height, video.width)
+        entries: list[Entry] = []
+        pending: list[tuple[int, np.ndarray, Box]] = []
+        encodes = parsings = 0
+
+        def flush(masks: ThreadPoolExecutor) -> None:
+            nonlocal encodes, parsings
+            with clock.stage("vae_encode", device=True):
+                latents = m.generator.encode(np.stack([crop_face(f, b) for _, f, b in pending]))
+            encodes += len(pending)
+            with clock.stage("blend_prepare", device=True):
+                regions = m.blender.parse([f for _, f, _ in pending], [b for _, _, b in pending])
+            parsings += len(pending) if m.blender.parser is not None else 0
+            jobs = [
+                masks.submit(self._material, clock, region, b, shape)
+                for (_, _, b), region in zip(pending, regions, strict=True)
+            ]
+            for (src, _, box), lat, job in zip(pending, latents, jobs, strict=True):
+                material, rect = job.result()
+                entries.append(
+                    Entry(
+                        src=src,
+                        box=box,
+                        latents=lat.numpy(),
+                        square=material.square,
+                        mask=material.mask,
+                        parsed=material.parsed,
+                        rect=rect,
+                    )
+                )
+            pending.clear()
+            if on_stage is not None:
+                on_stage(f"prepare {len(entries)}/{end - start}")
+
+        with ThreadGroup(f"prepare-{start}") as group:
+            masks = ThreadPoolExecutor(self.tuning.mask_workers, thread_name_prefix=f"prepare-{start}-mask")
+            group.on_exit(lambda: masks.shutdown(wait=True, cancel_futures=True))
+            for src, frame in self._decoded(group, clock, video, start, end):
+                box = boxes[src]
+                if box is None:
+                    entries.append(Entry(src))
+                    continue
+                pending.append((src, frame, box))
+                if len(pending) == self.cfg.batch_size:
+                    flush(masks)
+            if pending:
+                flush(masks)
+        entries.sort(key=lambda e: e.src)
+        stats = PrepStats(
+            unit=f"prepare {start}-{end}",
+            frames=end - start,
+            seconds=clock.totals(),
+            vae_encodes=encodes,
+            parsings=parsings,
+            wall_seconds=time.perf_counter() - wall,
+        )
+        return entries, stats
+
+    def _material(self, clock: StageClock, region: np.ndarray | None, box: Box, shape: tuple[int, int]):
+        with clock.stage("blend_prepare"):
+            material = self.models.blender.material(region, box)
+            rect = active_rect(box, material.square, material.mask, shape)
+        return material, rect
+
+    def encode_audio(
+        self, samples: np.ndarray, segments: list[int]
+    ) -> tuple[dict[int, torch.Tensor], PrepStats]:
+        """Whisper features of 30 s ``segments`` of ``samples`` ((N,) float32 16 kHz): k -> (1500, L, D)."""
+        wall, clock = time.perf_counter(), StageClock(self.models.device)
+        out = {}
+        for k in segments:
+            with clock.stage("audio", device=True):
+                out[k] = self.models.audio.encode(samples[k * SEGMENT_SAMPLES : (k + 1) * SEGMENT_SAMPLES], k)
+        stats = PrepStats(
+            unit=f"audio {segments}",
+            seconds=clock.totals(),
+            audio_segments=len(segments),
+            wall_seconds=time.perf_counter() - wall,
+        )
+        return out, stats
+
+    def prepare_job(
+        self, video: VideoInfo, samples: np.ndarray, plan: Plan, chunk: int = 64
+    ) -> tuple[dict[int, Entry], AudioFeatures, list[PrepStats]]:
+        """Every preparation a job needs, in this process: detections of the shown source frames and their
+        smoothing context, boxes, entries (``chunk`` source frames at a time), Whisper features."""
+        jp = JobPrep(plan, chunk, self.cfg.face.smooth_radius)
+        stats: list[PrepStats] = []
+        detections: dict[int, Detection | None] = {}
+        for a, b in jp.detect_ranges():
+            found, st = self.detect_range(video, a, b)
+            detections.update(found)
+            stats.append(st)
+        entries: dict[int, Entry] = {}
+        shape = (video.height, video.width)
+        for a, b in jp.prepare_ranges():
+            boxes = boxes_from_detections(detections, range(a, b), shape, self.cfg, plan.source_frames)
+            done, st = self.prepare_range(video, a, b, boxes)
+            entries.update((e.src, e) for e in done)
+            stats.append(st)
+        segments, st = self.encode_audio(samples, jp.audio_segments())
+        stats.append(st)
+        return entries, AudioFeatures(segments, plan.total_samples, plan.fps), stats
+
+    # Generation ---------------------------------------------------------------------------------
     def render_shard(
         self,
         *,
         video: VideoInfo,
-        samples: np.ndarray,
         plan: Plan,
         shard: Shard,
         out_path: Path,
         encode: EncodeSettings,
+        entries: Callable[[int], Entry],
+        audio: AudioFeatures,
         progress: Callable[[int], None] | None = None,
         on_stage: Callable[[str], None] | None = None,
     ) -> ShardStats:
         """Render output frames ``[shard.start, shard.end)`` into a video-only segment at ``out_path``.
 
-        ``samples`` is the whole audio track, (N,) float32 mono 16 kHz; only the 30 s Whisper segments the
-        shard's windows touch are encoded. ``progress(n)`` is called per batch of ``n`` frames written,
-        ``on_stage(text)`` per batch of source frames prepared ("prepare 40/130") and once rendering starts.
+        ``entries(src)`` gives the prepared entry of each source frame the shard shows; ``audio`` holds
+        the Whisper segments its windows read. ``progress(n)`` is called per batch of ``n`` frames written,
+        ``on_stage(text)`` once rendering starts.
 
         Threads (bounded channels between them, depths from :class:`PipelineTuning`):
-        1. decode: source frames in order -> ``decoded``;
-        2. prepare: detection in padded batches, box smoothing with ``smooth_radius`` frames of look-ahead,
-           crop + VAE encode and face parsing per batch of shown face frames, mask building handed to a
-           thread pool -> ``prepared`` (shown frames only, in source order);
+        1. decode: the source frames the shard shows, in order -> ``decoded``;
+        2. attach: each shown frame with its entry -> ``prepared``;
         3. this thread: output frames in order, UNet + VAE decode per batch of faces, [GFPGAN], compositing
            -> ``finished``;
         4. encode: ``finished`` -> the ffmpeg encoder.
@@ -203,17 +428,15 @@ class FramePipeline:
         segment removed.
         """
         wall = time.perf_counter()
-        ctx = self._context(video, samples, plan, shard, progress, on_stage)  # 0. what the shard shows
+        ctx = self._context(video, plan, shard, entries, audio, progress, on_stage)  # 0.
+        lo, hi = min(ctx.shown), max(ctx.shown) + 1
         with ThreadGroup(shard.name) as group:
-            masks = ThreadPoolExecutor(self.tuning.mask_workers, thread_name_prefix=f"{shard.name}-mask")
-            group.on_exit(lambda: masks.shutdown(wait=True, cancel_futures=True))
-            decoded = group.channel(self.tuning.decode_depth)
+            decoded = self._decoded(group, ctx.clock, video, lo, hi)  # 1.
             prepared = group.channel(self.tuning.prepared_depth)
             finished = group.channel(self.tuning.encode_depth)
             writer = SegmentWriter(out_path, video.width, video.height, plan.fps, encode)
             group.on_exit(writer.abort, on_error_only=True)  # kills ffmpeg, removes the partial file
-            group.start("decode", self._decode_step, ctx, decoded)  # 1.
-            group.start("prepare", self._prepare_step, ctx, decoded, prepared, masks)  # 2.
+            group.start("attach", self._attach_step, ctx, decoded, prepared)  # 2.
             encoder = group.start("encode", self._encode_step, ctx, finished, writer)  # 4.
             self._render_step(ctx, prepared, finished)  # 3.
             while encoder.is_alive():
@@ -227,7 +450,7 @@ class FramePipeline:
             shard=shard.index,
             frames=shard.frames,
             face_frames=shard.frames - kinds.count(PASSTHROUGH),
-            decoded_frames=ctx.decoded,
+            decoded_frames=hi - lo,
             seconds=ctx.clock.totals(),
             enhance_fallbacks=kinds.count(ENHANCE_FALLBACK),
             parsing_fallbacks=kinds.count(PARSING_FALLBACK),
@@ -236,121 +459,37 @@ class FramePipeline:
         )
 
     # Step 0 --------------------------------------------------------------------------------------
-    def _context(self, video, samples, plan, shard, progress, on_stage) -> ShardContext:
+    def _context(self, video, plan, shard, entries, audio, progress, on_stage) -> ShardContext:
         last_use: dict[int, int] = {}
         for t in range(shard.start, shard.end):
             last_use[plan.source_index(t)] = t
         return ShardContext(
             video=video,
-            samples=samples,
             plan=plan,
             shard=shard,
             clock=StageClock(self.models.device),
             shown=frozenset(last_use),
             last_use=last_use,
+            entries=entries,
+            windows=audio.for_shard(shard.start, shard.end),
             progress=progress,
             on_stage=on_stage,
         )
 
-    # Step 1: decode thread ------------------------------------------------------------------------
-    def _decode_step(self, ctx: ShardContext, decoded: Channel) -> None:
-        shard = ctx.shard
-        frames = read_frames(ctx.video, shard.src_start, shard.src_end)
-        src = shard.src_start
-        while True:
-            with ctx.clock.stage("decode"):
-                frame = next(frames, None)
-            if frame is None:
-                break
-            decoded.put((src, frame))
-            src += 1
-        ctx.decoded = src - shard.src_start
-        if src != shard.src_end:
-            raise RuntimeError(
-                f"{shard.name}: decoded {src - shard.src_start} frames, expected {shard.src_end - shard.src_start}"
-            )
-        decoded.put(END)
-
-    # Step 2: prepare thread -----------------------------------------------------------------------
-    def _prepare_step(
-        self, ctx: ShardContext, decoded: Channel, prepared: Channel, masks: ThreadPoolExecutor
-    ) -> None:
-        """Detect in padded batches, smooth boxes as soon as their look-ahead is decoded, then encode and
-        parse the shown face frames in batches. Each result is a pure function of its source frame and
-        the raw boxes within ``smooth_radius`` of it (clipped to the shard's decoded range), so the
-        grouping into batches changes nothing."""
-        m, cfg = self.models, self.cfg
-        shard, radius = ctx.shard, cfg.face.smooth_radius
-        lo, hi = shard.src_start, shard.src_end
-        shape = (ctx.video.height, ctx.video.width)
-        raw: dict[int, Box | None] = {}
-        frames: dict[int, np.ndarray] = {}
-        to_detect: list[int] = []
-        ready: list[Prepared] = []  # smoothed, in source order, waiting for their batch
-        next_final = lo  # the next source frame to smooth
-        detected = 0
-
-        def detect() -> None:
-            nonlocal detected
-            if not to_detect:
-                return
-            with ctx.clock.stage("detect"):
-                found = m.analyzer.detect([frames[s] for s in to_detect])
-                for s, det in zip(to_detect, found, strict=True):
-                    raw[s] = crop_box(det, shape, cfg.face)
-            detected += len(to_detect)
-            to_detect.clear()
-            if ctx.on_stage is not None:
-                ctx.on_stage(f"prepare {detected}/{hi - lo}")
-
-        def finalise(upto: int) -> None:
-            """Smooth source frames [next_final, upto), whose windows are complete."""
-            nonlocal next_final
-            for s in range(next_final, upto):
-                a, b = max(lo, s - radius), min(hi, s + radius + 1)
-                box = smooth_boxes([raw[k] for k in range(a, b)], radius)[s - a]
-                raw.pop(s - radius - 1, None)
-                frame = frames.pop(s)
-                if s in ctx.shown:
-                    ready.append(Prepared(s, frame, box))
-                    if (
-                        sum(p.box is not None for p in ready) >= cfg.batch_size
-                        or len(ready) >= 2 * cfg.batch_size
-                    ):
-                        flush()
-            next_final = max(next_final, upto)
-
-        def flush() -> None:
-            faces = [p for p in ready if p.box is not None]
-            if faces:
-                with ctx.clock.stage("vae_encode", device=True):
-                    crops = np.stack([crop_face(p.frame, p.box) for p in faces])
-                    latents = m.generator.encode(crops)
-                with ctx.clock.stage("blend_prepare", device=True):
-                    regions = m.blender.parse([p.frame for p in faces], [p.box for p in faces])
-                for p, lat, region in zip(faces, latents, regions, strict=True):
-                    p.latents = lat
-                    p.material = masks.submit(self._material_job, ctx, region, p.box)
-            for p in ready:
-                prepared.put(p)
-            ready.clear()
-
+    # Step 2: attach thread ------------------------------------------------------------------------
+    def _attach_step(self, ctx: ShardContext, decoded: Channel, prepared: Channel) -> None:
         for src, frame in decoded:
-            frames[src] = frame
-            to_detect.append(src)
-            if len(to_detect) == cfg.face.batch_size:
-                detect()
-                finalise(max(lo, src + 1 - radius))
-        detect()
-        finalise(hi)
-        flush()
+            if src not in ctx.shown:
+                continue
+            e = ctx.entries(src)
+            if e.box is None:
+                prepared.put(Prepared(src, frame))
+                continue
+            material = BlendMaterial(square=e.square, mask=e.mask, parsed=e.parsed)
+            prepared.put(
+                Prepared(src, frame, e.box, torch.from_numpy(np.array(e.latents)), (material, e.rect))
+            )
         prepared.put(END)
-
-    def _material_job(self, ctx: ShardContext, region: np.ndarray | None, box: Box):
-        with ctx.clock.stage("blend_prepare"):
-            material = self.models.blender.material(region, box)
-            rect = active_rect(box, material.square, material.mask, (ctx.video.height, ctx.video.width))
-        return material, rect
 
     # Step 3: this thread --------------------------------------------------------------------------
     def _render_step(self, ctx: ShardContext, prepared: Channel, finished: Channel) -> None:
@@ -383,23 +522,6 @@ class FramePipeline:
             raise RuntimeError(f"{shard.name}: prepared frames left over")
         finished.put(END)
 
-    def _audio_windows(self, ctx: ShardContext) -> Callable[[list[int]], torch.Tensor]:
-        """Whisper features of the shard's audio span (encoded once, at the first face) -> a function
-        from output frames to (n, 50, 384) prompts."""
-        plan, shard = ctx.plan, ctx.shard
-        with ctx.clock.stage("audio"):
-            span = audio_span(plan.total_samples, plan.fps, shard.start, shard.end)
-            features = self.models.audio.encode(
-                ctx.samples[span.sample_start : span.sample_end], span.first_segment
-            )
-
-        def windows(ts: list[int]) -> torch.Tensor:
-            return positional_encoding(
-                frame_windows(features, span.first_step, span.total_steps, plan.fps, ts)
-            )
-
-        return windows
-
     def _render_batch(
         self, ctx: ShardContext, pending: list[tuple[int, Prepared]], finished: Channel
     ) -> None:
@@ -408,8 +530,6 @@ class FramePipeline:
         generated: dict[int, np.ndarray] = {}
         failed: set[int] = set()
         if faces:
-            if ctx.windows is None:
-                ctx.windows = self._audio_windows(ctx)
             ts = [t for t, _ in faces]
             with ctx.clock.stage("generate", device=True):
                 out = m.generator.generate(torch.stack([p.latents for _, p in faces]), ctx.windows(ts))
@@ -428,7 +548,7 @@ class FramePipeline:
                 ctx.kinds.append(PASSTHROUGH)
                 finished.put(p.frame)
                 continue
-            material, rect = p.material.result()
+            material, rect = p.material
             own = ctx.last_use[p.src] == t  # no later output shows this source frame: paste in place
             with ctx.clock.stage("blend", device=self._device_composite):
                 frame = self._paste(p.frame if own else p.frame.copy(), generated[t], p.box, material, rect)
@@ -494,6 +614,7 @@ class LocalResult:
     output: Path
     plan: Plan
     stats: tuple[ShardStats, ...]
+    prep: tuple[PrepStats, ...] = ()
 
 
 def render_local(
@@ -506,18 +627,18 @@ def render_local(
     overlap: int | None = None,
     encode: EncodeSettings | None = None,
     pipeline: FramePipeline | None = None,
+    chunk: int = 64,
 ) -> LocalResult:
-    """Render a whole job in this process (no Ray): probe, plan, render every shard, stitch, mux.
-
-    Shards bound memory (a shard's source frames are held while it renders); the output does not
-    depend on ``shard_frames`` or ``overlap``.
-    """
+    """Render a whole job in this process (no Ray): probe, plan, prepare every shown source frame once,
+    render every shard, stitch, mux. The output does not depend on ``shard_frames``, ``overlap`` or
+    ``chunk`` (source frames per preparation unit)."""
     encode = encode or EncodeSettings()
     overlap = cfg.face.smooth_radius if overlap is None else overlap
     info, samples, plan = plan_job(
         video, audio, overlap=overlap, smooth_radius=cfg.face.smooth_radius, shard_frames=shard_frames
     )
     pipeline = pipeline or FramePipeline(cfg)
+    entries, features, prep = pipeline.prepare_job(info, samples, plan, chunk)
     stats = []
     with tempfile.TemporaryDirectory(prefix="musetalk-local-") as tmp:
         segments = []
@@ -525,12 +646,18 @@ def render_local(
             path = Path(tmp) / f"{shard.name}.mkv"
             stats.append(
                 pipeline.render_shard(
-                    video=info, samples=samples, plan=plan, shard=shard, out_path=path, encode=encode
+                    video=info,
+                    plan=plan,
+                    shard=shard,
+                    out_path=path,
+                    encode=encode,
+                    entries=entries.__getitem__,
+                    audio=features,
                 )
             )
             segments.append(path)
         concat_and_mux(segments, Path(audio), Path(output), plan.fps, plan.output_frames)
-    return LocalResult(Path(output), plan, tuple(stats))
+    return LocalResult(Path(output), plan, tuple(stats), tuple(prep))
 
 
 def required_weights(cfg: PipelineConfig) -> list[tuple[Path, str]]:

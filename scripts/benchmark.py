@@ -39,9 +39,18 @@ import soundfile as sf
 import torch
 import transformers
 
+from musetalk.avatar import ChunkReader, JobPrep, boxes_from_detections, pack_chunk
 from musetalk.config import EnhanceConfig, FaceConfig, PipelineConfig
 from musetalk.device import resolve_device, resolve_dtype
-from musetalk.pipeline import FramePipeline, ShardStats, check_weights, plan_job, render_local, stage_totals
+from musetalk.pipeline import (
+    AudioFeatures,
+    FramePipeline,
+    ShardStats,
+    check_weights,
+    plan_job,
+    render_local,
+    stage_totals,
+)
 from scripts.make_bench_media import ensure_bench_media
 from scripts.make_demo_media import SAMPLE_RATE, ensure_demo_media, speech_like
 from scripts.make_tiny_models import MARKER, ensure_tiny_models
@@ -217,16 +226,49 @@ def _worker_ready() -> int:
     return os.getpid()
 
 
-def _worker_render(info, samples, plan, shard, out_path: str, encode: EncodeSettings) -> dict:
+def _worker_call(kind: str, *args) -> dict:
+    """One unit on this worker: ``detect`` / ``prepare`` source frames, ``audio`` segments, or ``render`` a
+    shard; with its CPU seconds (ffmpeg children included), peak RSS and peak GPU memory."""
     cpu = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
     device = _WORKER.models.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stats = _WORKER.render_shard(
-        video=info, samples=samples, plan=plan, shard=shard, out_path=Path(out_path), encode=encode
-    )
+    if kind == "detect":
+        info, a, b = args
+        result, stats = _WORKER.detect_range(info, a, b)
+    elif kind == "prepare":
+        info, a, b, boxes = args
+        entries, stats = _WORKER.prepare_range(info, a, b, boxes)
+        result = pack_chunk(entries)
+    elif kind == "audio":
+        samples, segments = args
+        features, stats = _WORKER.encode_audio(samples, segments)
+        result = {k: v.numpy() for k, v in features.items()}
+    else:
+        info, plan, shard, out_path, encode, chunks, segments = args
+        readers = [(a, b, ChunkReader(blob)) for a, b, blob in chunks]
+
+        def entry(src: int):
+            return next(r.get(src) for a, b, r in readers if a <= src < b)
+
+        audio = AudioFeatures(
+            {k: torch.from_numpy(v) for k, v in segments.items()}, plan.total_samples, plan.fps
+        )
+        result, stats = (
+            None,
+            _WORKER.render_shard(
+                video=info,
+                plan=plan,
+                shard=shard,
+                out_path=Path(out_path),
+                encode=encode,
+                entries=entry,
+                audio=audio,
+            ),
+        )
     return {
         "pid": os.getpid(),
+        "result": result,
         "stats": stats,
         "cpu_seconds": _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - cpu,
         "peak_rss_mib": _maxrss_mib(resource.RUSAGE_SELF),
@@ -236,8 +278,12 @@ def _worker_render(info, samples, plan, shard, out_path: str, encode: EncodeSett
     }
 
 
-def run_pool(cfg: PipelineConfig, video: Path, audio: Path, workers: int, shards: int) -> dict:
-    """Render ``video`` + ``audio`` as ``shards`` shards on ``workers`` fresh worker processes; stitch."""
+def run_pool(
+    cfg: PipelineConfig, video: Path, audio: Path, workers: int, shards: int, prep_length: int = 64
+) -> dict:
+    """Render ``video`` + ``audio`` as the driver does, on ``workers`` fresh worker processes: detect and
+    audio units, smoothing here, prepare units (``prep_length`` source frames each), then ``shards``
+    generation shards; stitch."""
     overlap = cfg.face.smooth_radius
     info, samples, plan = plan_job(video, audio, overlap=overlap, smooth_radius=overlap, shard_frames=1)
     shard_frames = math.ceil(plan.output_frames / shards)
@@ -246,6 +292,7 @@ def run_pool(cfg: PipelineConfig, video: Path, audio: Path, workers: int, shards
     )
     ctx = multiprocessing.get_context("spawn")
     encode = EncodeSettings()
+    prep = JobPrep(plan, prep_length, cfg.face.smooth_radius)
     with (
         tempfile.TemporaryDirectory(prefix="musetalk-bench-") as tmp,
         ProcessPoolExecutor(
@@ -255,38 +302,77 @@ def run_pool(cfg: PipelineConfig, video: Path, audio: Path, workers: int, shards
         pids = {f.result() for f in [pool.submit(_worker_ready) for _ in range(workers)]}
         logger.info("%d workers ready (%s); rendering %d shards", workers, sorted(pids), len(plan.shards))
         start = time.perf_counter()
+        audio_unit = pool.submit(_worker_call, "audio", samples, prep.audio_segments())
+        detected = [pool.submit(_worker_call, "detect", info, a, b) for a, b in prep.detect_ranges()]
+        calls = [f.result() for f in detected]
+        detections = {k: v for c in calls for k, v in c["result"].items()}
+        shape = (info.height, info.width)
+        prepared = [
+            pool.submit(
+                _worker_call,
+                "prepare",
+                info,
+                a,
+                b,
+                boxes_from_detections(detections, range(a, b), shape, cfg, plan.source_frames),
+            )
+            for a, b in prep.prepare_ranges()
+        ]
+        chunks = [(a, b, f.result()) for (a, b), f in zip(prep.prepare_ranges(), prepared, strict=True)]
+        calls += [c for _, _, c in chunks] + [audio_unit.result()]
+        blobs = [(a, b, c["result"]) for a, b, c in chunks]
+        segments = calls[-1]["result"]
+        prep_stats = [c["stats"] for c in calls]
         futures = {
             shard.index: pool.submit(
-                _worker_render, info, samples, plan, shard, f"{tmp}/{shard.name}.mkv", encode
+                _worker_call,
+                "render",
+                info,
+                plan,
+                shard,
+                f"{tmp}/{shard.name}.mkv",
+                encode,
+                [
+                    (a, b, blob)
+                    for a, b, blob in blobs
+                    if any(a <= plan.source_index(t) < b for t in range(shard.start, shard.end))
+                ],
+                segments,
             )
             for shard in dispatch_order(plan)
         }
         done = {i: f.result() for i, f in futures.items()}
-        segments = [Path(tmp) / f"{shard.name}.mkv" for shard in plan.shards]
-        concat_and_mux(segments, Path(audio), Path(tmp) / "out.mp4", plan.fps, plan.output_frames)
+        segments_out = [Path(tmp) / f"{shard.name}.mkv" for shard in plan.shards]
+        concat_and_mux(segments_out, Path(audio), Path(tmp) / "out.mp4", plan.fps, plan.output_frames)
         wall = time.perf_counter() - start
     stats: list[ShardStats] = [done[s.index]["stats"] for s in plan.shards]
     per_worker: dict[int, dict] = {}
-    for res in done.values():
-        w = per_worker.setdefault(res["pid"], {"shards": 0, "cpu_seconds": 0.0, "peak_rss_mib": 0.0})
-        w["shards"] += 1
+    for res in [*done.values(), *calls]:
+        w = per_worker.setdefault(res["pid"], {"units": 0, "cpu_seconds": 0.0, "peak_rss_mib": 0.0})
+        w["units"] += 1
         w["cpu_seconds"] = round(w["cpu_seconds"] + res["cpu_seconds"], 3)
         w["peak_rss_mib"] = round(max(w["peak_rss_mib"], res["peak_rss_mib"]), 1)
-    stage_sum = sum(s.total_seconds for s in stats)
-    shard_wall = sum(s.wall_seconds for s in stats)
-    cuda = [r["peak_cuda_memory_mib"] for r in done.values() if r["peak_cuda_memory_mib"] is not None]
+    every = [*stats, *prep_stats]
+    stage_sum = sum(sum(s.seconds.values()) for s in every)
+    unit_wall = sum(s.wall_seconds for s in every)
+    cuda = [
+        r["peak_cuda_memory_mib"] for r in [*done.values(), *calls] if r["peak_cuda_memory_mib"] is not None
+    ]
     frames = plan.output_frames
     return {
         "workers": workers,
         "shards": len(plan.shards),
+        "prep_units": len(calls),
         "frames": frames,
         "face_frames": sum(s.face_frames for s in stats),
+        "detections": sum(p.detections for p in prep_stats),
+        "vae_encodes": sum(p.vae_encodes for p in prep_stats),
         "wall_seconds": round(wall, 3),
         "fps": round(frames / wall, 3),
-        "stage_seconds": {k: round(v, 3) for k, v in stage_totals(stats).items()},
-        "worker_wall_seconds": round(shard_wall, 3),
+        "stage_seconds": {k: round(v, 3) for k, v in stage_totals(every).items()},
+        "worker_wall_seconds": round(unit_wall, 3),
         "stage_sum_seconds": round(stage_sum, 3),
-        "overlap_ratio": round(stage_sum / shard_wall, 3) if shard_wall else None,
+        "overlap_ratio": round(stage_sum / unit_wall, 3) if unit_wall else None,
         "worker_cpu_seconds": round(sum(w["cpu_seconds"] for w in per_worker.values()), 3),
         "per_worker": list(per_worker.values()),
         "worker_peak_rss_mib": max(w["peak_rss_mib"] for w in per_worker.values()),

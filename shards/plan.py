@@ -57,6 +57,25 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class PrepUnit:
+    """One unit of a job's preparation phase: ``detect`` or ``prepare`` source frames ``[start, end)``, or
+    encode Whisper segments ``[start, end)`` (``audio``). Its results feed the generation shards."""
+
+    kind: str
+    index: int
+    start: int
+    end: int
+
+    @property
+    def frames(self) -> int:
+        return self.end - self.start
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.index:05d}"
+
+
+@dataclass(frozen=True)
 class Plan:
     """The whole job: sizes, rate and shards. Plain data, serialisable to JSON."""
 

@@ -20,6 +20,8 @@ os.environ["TMPDIR"] = _SESSION_TMP
 tempfile.tempdir = None
 # Staged inputs, synced weights and URI outputs (cluster/storage.py) go here, never under the home directory.
 os.environ["MUSETALK_STAGING_DIR"] = os.path.join(_SESSION_TMP, "staging")
+# The avatar cache of every render in this run (never the user's ~/.cache).
+os.environ["MUSETALK_CACHE_DIR"] = os.path.join(_SESSION_TMP, "avatars")
 
 
 def pytest_unconfigure(config):

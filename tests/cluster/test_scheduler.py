@@ -170,7 +170,7 @@ def test_finished_after_every_shard_succeeded():
     b.slot_up(1, 0.0)
     for a in b.assignments():
         b.succeeded(a)
-    assert b.finished and b.done == {(0, 0), (0, 1)}
+    assert b.finished and b.done == {(0, "shard_00000"), (0, "shard_00001")}
     b.check_start(10_000.0)  # nothing left to do: no timeout
 
 
@@ -207,7 +207,7 @@ def test_units_of_different_jobs_interleave_job_after_job():
     assert not b.job_finished(0) and not b.job_finished(1)
     b.succeeded(nxt)
     assert b.job_finished(0) and not b.job_finished(1)
-    assert (0, 0) in b.done and (1, 0) not in b.done
+    assert (0, "shard_00000") in b.done and (1, "shard_00000") not in b.done
 
 
 @pytest.mark.parametrize(
@@ -243,7 +243,7 @@ def test_late_results_of_a_failed_job_are_dropped(late):
         b.succeeded(a1)
     else:
         b.failed(a1, Failure.ERROR, "late")  # neither retried nor raised
-    assert (0, 1) not in b.done and b.job_finished(0) and b.retries == 0
+    assert (0, "shard_00001") not in b.done and b.job_finished(0) and b.retries == 0
     assert [(j, s.index) for j, s, _ in b.pending] == [(1, 0)]
 
 

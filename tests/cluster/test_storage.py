@@ -274,6 +274,7 @@ def test_render_from_and_to_s3_with_workers_reading_it(s3, s3_job, tiny_models, 
             "cluster.cpu_workers=2",
             "cluster.max_in_flight=1",  # one shard per worker at a time: the second shard waits for worker 2
             "shards.length=25",
+            f"cache.dir=s3://{BUCKET}/avatars",  # the avatar cache in the bucket too
             f"hydra.run.dir={tmp_path}/run",
         ),
         tmp=cli_tmp(),
@@ -308,6 +309,9 @@ def test_render_from_and_to_s3_with_workers_reading_it(s3, s3_job, tiny_models, 
         client.get_object(Bucket=BUCKET, Key="renders/take 1/out.summary.json")["Body"].read()
     )
     assert summary["output"] == out and summary["frames"] == 50 and len(summary["worker_frames"]) == 2
+    cached = _keys("avatars/")
+    assert [k for k in cached if k.endswith(".npz")] and [k for k in cached if k.endswith(".json")], cached
+    assert summary["cache"] == f"s3://{BUCKET}/avatars" and summary["vae_encodes"] > 0
     # Workers (other processes than the driver) fetched the weights from S3, once for the node.
     workers = [line for line in stderr.splitlines() if "RenderWorker" in line and "pid=" in line]
     synced = [line for line in workers if f"weights from {s3_job['models']}" in line]

@@ -47,11 +47,16 @@ def _audio(path: Path, seconds: float) -> Path:
 def _both(pipe, video, audio, tmp_path, shard_frames):
     """Render every shard with the pipelined and the serial renderer; return their frames and stats."""
     info, samples, plan = plan_job(video, audio, overlap=2, smooth_radius=2, shard_frames=shard_frames)
+    entries, features, _ = pipe.prepare_job(info, samples, plan, chunk=16)
     stats = []
     for shard in plan.shards:
-        kw = dict(video=info, samples=samples, plan=plan, shard=shard, encode=LOSSLESS)
-        stats.append(pipe.render_shard(out_path=tmp_path / f"new{shard.index}.mkv", **kw))
-        render_shard_serial(pipe, out_path=tmp_path / f"old{shard.index}.mkv", **kw)
+        kw = dict(video=info, plan=plan, shard=shard, encode=LOSSLESS)
+        stats.append(
+            pipe.render_shard(
+                out_path=tmp_path / f"new{shard.index}.mkv", entries=entries.__getitem__, audio=features, **kw
+            )
+        )
+        render_shard_serial(pipe, out_path=tmp_path / f"old{shard.index}.mkv", samples=samples, **kw)
         new, old = (
             decode_all(tmp_path / f"new{shard.index}.mkv"),
             decode_all(tmp_path / f"old{shard.index}.mkv"),
@@ -133,12 +138,20 @@ def test_an_error_in_any_thread_reaches_the_caller_and_cleans_up(
     _fail_in(where, monkeypatch, pipe)
     out = tmp_path / "out.mkv"
     with pytest.raises(ValueError, match=f"boom in {where}") as caught:
+        entries, features, _ = pipe.prepare_job(info, samples, plan, chunk=16)
         pipe.render_shard(
-            video=info, samples=samples, plan=plan, shard=plan.shards[0], out_path=out, encode=LOSSLESS
+            video=info,
+            plan=plan,
+            shard=plan.shards[0],
+            out_path=out,
+            encode=LOSSLESS,
+            entries=entries.__getitem__,
+            audio=features,
         )
     frames = traceback.extract_tb(caught.value.__traceback__)
     assert frames[-1].name == "boom", "the original traceback is kept"
-    assert not [t for t in threading.enumerate() if t.name.startswith(plan.shards[0].name)]
+    prefixes = (plan.shards[0].name, "detect-", "prepare-")
+    assert not [t for t in threading.enumerate() if t.name.startswith(prefixes)]
     assert not _ffmpeg_children() and not out.exists()
 
 

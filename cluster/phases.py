@@ -1,0 +1,129 @@
+"""One job's preparation phase and the release of its generation shards (Ray-free: refs are opaque).
+
+A job runs as units of three kinds before its shards (see :mod:`musetalk.avatar`):
+
+- ``detect`` units over the source frames whose detections are missing (the shown frames that need new
+  entries, plus ``smooth_radius`` context frames each side), and ``audio`` units, one per 30 s Whisper
+  segment the shards read, all at once;
+- when every detection is in, ``prepare`` units over the shown frames without entries, each with its
+  smoothed boxes (smoothing runs here, over the whole video's raw boxes);
+- a generation shard is released as soon as the chunks holding its frames and its Whisper segments
+  have landed.
+
+So each distinct source frame is detected and prepared once per job, however many shards show it
+(ping-pong bounces) and however the output is sharded; with an avatar cache, once per video.
+"""
+
+from __future__ import annotations
+
+from musetalk.avatar import JobPrep, boxes_from_detections
+from musetalk.config import PipelineConfig
+from musetalk.faces import Detection
+from shards.plan import Plan, PrepUnit, Shard
+
+
+class JobPhases:
+    """Which units of one job can run now, and what each generation shard reads."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        todo: list[Shard],
+        pipeline: PipelineConfig,
+        frame_shape: tuple[int, int],
+        *,
+        chunk: int,
+        detections: dict[int, Detection | None] | None = None,
+        cached: dict[tuple[int, int], object] | None = None,
+    ) -> None:
+        """``detections``: raw detections already known (a cache); ``cached``: entry chunks already
+        available, ``(start, end) -> ref``."""
+        self.plan, self.pipeline, self.frame_shape = plan, pipeline, frame_shape
+        self.detections: dict[int, Detection | None] = dict(detections or {})
+        self.chunks: dict[tuple[int, int], object] = dict(cached or {})
+        self.segments: dict[int, object] = {}
+        have = {s for a, b in self.chunks for s in range(a, b)}
+        self.prep = JobPrep(
+            plan,
+            chunk,
+            pipeline.face.smooth_radius,
+            shards=todo,
+            have_detections=self.detections,
+            have_entries=have,
+        )
+        self.cache_hits = len(self.prep.shown) - len(self.prep.entries_needed)
+        self._count = 0
+        self._detecting = {u.name for u in self._detect_units()}
+        self._waiting = list(todo)
+        self._needs = {s.name: {plan.source_index(t) for t in range(s.start, s.end)} for s in todo}
+
+    def _unit(self, kind: str, start: int, end: int) -> PrepUnit:
+        self._count += 1
+        return PrepUnit(kind, self._count - 1, start, end)
+
+    def _detect_units(self) -> list[PrepUnit]:
+        if not hasattr(self, "_detect"):
+            self._detect = [self._unit("detect", a, b) for a, b in self.prep.detect_ranges()]
+        return self._detect
+
+    def initial_units(self) -> list[PrepUnit]:
+        """Detection and audio units (and, when no detection is missing, the prepare units)."""
+        units = list(self._detect_units())
+        units += [self._unit("audio", k, k + 1) for k in self.prep.audio_segments()]
+        if not self._detecting:
+            units += self._prepare_units()
+        return units
+
+    def _prepare_units(self) -> list[PrepUnit]:
+        return [self._unit("prepare", a, b) for a, b in self.prep.prepare_ranges()]
+
+    def detected(self, unit: PrepUnit, found: dict[int, Detection | None]) -> list[PrepUnit]:
+        """A detect unit landed: the prepare units once it was the last one."""
+        self.detections.update(found)
+        if unit.name not in self._detecting:
+            return []  # a duplicate report
+        self._detecting.discard(unit.name)
+        return [] if self._detecting else self._prepare_units()
+
+    def boxes_for(self, unit: PrepUnit) -> dict:
+        """The smoothed crop boxes of a prepare unit's source frames."""
+        return boxes_from_detections(
+            self.detections,
+            range(unit.start, unit.end),
+            self.frame_shape,
+            self.pipeline,
+            self.plan.source_frames,
+        )
+
+    def add_chunk(self, start: int, end: int, ref: object) -> None:
+        self.chunks[(start, end)] = ref
+
+    def add_segment(self, k: int, ref: object) -> None:
+        self.segments[k] = ref
+
+    def ready_shards(self) -> list[Shard]:
+        """Generation shards whose frames and Whisper segments are all available (each released once)."""
+        covered = {s for a, b in self.chunks for s in range(a, b)}
+        segments = set(self.segments)
+        ready, waiting = [], []
+        for shard in self._waiting:
+            if self._needs[shard.name] <= covered and set(self._segments_of(shard)) <= segments:
+                ready.append(shard)
+            else:
+                waiting.append(shard)
+        self._waiting = waiting
+        return ready
+
+    def _segments_of(self, shard: Shard) -> range:
+        from musetalk.audio import audio_span
+
+        span = audio_span(self.plan.total_samples, self.plan.fps, shard.start, shard.end)
+        return range(span.first_segment, span.end_segment)
+
+    def inputs_of(self, shard: Shard) -> tuple[tuple, tuple]:
+        """(chunks as (start, end, [ref]) holding the shard's frames, segments as (k, [ref]))."""
+        shown = self._needs[shard.name]
+        chunks = tuple(
+            (a, b, [ref]) for (a, b), ref in sorted(self.chunks.items()) if any(a <= s < b for s in shown)
+        )
+        return chunks, tuple((k, [self.segments[k]]) for k in self._segments_of(shard))
