@@ -134,7 +134,8 @@ class RenderWorker:
         self._segments: dict[tuple, torch.Tensor] = {}  # (job id, k) -> Whisper features
         self.loads = 0
         self.load_seconds = 0.0
-        self.units = 0
+        self.units = 0  # generation shards rendered
+        self.prep_units = 0  # preparation units (detect, prepare, audio)
         sweep_dead_scratch()
         # A failure while loading (missing weights, a device this node lacks, ...) is kept and raised by
         # ready(), so the driver fails the job with the reason at once instead of restarting workers.
@@ -169,6 +170,7 @@ class RenderWorker:
             "loads": self.loads,
             "load_seconds": self.load_seconds,
             "units": self.units,
+            "prep_units": self.prep_units,
         }
 
     def _pipeline(self, cfg: PipelineConfig | None) -> FramePipeline:
@@ -240,7 +242,7 @@ class RenderWorker:
                 raise ValueError(f"unknown preparation unit kind {unit.kind!r}")
         finally:
             self._untrack(job, unit.name)
-        self.units += 1
+        self.prep_units += 1
         return result, replace(stats, unit=unit.name, worker=self.name)
 
     def _entries(self, job: JobInputs, prepared: Prepared, shown: set[int]):
