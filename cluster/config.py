@@ -82,7 +82,6 @@ class JobConfig:
     download: bool
     shard_length: int | None
     shard_seconds: float | None
-    overlap: int
     summary: bool
     resume: bool
     pipeline: PipelineConfig
@@ -175,7 +174,6 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     shard_problems = len(problems)
     length = get("shards.length", int, nullable=True)
     seconds = get("shards.seconds", float, nullable=True)
-    overlap = get("shards.overlap", int, face.smooth_radius)
     prep_length = get("shards.prep_length", int, 64)
     cache = typed(CacheConfig, "cache", node("cache")) if "cache" in cfg else CacheConfig()
     shards_typed = len(problems) == shard_problems
@@ -183,11 +181,6 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     problems += pipeline_problems(pipeline)
     problems += noop_problems(pipeline, encode)
     problems += cluster_problems(cluster, pipeline.device)
-    if overlap < face.smooth_radius:
-        problems.append(
-            f"shards.overlap={overlap} is smaller than face.smooth_radius={face.smooth_radius}; "
-            f"set shards.overlap>={face.smooth_radius}"
-        )
     if length is not None and seconds is not None:
         problems.append("set either shards.length or shards.seconds, not both (set the other to null)")
     if length is None and seconds is None and shards_typed:
@@ -223,7 +216,6 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         download=download,
         shard_length=length,
         shard_seconds=seconds,
-        overlap=overlap,
         summary=summary,
         resume=resume,
         pipeline=pipeline,

@@ -378,7 +378,7 @@ def _open(st: _Job) -> None:
     st.info, st.samples, st.plan = plan_job(
         job.video,
         job.audio,
-        overlap=job.overlap,
+        overlap=job.pipeline.face.smooth_radius,  # the shards' src ranges only: boxes are smoothed in preparation
         smooth_radius=job.pipeline.face.smooth_radius,
         shard_frames=job.shard_length,
         shard_seconds=job.shard_seconds,

@@ -34,7 +34,7 @@ def test_interface_names():
         "render.batch_size=3",
         "render.dtype=float16",
         "shards.length=20",
-        "shards.overlap=5",
+        "shards.prep_length=32",
         "output.lossless=true",
         "enhance=gfpgan",
         "enhance.upscale=2",
@@ -45,7 +45,7 @@ def test_interface_names():
     job = job_from_config(cfg)
     assert job.pipeline.face.bbox_shift == -7
     assert job.pipeline.batch_size == 3 and job.pipeline.dtype == "float16"
-    assert (job.shard_length, job.overlap) == (20, 5)
+    assert (job.shard_length, job.prep_length) == (20, 32)
     assert job.encode.lossless and job.pipeline.enhance.upscale == 2
     assert job.cluster.workers == 3 and job.cluster.gpus_per_worker == 0.5
     assert job.pipeline.models_dir == "/somewhere"
@@ -62,7 +62,7 @@ def test_all_problems_reported_at_once():
         "face.detector=yolo",
         "render.batch_size=0",
         "enhance.upscale=3",
-        "shards.overlap=0",
+        "shards.prep_length=0",
         "cluster.inputs=ftp",
         "+face.colour=red",
     )
@@ -73,7 +73,7 @@ def test_all_problems_reported_at_once():
         "face.detector",
         "render.batch_size",
         "enhance.upscale",
-        "shards.overlap",
+        "shards.prep_length",
         "cluster.inputs",
         "face.colour is not a known setting",
     ):
@@ -88,7 +88,8 @@ def test_all_problems_reported_at_once():
         ("render.batch_size=true", "render.batch_size must be an integer, got True"),
         ("render.threads=two", "render.threads must be an integer or null, got 'two'"),
         ("shards.length=x", "shards.length must be an integer or null, got 'x'"),
-        ("shards.overlap=null", "shards.overlap must be an integer, got null"),
+        ("shards.prep_length=null", "shards.prep_length must be an integer, got null"),
+        ("cache.enabled=maybe", "cache.enabled must be a boolean (true or false), got 'maybe'"),
         ("output.lossless=yes", "output.lossless must be a boolean (true or false), got 'yes'"),
         ("output.summary=1", "output.summary must be a boolean (true or false), got 1"),
         ("blend.parsing=0", "blend.parsing must be a boolean (true or false), got 0"),

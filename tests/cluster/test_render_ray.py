@@ -32,7 +32,7 @@ from tests.helpers import (
 def test_shard_invariance_across_shardings_and_workers(
     local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path
 ):
-    for length, overlap, workers in [(13, 2, 2), (17, 6, 1)]:
+    for length, prep, workers in [(13, 7, 2), (17, 64, 1)]:
         out = tmp_path / f"sharded_{length}.mp4"
         job = job_for(
             tiny_models,
@@ -40,7 +40,7 @@ def test_shard_invariance_across_shardings_and_workers(
             short_audio,
             out,
             f"shards.length={length}",
-            f"shards.overlap={overlap}",
+            f"shards.prep_length={prep}",
             f"cluster.workers={workers}",
         )
         summary = run_job(job)
