@@ -27,7 +27,7 @@ import torch
 
 from cluster import storage
 from cluster.weights import local_models
-from musetalk.avatar import ChunkReader, Entry, detections_to_json, pack_chunk
+from musetalk.avatar import EntrySource, detections_to_json, pack_chunk
 from musetalk.config import PipelineConfig
 from musetalk.pipeline import AudioFeatures, FramePipeline, PrepStats, ShardStats
 from shards.plan import Plan, PrepUnit, Shard
@@ -116,8 +116,7 @@ class Prepared:
 
 # Inputs of this many jobs stay materialised per worker (units of neighbouring jobs interleave).
 _KEEP_JOBS = 4
-# Entry chunks and Whisper segments kept per worker for the next unit of the same job.
-_KEEP_CHUNKS = 16
+# Whisper segments kept per worker for the next unit of the same job.
 _KEEP_SEGMENTS = 4
 
 
@@ -130,7 +129,6 @@ class RenderWorker:
         self.cfg = cfg
         self._jobs: dict[str, tuple[VideoInfo, np.ndarray, Path]] = {}  # job id -> inputs, scratch dir
         self._pipelines: dict[PipelineConfig, FramePipeline] = {}
-        self._chunks: dict[tuple, ChunkReader] = {}  # (job id, start, end) -> reader, oldest first
         self._segments: dict[tuple, torch.Tensor] = {}  # (job id, k) -> Whisper features
         self.loads = 0
         self.load_seconds = 0.0
@@ -203,9 +201,8 @@ class RenderWorker:
     def forget(self, job_id: str) -> None:
         """Drop a finished job's inputs and scratch directory."""
         entry = self._jobs.pop(job_id, None)
-        for cache in (self._chunks, self._segments):
-            for key in [k for k in cache if k[0] == job_id]:
-                del cache[key]
+        for key in [k for k in self._segments if k[0] == job_id]:
+            del self._segments[key]
         if entry is not None:
             _remove_scratch(entry[2])
 
@@ -245,27 +242,6 @@ class RenderWorker:
         self.prep_units += 1
         return result, replace(stats, unit=unit.name, worker=self.name)
 
-    def _entries(self, job: JobInputs, prepared: Prepared, shown: set[int]):
-        """src -> Entry over the chunks holding ``shown`` frames (fetched once per worker and job)."""
-        readers = []
-        for start, end, ref in prepared.chunks:
-            if not any(start <= s < end for s in shown):
-                continue
-            key = (job.job_id, start, end)
-            if key not in self._chunks:
-                while len(self._chunks) >= _KEEP_CHUNKS:
-                    del self._chunks[next(iter(self._chunks))]
-                self._chunks[key] = ChunkReader(ray.get(ref[0]))
-            readers.append((start, end, self._chunks[key]))
-
-        def entry(src: int) -> Entry:
-            for start, end, reader in readers:
-                if start <= src < end:
-                    return reader.get(src)
-            raise RuntimeError(f"source frame {src} was never prepared")
-
-        return entry
-
     def _audio(self, job: JobInputs, prepared: Prepared, plan: Plan) -> AudioFeatures:
         segments = {}
         for k, ref in prepared.segments:
@@ -286,7 +262,6 @@ class RenderWorker:
         tmp.mkdir(parents=True, exist_ok=True)
         out = tmp / f"{job.job_id}-{shard.name}.mkv"
         progress, on_stage = self._tracker(job, shard.name)
-        shown = {plan.source_index(t) for t in range(shard.start, shard.end)}
         try:
             stats = self._pipeline(job.pipeline).render_shard(
                 video=info,
@@ -294,7 +269,7 @@ class RenderWorker:
                 shard=shard,
                 out_path=out,
                 encode=encode,
-                entries=self._entries(job, prepared, shown),
+                entries=EntrySource([(a, b, ref[0]) for a, b, ref in prepared.chunks], ray.get),
                 audio=self._audio(job, prepared, plan),
                 progress=progress,
                 on_stage=on_stage,

@@ -108,6 +108,34 @@ class ChunkReader:
         )
 
 
+class EntrySource:
+    """``src -> Entry`` over chunks ``(start, end, handle)`` fetched with ``fetch(handle) -> bytes`` on first
+    use, at most ``keep`` held at a time (least recently used dropped): a shard holds one or two chunks
+    however long it is, and never fetches a chunk none of its frames is in."""
+
+    def __init__(self, chunks: Sequence[tuple[int, int, object]], fetch, keep: int = 4) -> None:
+        self._chunks = list(chunks)
+        self._fetch = fetch
+        self._keep = keep
+        self._open: dict[tuple[int, int], ChunkReader] = {}
+        self.fetched = 0
+
+    def __call__(self, src: int) -> Entry:
+        for start, end, handle in self._chunks:
+            if start <= src < end:
+                key = (start, end)
+                reader = self._open.pop(key, None)
+                if reader is None:
+                    reader = ChunkReader(self._fetch(handle))
+                    self.fetched += 1
+                    while len(self._open) >= self._keep:
+                        del self._open[next(iter(self._open))]
+                self._open[key] = reader  # most recently used last
+                if src in reader:
+                    return reader.get(src)
+        raise KeyError(f"source frame {src} was never prepared")
+
+
 def detections_to_json(detections: dict[int, Detection | None]) -> str:
     return json.dumps(
         {

@@ -39,7 +39,7 @@ import soundfile as sf
 import torch
 import transformers
 
-from musetalk.avatar import ChunkReader, JobPrep, boxes_from_detections, pack_chunk
+from musetalk.avatar import EntrySource, JobPrep, boxes_from_detections, pack_chunk
 from musetalk.config import EnhanceConfig, FaceConfig, PipelineConfig
 from musetalk.device import resolve_device, resolve_dtype
 from musetalk.pipeline import (
@@ -246,11 +246,7 @@ def _worker_call(kind: str, *args) -> dict:
         result = {k: v.numpy() for k, v in features.items()}
     else:
         info, plan, shard, out_path, encode, chunks, segments = args
-        readers = [(a, b, ChunkReader(blob)) for a, b, blob in chunks]
-
-        def entry(src: int):
-            return next(r.get(src) for a, b, r in readers if a <= src < b)
-
+        entry = EntrySource(chunks, lambda path: Path(path).read_bytes())
         audio = AudioFeatures(
             {k: torch.from_numpy(v) for k, v in segments.items()}, plan.total_samples, plan.fps
         )
@@ -320,7 +316,11 @@ def run_pool(
         ]
         chunks = [(a, b, f.result()) for (a, b), f in zip(prep.prepare_ranges(), prepared, strict=True)]
         calls += [c for _, _, c in chunks] + [audio_unit.result()]
-        blobs = [(a, b, c["result"]) for a, b, c in chunks]
+        blobs = []  # on disk, as a worker's chunks are in the object store: fetched one at a time
+        for a, b, c in chunks:
+            path = Path(tmp) / f"chunk-{a}-{b}.npz"
+            path.write_bytes(c.pop("result"))
+            blobs.append((a, b, str(path)))
         segments = calls[-1]["result"]
         prep_stats = [c["stats"] for c in calls]
         futures = {

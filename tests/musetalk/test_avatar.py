@@ -12,6 +12,7 @@ from musetalk.avatar import (
     AvatarStore,
     ChunkReader,
     Entry,
+    EntrySource,
     JobPrep,
     block_ranges,
     detections_from_json,
@@ -156,3 +157,21 @@ def test_phases_with_everything_cached_release_every_shard_at_once():
     assert [u.kind for u in phases.initial_units()] == ["audio"]
     phases.add_segment(0, "s")
     assert len(phases.ready_shards()) == 2
+
+
+def test_entry_source_fetches_only_chunks_it_reads_and_holds_few():
+    blobs = {k: pack_chunk([_entry(s, True) for s in range(k * 4, k * 4 + 4)]) for k in range(5)}
+    fetched = []
+
+    def fetch(k):
+        fetched.append(k)
+        return blobs[k]
+
+    source = EntrySource([(k * 4, k * 4 + 4, k) for k in range(5)], fetch, keep=2)
+    for src in [*range(4, 12), *reversed(range(4, 12))]:  # a ping-pong bounce over chunks 1 and 2
+        assert source(src).src == src
+    assert fetched == [1, 2]  # chunks 0, 3 and 4 never fetched; 1 and 2 once each
+    source(0), source(16), source(4)
+    assert fetched == [1, 2, 0, 4, 1]  # at most 2 held: chunk 1 was dropped and is fetched again
+    with pytest.raises(KeyError, match="source frame 99"):
+        source(99)
