@@ -292,6 +292,7 @@ class _Job:
     pool_id: str = ""
     workers: int = 0
     phases: JobPhases | None = None
+    given: JobConfig | None = None  # the job as given (``cfg`` names staged local copies of URI inputs)
     prep_stats: list = field(default_factory=list)
     store: AvatarStore | None = None
     keys: tuple[str, str, str] = ("", "", "")  # (video sha256, detect key, prepare key)
@@ -371,7 +372,7 @@ def _run_group(jobs: list[JobConfig], indices: list[int], isolate: bool, report)
 def _open(st: _Job) -> None:
     """Stage URI inputs, take the output's lock, probe and plan, open the run directory (InputError on
     bad inputs). From here on ``st.cfg`` names local files (see :func:`_staged`)."""
-    st.cfg = _staged(st.cfg)
+    st.given, st.cfg = st.cfg, _staged(st.cfg)
     job = st.cfg
     job.output.parent.mkdir(parents=True, exist_ok=True)
     st.lock.enter_context(output_lock(job.output))
@@ -517,10 +518,10 @@ def _finish(st: _Job, error, retries: int, isolate: bool, report) -> None:
         if not isolate:
             raise
         logger.error("job %s failed: %s", job.output, err)
-        report(JobResult(job, error=err), st.index)
+        report(JobResult(st.given or job, error=err), st.index)
         return
     st.lock.close()
-    report(JobResult(job, summary=summary), st.index)
+    report(JobResult(st.given or job, summary=summary), st.index)
 
 
 def _publish(job: JobConfig) -> None:
