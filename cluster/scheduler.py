@@ -17,7 +17,7 @@ Rules:
   error is raised.
 - A worker that raises while starting fails the job at once with its reason (no retry loop); one that
   dies while starting is restarted, at most ``max_attempts`` times in a row per slot.
-- When no slot is up and none has come up for ``start_timeout_s``, the job fails (no node can host a worker).
+- When no slot has been up for ``start_timeout_s``, the job fails (no node can host a worker).
 - The pool follows the cluster (:func:`pool_capacity`, :func:`workers_wanted`): a slot is added when nodes
   join (``add_slot``), and a slot whose worker was lost and cannot be placed again is retired (``retire``):
   never assigned again, never counted as up. ``cluster.workers`` fixes the size: no scaling.
@@ -206,8 +206,13 @@ class Broker:
         raise RenderError(f"worker {slot} failed to start: {reason}")
 
     def check_start(self, now: float) -> None:
-        """Fail when work remains, no slot is up, and none came up within ``start_timeout_s``."""
-        if self.finished or any(s.up for s in self.slots):
+        """Fail when work remains and no slot has been up for ``start_timeout_s`` (counted from the start,
+        or from the last check that saw a slot up: losing every node late in a long job leaves the
+        autoscaler the whole timeout to bring new ones)."""
+        if self.finished:
+            return
+        if any(s.up for s in self.slots):
+            self._since = now
             return
         waited = now - self._since
         if waited > self.start_timeout_s:

@@ -172,6 +172,18 @@ def test_start_timeout_counts_from_the_last_slot_up():
         b.check_start(161.0)
 
 
+def test_start_timeout_counts_from_the_last_check_that_saw_a_slot_up():
+    """Every node lost late in a long job: the timeout counts from when a worker was last seen up."""
+    b = broker(n=2, slots=1, timeout=60.0)
+    b.slot_up(0, 0.0)
+    (a,) = b.assignments()
+    b.check_start(1000.0)  # the worker renders a long shard
+    b.failed(a, Failure.LOST, "node gone")
+    b.check_start(1050.0)
+    with pytest.raises(RenderError):
+        b.check_start(1061.0)
+
+
 def test_finished_after_every_shard_succeeded():
     b = broker(n=2, slots=2)
     b.slot_up(0, 0.0)
