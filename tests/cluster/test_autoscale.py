@@ -17,6 +17,7 @@ from ray.experimental.internal_kv import _internal_kv_get
 from cluster import driver
 from cluster.driver import run_job
 from cluster.worker import HOLD_ENV
+from shards.errors import ConfigError
 from tests.helpers import assert_same_frames, held, job_for, wait_for
 
 
@@ -109,6 +110,12 @@ def test_the_pool_shrinks_when_a_node_leaves(gpu_cluster, hold, tiny_models, dem
     assert _nodes(summary) <= {leaving.node_id[:8], staying.node_id[:8]}
     assert staying.node_id[:8] in _nodes(summary)
     assert_same_frames(reference, out)
+    # The shrunk pool stays warm: the next job with the same models runs on it without loading models.
+    built = driver.WARM.built
+    again = run_job(_gpu_job(tiny_models, demo_media, audio, tmp_path / "again.mp4"))
+    assert driver.WARM.built == built and again.model_loads == 0
+    assert (again.workers_start, again.workers) == (1, 1) and _nodes(again) == {staying.node_id[:8]}
+    assert_same_frames(reference, tmp_path / "again.mp4")
 
 
 @pytest.mark.parametrize("gpu_cluster", [0], indirect=True)
@@ -128,3 +135,20 @@ def test_require_gpus_waits_for_a_gpu_node(gpu_cluster, tiny_models, demo_media,
     assert _nodes(summary) == {gpu.node_id[:8]}
     assert summary.workers == 1 and summary.model_loads == 1
     assert_same_frames(reference, out)
+
+
+def test_require_gpus_on_an_embedded_cluster_fails_before_any_worker(
+    tiny_models, demo_media, short_job, tmp_path
+):
+    """An embedded cluster never gains a GPU node: with require_gpus, the driver refuses before starting
+    any worker (the CLI checks first; run_jobs, as a batch calls it, refuses too)."""
+    audio, _ = short_job
+    ray.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        out = tmp_path / "never.mp4"
+        with pytest.raises(ConfigError, match="cluster.require_gpus=true but the Ray cluster has no GPU"):
+            run_job(_gpu_job(tiny_models, demo_media, audio, out, "cluster.require_gpus=true"))
+        assert driver.WARM.pool is None and not out.exists()
+    finally:
+        ray.shutdown()
