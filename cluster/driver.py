@@ -254,7 +254,7 @@ class _Pool:
         if self.cluster.workers is not None:
             return
         room = self.room()
-        for i in sorted(self.replacing - self.up, reverse=True):
+        for i in sorted(self.replacing, reverse=True):
             if self.size <= max(1, room):
                 break
             logger.info(
@@ -381,13 +381,13 @@ class WarmPools:
         room = pool_capacity(cluster, gpus, resources)
         size = workers_wanted(cluster, room, units)
         if gpus and not room and cluster.workers is None:
-            # A joined cluster without GPU yet (an autoscaler at min 0): size the pool for the GPUs the
-            # job can use, ask for them, and let the workers wait to be placed (up to start_timeout_s).
-            size = max(1, len(workers_to_request(cluster, gpus, units)))
+            # A joined cluster without GPU yet (an autoscaler at min 0): ask for the GPU workers the job
+            # can use and wait (up to start_timeout_s). One worker waits to be placed; the pool grows as
+            # more GPU nodes join, so no surplus of unplaced workers outlives the job in the warm pool.
             logger.warning(
                 "the Ray cluster has no GPU yet: asking its autoscaler for %d GPU workers and waiting for "
                 "GPU nodes (up to cluster.start_timeout_s=%.0f s)",
-                size,
+                len(workers_to_request(cluster, gpus, units)),
                 cluster.start_timeout_s,
             )
         self.pool, self.key = _Pool(pipeline, cluster, size, gpus, units), key
