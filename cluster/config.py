@@ -60,6 +60,7 @@ class ClusterConfig:
     inputs: str = "object_store"
     num_cpus: int | None = None
     require_gpus: bool = False
+    max_workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,13 @@ def cluster_problems(c: ClusterConfig, device: str) -> list[str]:
         out.append(f"cluster.max_in_flight must be >= 1, got {c.max_in_flight}")
     if c.workers is not None and c.workers < 1:
         out.append(f"cluster.workers must be >= 1 or null, got {c.workers}")
+    if c.max_workers is not None and c.max_workers < 1:
+        out.append(f"cluster.max_workers must be >= 1 or null, got {c.max_workers}")
+    if c.workers is not None and c.max_workers is not None:
+        out.append(
+            f"cluster.max_workers={c.max_workers} does nothing with a fixed cluster.workers={c.workers}; "
+            "set one of them to null"
+        )
     if c.cpu_workers < 1:
         out.append(f"cluster.cpu_workers must be >= 1, got {c.cpu_workers}")
     if not (

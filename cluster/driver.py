@@ -3,7 +3,12 @@
 Ray is started once per process (an embedded local cluster by default) and reused by every job in it.
 The pool is warm too: it outlives a job, so a batch (``cluster.batch``) or the runs of a Hydra multirun
 sweep load the models once per worker. A pool is keyed by what its workers load (:func:`pool_key`) and
-its shape; a job with other model settings replaces it. Pools are shut down at process exit.
+its settings (not its momentary size); a job with other model settings replaces it. Pools are shut down
+at process exit.
+
+The pool follows the cluster during a job: it asks the autoscaler for the workers the job can use
+(``request_resources``), grows when GPU nodes join and retires the slots of lost workers that no node has
+room for any more (rules in :mod:`cluster.scheduler`).
 """
 
 from __future__ import annotations
@@ -28,9 +33,17 @@ from tqdm import tqdm
 from cluster import storage
 from cluster.config import ClusterConfig, JobConfig
 from cluster.phases import JobPhases
+from cluster.preflight import gpu_problem
 from cluster.progress import ProgressActor
 from cluster.rundir import RunDir, file_digest, job_key, output_lock
-from cluster.scheduler import Broker, Failure, pool_shape
+from cluster.scheduler import (
+    Broker,
+    Failure,
+    pool_capacity,
+    pool_gpus,
+    workers_to_request,
+    workers_wanted,
+)
 from cluster.weights import weight_files, weight_ids
 from cluster.worker import HOLD_ENV, JobInputs, Prepared, RenderWorker, scratch_root
 from musetalk.avatar import (
@@ -44,12 +57,15 @@ from musetalk.avatar import (
 from musetalk.config import PipelineConfig
 from musetalk.layout import ModelLayout
 from musetalk.pipeline import PrepStats, ShardStats, plan_job, required_weights, stage_totals
-from shards.errors import FarmError, Interrupted
+from shards.errors import ConfigError, FarmError, Interrupted
 from shards.plan import Plan, PrepUnit, Shard, dispatch_order
 from shards.probe import VideoInfo
 from shards.stitch import concat_and_mux
 
 logger = logging.getLogger(__name__)
+
+# How often the dispatch loop re-reads the cluster's resources to grow or shrink the pool.
+RESCALE_EVERY_S = 2.0
 
 
 def connect(cfg: ClusterConfig) -> None:
@@ -73,6 +89,30 @@ def connect(cfg: ClusterConfig) -> None:
             logging_level=logging.WARNING,
             log_to_driver=True,
         )
+
+
+def joined(cfg: ClusterConfig) -> bool:
+    """Whether the driver joined a cluster (which may gain nodes) rather than starting an embedded one."""
+    if ray.is_initialized():
+        node = ray._private.worker._global_node  # None under Ray Client
+        return node is None or not node.head
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def request_workers(bundles: list[dict[str, float]]) -> None:
+    """Ask the cluster's autoscaler for room for ``bundles`` (replacing the last request; ``[]`` clears it).
+
+    Without an autoscaler (an embedded or hand-started cluster) the request is only recorded in the GCS's
+    key-value store, which nothing reads: harmless. Under Ray Client the SDK needs a GCS connection this
+    process lacks, so the request is made from a task on the cluster.
+    """
+    from ray.autoscaler.sdk import request_resources
+    from ray.util.client import ray as client
+
+    if client.is_connected():
+        ray.get(ray.remote(num_cpus=0)(request_resources).remote(bundles=bundles))
+    else:
+        request_resources(bundles=bundles)
 
 
 @dataclass(frozen=True)
@@ -103,6 +143,7 @@ class JobSummary:
     audio_segments: int = 0  # 30 s Whisper segments encoded
     cache_hits: int = 0  # shown source frames whose entries came from the avatar cache
     cache: str = ""  # the avatar cache's root, or "" when off
+    workers_start: int = 0  # the pool's size when the job started (``workers``: when it ended)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -110,7 +151,10 @@ class JobSummary:
     def lines(self) -> list[str]:
         out = [
             f"output      {self.output}",
-            f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers",
+            f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers"
+            + (
+                f" ({self.workers_start} at the start)" if self.workers_start not in (0, self.workers) else ""
+            ),
             f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards, "
             f"{self.reused_shards} reused from an interrupted run",
             f"prepare     {self.detections} detections, {self.vae_encodes} VAE encodes, {self.parsings} parsings, "
@@ -157,10 +201,13 @@ def pinned(job: JobConfig) -> PipelineConfig:
 class _Pool:
     """The Ray side of the worker slots: actors, their ready() refs, restarts and shutdown.
 
-    Policy (what to retry, when to give up) lives in :class:`cluster.scheduler.Broker`.
+    Policy (what to retry, when to give up) lives in :class:`cluster.scheduler.Broker`; how many workers
+    the pool wants lives in :mod:`cluster.scheduler` too (``pool_capacity``, ``workers_wanted``).
     """
 
-    def __init__(self, pipeline: PipelineConfig, cluster: ClusterConfig, size: int, gpus: float) -> None:
+    def __init__(
+        self, pipeline: PipelineConfig, cluster: ClusterConfig, size: int, gpus: float, units: int
+    ) -> None:
         self.pipeline, self.cluster, self.gpus = pipeline, cluster, gpus
         self.id = uuid.uuid4().hex[:8]
         self.actors: list = [None] * size
@@ -170,8 +217,93 @@ class _Pool:
         self.charged = 0  # of which already reported in a job's summary
         self.created = time.monotonic()
         self.first_up: float | None = None
+        self.retired: set[int] = set()  # slots given up when the cluster shrank (actors[i] is None)
+        self.replacing: set[int] = set()  # slots whose lost worker was restarted and is not up yet
+        self.requested: list[dict[str, float]] | None = None  # the last request to the autoscaler
+        self._next_check = 0.0
         for i in range(size):
             self.start(i)
+        self.request(units)
+
+    @property
+    def size(self) -> int:
+        """Slots not retired (up or starting)."""
+        return len(self.actors) - len(self.retired)
+
+    def request(self, units: int) -> None:
+        """Ask the autoscaler for the workers ``units`` left can use, when that changed."""
+        bundles = workers_to_request(self.cluster, self.gpus, units)
+        if bundles != self.requested:
+            request_workers(bundles)
+            self.requested = bundles
+
+    def restart(self, i: int) -> None:
+        """Replace slot ``i``'s lost worker; :meth:`rescale` retires the slot if the replacement finds no room."""
+        self.replacing.add(i)
+        self.start(i)
+
+    def retire(self, i: int, broker: Broker) -> None:
+        """Give up slot ``i`` (the cluster has no room for it): kill its unplaced worker; never assign it."""
+        actor, self.actors[i] = self.actors[i], None
+        self.starting = {ref: j for ref, j in self.starting.items() if j != i}
+        self.up.discard(i)
+        self.replacing.discard(i)
+        self.retired.add(i)
+        broker.retire(i)
+        if actor is not None:
+            ray.kill(actor)
+
+    def room(self) -> int:
+        """Workers the cluster's resources hold for this pool now."""
+        return pool_capacity(self.cluster, self.gpus, ray.cluster_resources())
+
+    def retire_if_no_room(self, i: int, broker: Broker) -> bool:
+        """Retire slot ``i`` (whose worker died while starting) when the pool is bigger than the cluster."""
+        if self.cluster.workers is not None or self.size <= max(1, self.room()):
+            return False
+        logger.info("worker %d died while starting and the cluster has no room for it: the pool shrinks", i)
+        self.retire(i, broker)
+        return True
+
+    def rescale(self, broker: Broker, now: float) -> None:
+        """Follow the cluster (at most every ``RESCALE_EVERY_S``): update the autoscaler request, retire
+        replaced slots the cluster has no room for, start new slots when it holds more workers than the
+        pool has (never more than the units left). ``cluster.workers`` fixes the size."""
+        if now < self._next_check:
+            return
+        self._next_check = now + RESCALE_EVERY_S
+        units = broker.units_left
+        self.request(units)
+        if self.cluster.workers is not None:
+            return
+        room = self.room()
+        for i in sorted(self.replacing, reverse=True):
+            if self.size <= max(1, room):
+                break
+            logger.info(
+                "worker %d was lost and the cluster has room for %d workers: the pool shrinks", i, room
+            )
+            self.retire(i, broker)
+        want = workers_wanted(self.cluster, room, units)
+        while self.size < want:
+            self.actors.append(None)
+            i = broker.add_slot()
+            if i != len(self.actors) - 1:
+                raise RuntimeError(f"pool and broker disagree on the slots: {i} vs {len(self.actors) - 1}")
+            self.start(i)
+            logger.info("the cluster has room for %d workers: the pool grows to %d", room, self.size)
+
+    def compact(self) -> None:
+        """Drop retired slots (between jobs: a new Broker numbers the slots from 0)."""
+        if not self.retired:
+            return
+        keep = [i for i in range(len(self.actors)) if i not in self.retired]
+        new = {old: n for n, old in enumerate(keep)}
+        self.actors = [self.actors[i] for i in keep]
+        self.starting = {ref: new[i] for ref, i in self.starting.items()}
+        self.up = {new[i] for i in self.up}
+        self.replacing = {new[i] for i in self.replacing}
+        self.retired = set()
 
     def start(self, i: int) -> None:
         c = self.cluster
@@ -186,6 +318,7 @@ class _Pool:
 
     def came_up(self, i: int) -> None:
         self.up.add(i)
+        self.replacing.discard(i)
         if self.first_up is None:
             self.first_up = time.monotonic()
 
@@ -219,14 +352,17 @@ class _Pool:
         for a in self.actors:
             if a is not None:
                 ray.kill(a)
+        if self.requested:
+            request_workers([])
 
 
 class WarmPools:
     """The process's warm pool: reused by the next job with the same key, replaced otherwise.
 
     One pool at a time (a second would hold the GPUs the next one needs). The key is what the workers
-    load (:func:`pool_key`), the pool's shape, the test hold point and the Ray session (a pool does not
-    survive ``ray.shutdown()``).
+    load (:func:`pool_key`), the pool's settings (GPUs and CPUs per worker, ``cluster.workers`` and
+    ``max_workers``; not its size, which follows the cluster), the test hold point and the Ray session (a
+    pool does not survive ``ray.shutdown()``).
     """
 
     def __init__(self) -> None:
@@ -235,19 +371,49 @@ class WarmPools:
         self.built = 0
         self._registered = False
 
-    def get(self, pipeline: PipelineConfig, cluster: ClusterConfig) -> _Pool:
-        size, gpus = pool_shape(cluster, ray.cluster_resources().get("GPU", 0))
+    def get(self, pipeline: PipelineConfig, cluster: ClusterConfig, units: int) -> _Pool:
+        """The pool for ``units`` units of work: the warm one when its key matches, else a new one sized
+        for the cluster's resources (ConfigError: ``require_gpus`` on an embedded cluster without GPU)."""
+        resources = ray.cluster_resources()
+        can_grow = joined(cluster)
+        gpus = pool_gpus(cluster, resources.get("GPU", 0), can_grow=can_grow)
+        if problem := gpu_problem(cluster.require_gpus, gpus, can_grow=can_grow):
+            raise ConfigError(problem)
         session = ray.get_runtime_context().get_node_id()  # new for every Ray session
-        key = (pool_key(pipeline), size, gpus, cluster.cpus_per_worker, os.environ.get(HOLD_ENV), session)
+        key = (
+            pool_key(pipeline),
+            gpus,
+            cluster.cpus_per_worker,
+            cluster.cpu_workers,
+            cluster.workers,
+            cluster.max_workers,
+            os.environ.get(HOLD_ENV),
+            session,
+        )
         if self.key is not None and self.key[-1] != session:
             self.pool = self.key = None  # its actors went with the old session: nothing to stop
         if self.pool is not None and key == self.key:
-            logger.info("reusing warm pool %s (%d workers)", self.pool.id, size)
+            self.pool.compact()
+            self.pool.cluster = cluster
+            self.pool.request(units)
+            logger.info("reusing warm pool %s (%d workers)", self.pool.id, self.pool.size)
             return self.pool
         if self.pool is not None:
             logger.info("model settings changed: replacing pool %s", self.pool.id)
             self.discard(graceful=True)
-        self.pool, self.key = _Pool(pipeline, cluster, size, gpus), key
+        room = pool_capacity(cluster, gpus, resources)
+        size = workers_wanted(cluster, room, units)
+        if gpus and not room and cluster.workers is None:
+            # A joined cluster without GPU yet (an autoscaler at min 0): ask for the GPU workers the job
+            # can use and wait (up to start_timeout_s). One worker waits to be placed; the pool grows as
+            # more GPU nodes join, so no surplus of unplaced workers outlives the job in the warm pool.
+            logger.warning(
+                "the Ray cluster has no GPU yet: asking its autoscaler for %d GPU workers and waiting for "
+                "GPU nodes (up to cluster.start_timeout_s=%.0f s)",
+                len(workers_to_request(cluster, gpus, units)),
+                cluster.start_timeout_s,
+            )
+        self.pool, self.key = _Pool(pipeline, cluster, size, gpus, units), key
         self.built += 1
         if not self._registered:  # registered after ray.init, so it runs before Ray's own exit hook
             atexit.register(self.close)
@@ -296,6 +462,7 @@ class _Job:
     prep_stats: list = field(default_factory=list)
     store: AvatarStore | None = None
     keys: tuple[str, str, str] = ("", "", "")  # (video sha256, detect key, prepare key)
+    workers_end: int | None = None  # the pool's size when the job ended (it may grow or shrink)
 
 
 def run_job(job: JobConfig) -> JobSummary:
@@ -451,7 +618,7 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
     progress = ProgressActor.options(scheduling_strategy=here).remote()
     ok = False
     try:
-        pool = WARM.get(states[0].pipeline, first.cluster)
+        pool = WARM.get(states[0].pipeline, first.cluster, units=sum(len(st.todo) for st in states))
         broker = Broker(
             slots=len(pool.actors),
             max_in_flight=first.cluster.max_in_flight,
@@ -472,6 +639,7 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
 
         def job_done(index: int) -> None:
             st = by_index[index]
+            _pool_changes(st, pool)
             err = broker.job_errors.get(index)
             try:
                 _finish(st, err, broker.job_retries.get(index, 0), isolate, report)
@@ -577,6 +745,7 @@ def _dispatch(pool: _Pool, broker: Broker, jobs: dict[int, _Job], progress, job_
                 if a.job not in ended and broker.job_finished(a.job):
                     ended.add(a.job)
                     job_done(a.job)
+            pool.rescale(broker, time.monotonic())  # grow onto joined nodes, retire slots with no room
             broker.check_start(time.monotonic())
         bar.n = total
         bar.refresh()
@@ -591,7 +760,7 @@ def _landed(pool: _Pool, broker: Broker, st: _Job, a, ref) -> None:
     except RayActorError as err:
         if broker.failed(a, Failure.LOST, err):
             logger.warning("worker %d died; starting a replacement", a.slot)
-            pool.start(a.slot)
+            pool.restart(a.slot)
         return
     except RayTaskError as err:
         cause = err.cause if isinstance(err.cause, BaseException) else err
@@ -737,13 +906,23 @@ def _came_up(pool: _Pool, broker: Broker, ref) -> None:
             raise cause from None
         broker.slot_failed_to_start(i, cause)
     except RayActorError as err:
+        if pool.retire_if_no_room(i, broker):
+            return
         broker.slot_died_starting(i, err)
         logger.warning("worker %d died while starting (%s); starting another", i, err)
-        pool.start(i)
+        pool.restart(i)
         return
     pool.came_up(i)
     broker.slot_up(i, time.monotonic())
     logger.info("worker %d up: %s", i, name)
+
+
+def _pool_changes(st: _Job, pool: _Pool) -> None:
+    """At a job's end: the pool's size now, and workers started during the job (growth, replacements)
+    charged to it as model loads."""
+    loads, _ = pool.take_loads()
+    st.load = (st.load[0] + loads, st.load[1])
+    st.workers_end = pool.size
 
 
 def _summarise(st: _Job, stats: list[ShardStats], retries: int) -> JobSummary:
@@ -764,7 +943,8 @@ def _summarise(st: _Job, stats: list[ShardStats], retries: int) -> JobSummary:
         frames=plan.output_frames,
         face_frames=sum(s.face_frames for s in stats),
         shards=len(plan.shards),
-        workers=st.workers,
+        workers=st.workers if st.workers_end is None else st.workers_end,
+        workers_start=st.workers,
         seconds=round(seconds, 3),
         fps=round(plan.output_frames / seconds, 3),
         stage_seconds=stage,

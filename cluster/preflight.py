@@ -212,9 +212,10 @@ def device_problem(job: JobConfig) -> str | None:
     return None
 
 
-def gpu_problem(require_gpus: bool, cluster_gpus: float) -> str | None:
-    """With ``cluster.require_gpus``, a cluster without GPUs is an error rather than a CPU render."""
-    if require_gpus and not cluster_gpus:
+def gpu_problem(require_gpus: bool, cluster_gpus: float, *, can_grow: bool = False) -> str | None:
+    """With ``cluster.require_gpus``, a cluster without GPUs is an error rather than a CPU render, unless it
+    ``can_grow`` (one the driver joined: its autoscaler is asked for GPU nodes and the driver waits)."""
+    if require_gpus and not cluster_gpus and not can_grow:
         return (
             "cluster.require_gpus=true but the Ray cluster has no GPU; start GPU nodes (or wait for them to "
             "join) or set cluster.require_gpus=false to render on CPU workers"

@@ -90,13 +90,15 @@ def render(cfg: DictConfig) -> dict:
 
 
 def check_cluster_gpus(job: JobConfig) -> None:
-    """Join the job's Ray cluster and refuse to render when ``cluster.require_gpus`` finds no GPU in it."""
+    """Join the job's Ray cluster and refuse to render when ``cluster.require_gpus`` finds no GPU in an
+    embedded one (a joined cluster may still gain GPU nodes: the driver asks for them and waits)."""
     import ray
 
-    from cluster.driver import connect
+    from cluster.driver import connect, joined
 
     connect(job.cluster)
-    if problem := gpu_problem(job.cluster.require_gpus, ray.cluster_resources().get("GPU", 0)):
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if problem := gpu_problem(job.cluster.require_gpus, gpus, can_grow=joined(job.cluster)):
         raise ConfigError(problem)
 
 

@@ -17,11 +17,15 @@ Rules:
   error is raised.
 - A worker that raises while starting fails the job at once with its reason (no retry loop); one that
   dies while starting is restarted, at most ``max_attempts`` times in a row per slot.
-- When no slot is up and none has come up for ``start_timeout_s``, the job fails (no node can host a worker).
+- When no slot has been up for ``start_timeout_s``, the job fails (no node can host a worker).
+- The pool follows the cluster (:func:`pool_capacity`, :func:`workers_wanted`): a slot is added when nodes
+  join (``add_slot``), and a slot whose worker was lost and cannot be placed again is retired (``retire``):
+  never assigned again, never counted as up. ``cluster.workers`` fixes the size: no scaling.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,6 +50,51 @@ def pool_shape(cfg: ClusterConfig, cluster_gpus: float) -> tuple[int, float]:
     return cfg.cpu_workers, 0.0
 
 
+def pool_gpus(cfg: ClusterConfig, cluster_gpus: float, *, can_grow: bool) -> float:
+    """GPUs per worker of a new pool: ``gpus_per_worker`` on a cluster with GPUs, or on one that can still
+    gain GPU nodes when ``require_gpus`` forbids CPU workers; 0 (a CPU pool) otherwise."""
+    return cfg.gpus_per_worker if cluster_gpus or (cfg.require_gpus and can_grow) else 0.0
+
+
+def pool_capacity(cfg: ClusterConfig, gpus_per_worker: float, resources: dict[str, float]) -> int:
+    """Workers the cluster's resources (``ray.cluster_resources()``) hold now, within ``max_workers``.
+
+    A GPU pool counts ``gpus_per_worker`` shares of the GPUs; a CPU pool takes up to ``cpu_workers``,
+    as many as the CPUs hold. ``cluster.workers`` fixes the size whatever the resources.
+    """
+    if cfg.workers is not None:
+        return cfg.workers
+    if gpus_per_worker:
+        n = math.floor(resources.get("GPU", 0) / gpus_per_worker + 1e-9)
+    else:
+        n = min(cfg.cpu_workers, math.floor(resources.get("CPU", 0) / cfg.cpus_per_worker + 1e-9))
+    return n if cfg.max_workers is None else min(n, cfg.max_workers)
+
+
+def workers_wanted(cfg: ClusterConfig, capacity: int, units: int) -> int:
+    """Workers the pool wants: what the cluster holds, never more than the units left to render (pending
+    and in flight), never fewer than one (so a job with no room fails by ``start_timeout_s``)."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return max(1, min(capacity, units))
+
+
+def workers_to_request(cfg: ClusterConfig, gpus_per_worker: float, units: int) -> list[dict[str, float]]:
+    """Resource bundles to ask the autoscaler for (``request_resources(bundles=...)``): one per worker the
+    job can use, i.e. one per unit left, within ``max_workers`` (``cpu_workers`` for a CPU pool);
+    ``cluster.workers`` asks for exactly that many."""
+    if cfg.workers is not None:
+        n = cfg.workers
+    else:
+        n = units if gpus_per_worker else min(units, cfg.cpu_workers)
+        if cfg.max_workers is not None:
+            n = min(n, cfg.max_workers)
+    bundle = {"CPU": cfg.cpus_per_worker}
+    if gpus_per_worker:
+        bundle = {"GPU": gpus_per_worker, **bundle}
+    return [dict(bundle) for _ in range(max(0, n))]
+
+
 class Failure(Enum):
     LOST = "lost"  # the worker process or its node died
     ERROR = "error"  # an unexpected exception inside the render
@@ -58,6 +107,7 @@ class _Slot:
     load: int = 0
     start_deaths: int = 0  # consecutive deaths while starting
     generation: int = 0  # bumped when the slot's worker is lost; older assignments no longer count
+    retired: bool = False  # the pool shrank: never up, never assigned again
 
 
 @dataclass(frozen=True)
@@ -120,8 +170,31 @@ class Broker:
 
     def slot_up(self, slot: int, now: float) -> None:
         s = self.slots[slot]
+        if s.retired:
+            return
         s.up, s.load, s.start_deaths = True, 0, 0
         self._since = now
+
+    def add_slot(self) -> int:
+        """A new slot (the pool grew); it takes units once ``slot_up`` reports its worker. Returns its index."""
+        self.slots.append(_Slot())
+        return len(self.slots) - 1
+
+    def retire(self, slot: int) -> None:
+        """The pool shrank: ``slot`` is never assigned again. Units it still held come back through
+        ``failed`` as usual (its generation is bumped, so they do not ask for a restart)."""
+        s = self.slots[slot]
+        s.up, s.load, s.retired, s.generation = False, 0, True, s.generation + 1
+
+    @property
+    def active_slots(self) -> int:
+        """Slots not retired (up or starting)."""
+        return sum(not s.retired for s in self.slots)
+
+    @property
+    def units_left(self) -> int:
+        """Units pending or in flight, over every job."""
+        return len(self.pending) + len(self.in_flight)
 
     def slot_died_starting(self, slot: int, reason: object) -> None:
         """The slot's worker died before it was up: restart it (the caller does), or give up."""
@@ -138,8 +211,13 @@ class Broker:
         raise RenderError(f"worker {slot} failed to start: {reason}")
 
     def check_start(self, now: float) -> None:
-        """Fail when work remains, no slot is up, and none came up within ``start_timeout_s``."""
-        if self.finished or any(s.up for s in self.slots):
+        """Fail when work remains and no slot has been up for ``start_timeout_s`` (counted from the start,
+        or from the last check that saw a slot up: losing every node late in a long job leaves the
+        autoscaler the whole timeout to bring new ones)."""
+        if self.finished:
+            return
+        if any(s.up for s in self.slots):
+            self._since = now
             return
         waited = now - self._since
         if waited > self.start_timeout_s:

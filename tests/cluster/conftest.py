@@ -1,4 +1,4 @@
-"""Fixtures shared by the cluster tests: a 2 s job and its single-process render (the reference)."""
+"""Fixtures shared by the cluster tests: short jobs and their single-process renders (the references)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,17 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def short_job(tiny_models, demo_media, tmp_path_factory):
+    """A 40-frame job (1.6 s of audio) and its single-process render, the reference every run must equal
+    (the multi-node and autoscaling tests)."""
+    tmp = tmp_path_factory.mktemp("multinode")
+    audio = trimmed_audio(demo_media.audio, tmp / "short.wav", 1.6)
+    base = job_for(tiny_models, demo_media.video, audio, tmp / "ref.mp4")
+    reference = decode_all(
+        render_local(demo_media.video, audio, base.output, base.pipeline, encode=base.encode).output
+    )
+    assert len(reference) == 40
+    return audio, reference

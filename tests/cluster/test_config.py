@@ -102,7 +102,7 @@ def test_all_problems_reported_at_once():
 )
 def test_mistyped_values_are_named_not_tracebacks(override, needle):
     with pytest.raises(ConfigError) as err:
-        job_from_config(_compose("+task=test", override))
+        job_from_config(_compose("+task=test", *override.split()))
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -154,6 +154,8 @@ def test_device_index_must_be_visible_to_a_worker():
         ("cluster.cpu_workers=0", "cluster.cpu_workers must be >= 1"),
         ("cluster.num_cpus=0", "cluster.num_cpus must be >= 1 or null"),
         ("cluster.start_timeout_s=0", "cluster.start_timeout_s must be > 0"),
+        ("cluster.max_workers=0", "cluster.max_workers must be >= 1 or null"),
+        ("cluster.max_workers=4 cluster.workers=2", "cluster.max_workers=4 does nothing with a fixed"),
         ("face.extra_margin=-1", "face.extra_margin must be >= 0"),
         ("blend.expand=0.9", "blend.expand must be >= 1"),
         ("blend.ellipse_feather=1.5", "blend.ellipse_feather must be in [0, 1]"),
@@ -163,7 +165,7 @@ def test_device_index_must_be_visible_to_a_worker():
 )
 def test_out_of_range_values(override, needle):
     with pytest.raises(ConfigError) as err:
-        job_from_config(_compose("+task=test", override))
+        job_from_config(_compose("+task=test", *override.split()))
     assert needle in str(err.value)
 
 

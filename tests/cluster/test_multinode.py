@@ -11,8 +11,7 @@ from ray.cluster_utils import Cluster
 
 from cluster.driver import run_job
 from cluster.worker import HOLD_ENV
-from musetalk.pipeline import render_local
-from tests.helpers import assert_same_frames, decode_all, held, job_for, trimmed_audio, wait_for
+from tests.helpers import assert_same_frames, held, job_for, wait_for
 
 
 @pytest.fixture
@@ -25,19 +24,6 @@ def three_nodes():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def short_job(tiny_models, demo_media, tmp_path_factory):
-    """A 40-frame job (1.6 s of audio) and its single-process render, the reference every run must equal."""
-    tmp = tmp_path_factory.mktemp("multinode")
-    audio = trimmed_audio(demo_media.audio, tmp / "short.wav", 1.6)
-    base = job_for(tiny_models, demo_media.video, audio, tmp / "ref.mp4")
-    reference = decode_all(
-        render_local(demo_media.video, audio, base.output, base.pipeline, encode=base.encode).output
-    )
-    assert len(reference) == 40
-    return audio, reference
 
 
 def _two_gpu_job(tiny_models, demo_media, audio, out):

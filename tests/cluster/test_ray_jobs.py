@@ -234,11 +234,17 @@ def test_a_job_without_working_dir_runs_where_it_was_started(tiny_models, demo_m
 
 
 @pytest.mark.parametrize(
-    ("require", "gpus", "refused"),
-    [(True, 0, True), (True, 0.5, False), (False, 0, False), (False, 8, False)],
+    ("require", "gpus", "can_grow", "refused"),
+    [
+        (True, 0, False, True),  # an embedded cluster never gains a GPU: refused at once
+        (True, 0, True, False),  # a joined cluster may: the driver asks its autoscaler and waits
+        (True, 0.5, False, False),
+        (False, 0, False, False),
+        (False, 8, False, False),
+    ],
 )
-def test_require_gpus(require, gpus, refused):
-    problem = gpu_problem(require, gpus)
+def test_require_gpus(require, gpus, can_grow, refused):
+    problem = gpu_problem(require, gpus, can_grow=can_grow)
     assert (problem is not None) == refused
     if refused:
         assert "cluster.require_gpus=false" in problem

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import ClusterConfig
-from cluster.scheduler import Broker, Failure, pool_shape
+from cluster.scheduler import (
+    Broker,
+    Failure,
+    pool_capacity,
+    pool_gpus,
+    pool_shape,
+    workers_to_request,
+    workers_wanted,
+)
 from shards.errors import InputError, RenderError
 from shards.plan import Shard
 
@@ -164,6 +172,18 @@ def test_start_timeout_counts_from_the_last_slot_up():
         b.check_start(161.0)
 
 
+def test_start_timeout_counts_from_the_last_check_that_saw_a_slot_up():
+    """Every node lost late in a long job: the timeout counts from when a worker was last seen up."""
+    b = broker(n=2, slots=1, timeout=60.0)
+    b.slot_up(0, 0.0)
+    (a,) = b.assignments()
+    b.check_start(1000.0)  # the worker renders a long shard
+    b.failed(a, Failure.LOST, "node gone")
+    b.check_start(1050.0)
+    with pytest.raises(RenderError):
+        b.check_start(1061.0)
+
+
 def test_finished_after_every_shard_succeeded():
     b = broker(n=2, slots=2)
     b.slot_up(0, 0.0)
@@ -271,3 +291,118 @@ def test_without_isolation_a_failed_unit_raises():
 def test_pool_shape_table(workers, per, cpu_workers, gpus, expected):
     cfg = ClusterConfig(workers=workers, gpus_per_worker=per, cpu_workers=cpu_workers)
     assert pool_shape(cfg, gpus) == expected
+
+
+# ---------------------------------------------------------------- autoscaling rules
+
+
+@pytest.mark.parametrize(
+    ("gpus", "require", "can_grow", "expected"),
+    [
+        (4, False, False, 0.5),  # GPUs present: a GPU pool
+        (0, False, True, 0.0),  # none: CPU workers
+        (0, True, True, 0.5),  # none yet, GPUs required, the cluster can gain nodes: wait for them
+        (0, True, False, 0.0),  # an embedded cluster never gains one (the driver refuses before this)
+    ],
+)
+def test_pool_gpus_table(gpus, require, can_grow, expected):
+    cfg = ClusterConfig(gpus_per_worker=0.5, require_gpus=require)
+    assert pool_gpus(cfg, gpus, can_grow=can_grow) == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "per", "resources", "expected"),
+    [
+        ({}, 1.0, {"GPU": 3, "CPU": 24}, 3),  # one worker per GPU
+        ({}, 0.5, {"GPU": 3, "CPU": 24}, 6),
+        ({}, 0.1, {"GPU": 1}, 10),  # float shares do not lose a worker to rounding
+        ({}, 2.0, {"GPU": 3}, 1),
+        ({}, 1.0, {"CPU": 8}, 0),  # a GPU pool on a cluster without GPU (yet): no room
+        ({"max_workers": 2}, 1.0, {"GPU": 8}, 2),
+        ({"workers": 5}, 1.0, {"GPU": 1}, 5),  # a fixed size, whatever the cluster holds
+        ({"cpu_workers": 3}, 0.0, {"CPU": 8}, 3),  # a CPU pool: cpu_workers ...
+        ({"cpu_workers": 3}, 0.0, {"CPU": 2}, 2),  # ... as many as the CPUs hold
+        ({"cpu_workers": 3, "cpus_per_worker": 4.0}, 0.0, {"CPU": 8}, 2),
+        ({"cpu_workers": 3, "max_workers": 1}, 0.0, {"CPU": 8}, 1),
+    ],
+)
+def test_pool_capacity_table(settings, per, resources, expected):
+    assert pool_capacity(ClusterConfig(**settings), per, resources) == expected
+
+
+@pytest.mark.parametrize(
+    ("workers", "capacity", "units", "expected"),
+    [
+        (None, 4, 10, 4),  # what the cluster holds
+        (None, 4, 2, 2),  # never more workers than units left
+        (None, 0, 5, 1),  # never zero: a job with no room fails by start_timeout_s
+        (None, 4, 0, 1),
+        (3, 8, 1, 3),  # a fixed size: no scaling
+    ],
+)
+def test_workers_wanted_table(workers, capacity, units, expected):
+    assert workers_wanted(ClusterConfig(workers=workers), capacity, units) == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "per", "units", "expected"),
+    [
+        ({}, 1.0, 3, [{"GPU": 1.0, "CPU": 1.0}] * 3),  # one GPU worker per unit left
+        ({"cpus_per_worker": 4.0}, 0.5, 2, [{"GPU": 0.5, "CPU": 4.0}] * 2),
+        ({"max_workers": 2}, 1.0, 9, [{"GPU": 1.0, "CPU": 1.0}] * 2),
+        ({}, 1.0, 0, []),  # nothing left: the request is cleared
+        ({"workers": 2}, 1.0, 9, [{"GPU": 1.0, "CPU": 1.0}] * 2),
+        ({"cpu_workers": 2}, 0.0, 9, [{"CPU": 1.0}] * 2),  # a CPU pool asks for CPU bundles
+        ({"cpu_workers": 4}, 0.0, 1, [{"CPU": 1.0}]),
+    ],
+)
+def test_workers_to_request_table(settings, per, units, expected):
+    assert workers_to_request(ClusterConfig(**settings), per, units) == expected
+
+
+def test_an_added_slot_takes_units_once_up_and_is_least_loaded():
+    b = broker(n=4, slots=1, max_in_flight=2)
+    b.slot_up(0, 0.0)
+    assert [a.slot for a in b.assignments()] == [0, 0]
+    new = b.add_slot()
+    assert new == 1 and b.assignments() == []  # not up yet
+    b.slot_up(new, 5.0)
+    got = b.assignments()
+    assert [(a.shard.index, a.slot) for a in got] == [(2, 1), (3, 1)]
+    assert b.active_slots == 2 and b.units_left == 4
+
+
+def test_a_retired_slot_is_never_assigned_nor_counted_up():
+    b = broker(n=3, slots=2, timeout=10.0)
+    b.slot_up(0, 0.0)
+    b.slot_up(1, 0.0)
+    a0, a1 = b.assignments()
+    assert b.failed(a1, Failure.LOST, "node gone")  # slot 1's worker is restarted ...
+    b.retire(1)  # ... and finds no room: the pool shrinks
+    assert b.active_slots == 1
+    b.slot_up(1, 1.0)  # a late report of the killed replacement changes nothing
+    b.succeeded(a0)
+    got = b.assignments()
+    assert [(a.shard.index, a.slot) for a in got] == [(1, 0)]  # the requeued unit goes to the survivor
+    assert b.retries == 1
+    b.check_start(100.0)  # slot 0 is up: no start failure
+
+
+def test_late_units_of_a_retired_slot_are_requeued_without_a_restart():
+    b = broker(n=3, slots=2, max_in_flight=2)
+    b.slot_up(0, 0.0)
+    b.slot_up(1, 0.0)
+    got = b.assignments()
+    on1 = [a for a in got if a.slot == 1]
+    assert len(on1) == 1
+    b.retire(1)
+    assert b.failed(on1[0], Failure.LOST, "node gone") is False  # no restart for a retired slot
+    assert [(j, s.index) for j, s, _ in b.pending][0] == (0, on1[0].shard.index)
+
+
+def test_no_slot_up_still_fails_after_start_timeout_when_slots_retire():
+    b = broker(n=2, slots=2, timeout=10.0)
+    b.retire(1)
+    b.check_start(5.0)
+    with pytest.raises(RenderError, match="no render worker came up within 11 s"):
+        b.check_start(11.0)
