@@ -64,7 +64,7 @@ class TaskFile:
 @dataclass(frozen=True)
 class BatchRow:
     job: str
-    status: str  # ok | failed
+    status: str  # ok | failed | interrupted
     output: str
     frames: int | None = None
     fps: float | None = None
@@ -297,6 +297,7 @@ def run_batch(task_file: Path, output_dir: Path | None, overrides: list[str]) ->
     for row in bad:
         logger.error("%s: %s", row.job, row.error)
     rows = {r.job: r for r in bad}
+    stopped: BaseException | None = None
     if jobs:
         from cluster.render import prepare  # weights are shared: fetched or checked once
 
@@ -314,13 +315,35 @@ def run_batch(task_file: Path, output_dir: Path | None, overrides: list[str]) ->
             else:
                 rows[name] = BatchRow(name, "failed", str(r.job.output), error=str(r.error))
 
-        run_jobs([job for _, job in jobs], on_result=on_result)
+        try:
+            run_jobs([job for _, job in jobs], on_result=on_result)
+        except (KeyboardInterrupt, Interrupted) as err:  # the table still says what finished
+            stopped = err
+            for name, job in jobs:
+                if name not in rows:
+                    rows[name] = BatchRow(
+                        name, "interrupted", str(job.output), error="resume: run the batch again"
+                    )
     order = [spec.name for spec in tasks.tasks]
     result = [rows[n] for n in order]
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "batch_summary.json").write_text(json.dumps([r.__dict__ for r in result], indent=1))
     (output_dir / "batch_summary.txt").write_text(format_rows(result) + "\n")
+    if stopped is not None:
+        raise BatchInterrupted(result) from stopped
     return result
+
+
+class BatchInterrupted(Interrupted):
+    """Ctrl-C during a batch: ``rows`` says which jobs finished (their outputs stand) and which did not."""
+
+    def __init__(self, rows: list[BatchRow]) -> None:
+        done = sum(r.status == "ok" for r in rows)
+        super().__init__(
+            f"interrupted; {done} of {len(rows)} jobs finished, the others keep their finished shards: "
+            "run the same command again to resume"
+        )
+        self.rows = rows
 
 
 def format_rows(rows: list[BatchRow]) -> str:
@@ -340,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         rows = run_batch(args.tasks, args.output_dir, args.overrides)
+    except BatchInterrupted as err:
+        print(format_rows(err.rows))
+        return _fail(err)
     except KeyboardInterrupt:
         return _fail(
             Interrupted("interrupted; finished shards are kept: run the same command again to resume")

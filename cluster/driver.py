@@ -265,14 +265,15 @@ class _Pool:
         self.retire(i, broker)
         return True
 
-    def rescale(self, broker: Broker, now: float) -> None:
+    def rescale(self, broker: Broker, now: float, waiting: int = 0) -> None:
         """Follow the cluster (at most every ``RESCALE_EVERY_S``): update the autoscaler request, retire
         replaced slots the cluster has no room for, start new slots when it holds more workers than the
-        pool has (never more than the units left). ``cluster.workers`` fixes the size."""
+        pool has (never more than the units left, counting the ``waiting`` generation shards that
+        preparation has not released yet). ``cluster.workers`` fixes the size."""
         if now < self._next_check:
             return
         self._next_check = now + RESCALE_EVERY_S
-        units = broker.units_left
+        units = broker.units_left + waiting
         self.request(units)
         if self.cluster.workers is not None:
             return
@@ -745,7 +746,10 @@ def _dispatch(pool: _Pool, broker: Broker, jobs: dict[int, _Job], progress, job_
                 if a.job not in ended and broker.job_finished(a.job):
                     ended.add(a.job)
                     job_done(a.job)
-            pool.rescale(broker, time.monotonic())  # grow onto joined nodes, retire slots with no room
+            waiting = sum(st.phases.waiting for st in jobs.values() if st.phases is not None)
+            pool.rescale(
+                broker, time.monotonic(), waiting
+            )  # grow onto joined nodes, retire slots with no room
             broker.check_start(time.monotonic())
         bar.n = total
         bar.refresh()

@@ -101,6 +101,11 @@ class JobPhases:
     def add_segment(self, k: int, ref: object) -> None:
         self.segments[k] = ref
 
+    @property
+    def waiting(self) -> int:
+        """Generation shards not released yet."""
+        return len(self._waiting)
+
     def ready_shards(self) -> list[Shard]:
         """Generation shards whose frames and Whisper segments are all available (each released once)."""
         covered = {s for a, b in self.chunks for s in range(a, b)}

@@ -222,3 +222,45 @@ def test_cli_bad_task_file_is_one_line(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "video not understood" in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_batch_prints_what_finished(tiny_models, demo_media, tmp_path):
+    """Job a (one shard) finishes, job b is held inside a shard: SIGINT gives exit 130, one error line,
+    and the table says a finished and b was interrupted (its finished shards kept for a resume)."""
+    import signal
+    import subprocess
+    import sys
+
+    from cluster.config import REPO_ROOT
+    from cluster.worker import HOLD_ENV
+    from tests.helpers import cli_tmp, error_lines, held, wait_for
+
+    short = trimmed_audio(demo_media.audio, tmp_path / "short.wav", 0.4)  # 10 frames: 1 shard
+    long = trimmed_audio(demo_media.audio, tmp_path / "long.wav", 1.6)  # 40 frames: 4 shards
+    tasks = _write(
+        tmp_path / "tasks.csv",
+        f"video,audio,output,bbox_shift\n{demo_media.video},{short},a.mp4,\n{demo_media.video},{long},b.mp4,\n",
+    )
+    hold, out = tmp_path / "hold", tmp_path / "results"
+    hold.mkdir()
+    (hold / "release-shard_00000").touch()  # every job's first shard runs; b's later ones are held
+    env = {**os.environ, "TMPDIR": str(cli_tmp()), HOLD_ENV: str(hold)}
+    cmd = [sys.executable, "-m", "cluster.batch", str(tasks), "--output-dir", str(out)]
+    cmd += ["models=tiny", f"models.dir={tiny_models}", "face.crop=box", "shards.length=10"]
+    cmd += ["cluster.workers=1", "cluster.max_in_flight=1"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: proc.poll() is not None or ((out / "a.mp4").exists() and held(hold)))
+    finally:
+        proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr[-3000:]
+    (line,) = error_lines(stderr)
+    assert "interrupted; 1 of 2 jobs finished" in line and "run the same command again" in line
+    rows = {r["job"]: r for r in json.loads((out / "batch_summary.json").read_text())}
+    assert rows["row_1"]["status"] == "ok" and rows["row_2"]["status"] == "interrupted", rows
+    assert "interrupted" in stdout and (out / "a.mp4").exists() and not (out / "b.mp4").exists()
+    assert (out / ".b.mp4.run").is_dir(), "b's finished shards are kept for a resume"
