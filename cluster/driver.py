@@ -746,7 +746,9 @@ def _dispatch(pool: _Pool, broker: Broker, jobs: dict[int, _Job], progress, job_
                 if a.job not in ended and broker.job_finished(a.job):
                     ended.add(a.job)
                     job_done(a.job)
-            waiting = sum(st.phases.waiting for st in jobs.values() if st.phases is not None)
+            waiting = sum(
+                st.phases.waiting for i, st in jobs.items() if st.phases and i not in broker.job_errors
+            )
             pool.rescale(
                 broker, time.monotonic(), waiting
             )  # grow onto joined nodes, retire slots with no room
