@@ -45,7 +45,7 @@ from cluster.scheduler import (
     workers_wanted,
 )
 from cluster.weights import weight_files, weight_ids
-from cluster.worker import HOLD_ENV, JobInputs, Prepared, RenderWorker, scratch_root
+from cluster.worker import HOLD_ENV, JobInputs, RenderWorker, ShardInputs, scratch_root
 from musetalk.avatar import (
     AvatarStore,
     ChunkReader,
@@ -870,7 +870,7 @@ def _submit(actor, st: _Job, unit):
         boxes = st.phases.boxes_for(unit) if unit.kind == "prepare" else None
         return actor.prepare.remote(st.inputs, unit, boxes)
     chunks, segments = st.phases.inputs_of(unit)
-    return actor.render.remote(st.inputs, st.plan, unit, st.cfg.encode, Prepared(chunks, segments))
+    return actor.render.remote(st.inputs, st.plan, unit, st.cfg.encode, ShardInputs(chunks, segments))
 
 
 def _prepared(st: _Job, unit: PrepUnit, data, stats: PrepStats) -> list:

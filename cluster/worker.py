@@ -1,8 +1,9 @@
 """The RenderWorker actor: a thin Ray shell around musetalk.pipeline.FramePipeline.
 
 Models load once in ``__init__`` and serve every job the pool is given (a warm pool outlives a job: a
-batch, or the runs of a multirun sweep); each ``render`` call renders one (job, shard) unit and returns
-its encoded segment bytes and stats. Per-job settings that do not change the models (``bbox_shift``)
+batch, or the runs of a multirun sweep). ``prepare`` runs one unit of a job's preparation phase (detect,
+prepare or audio: see :mod:`cluster.phases`) and returns its result; ``render`` renders one generation
+shard from those results and returns its encoded segment bytes and stats. Per-job settings that do not change the models (``bbox_shift``)
 travel with the job. Inputs arrive through the object store (or as paths every node can read, or as URIs
 each node stages once: ``cluster.storage``; a URI ``models.dir`` is synced per node likewise) and are
 materialised once per job on the worker's node, under ``<tmp>/musetalk-job-<id>/<pid>/``: the driver
@@ -105,7 +106,7 @@ class JobInputs:
 
 
 @dataclass(frozen=True)
-class Prepared:
+class ShardInputs:
     """Where a generation unit finds what the preparation phase made: entry chunks as ``(start, end,
     [ref])`` over source frames ``[start, end)``, and Whisper segments as ``(k, [ref])`` (refs in lists so
     Ray does not resolve them per call: the worker fetches only the chunks holding its frames)."""
@@ -242,7 +243,7 @@ class RenderWorker:
         self.prep_units += 1
         return result, replace(stats, unit=unit.name, worker=self.name)
 
-    def _audio(self, job: JobInputs, prepared: Prepared, plan: Plan) -> AudioFeatures:
+    def _audio(self, job: JobInputs, prepared: ShardInputs, plan: Plan) -> AudioFeatures:
         segments = {}
         for k, ref in prepared.segments:
             key = (job.job_id, k)
@@ -254,7 +255,7 @@ class RenderWorker:
         return AudioFeatures(segments, plan.total_samples, plan.fps)
 
     def render(
-        self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings, prepared: Prepared
+        self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings, prepared: ShardInputs
     ) -> tuple[bytes, ShardStats]:
         """One generation unit: output frames ``[shard.start, shard.end)`` from the prepared entries."""
         info, _, tmp = self._inputs(job)

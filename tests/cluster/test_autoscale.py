@@ -75,12 +75,15 @@ def test_the_pool_grows_onto_a_node_that_joins_mid_job(
     job = _gpu_job(tiny_models, demo_media, audio, out)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_job, job)
-        wait_for(lambda: held(hold) or future.done())  # the only worker is blocked inside a shard
-        assert len(held(hold)) == 1
-        assert len(_requested()) == 5  # a GPU worker asked for per shard the job still has
-        joined = gpu_cluster.add_node(num_cpus=1, num_gpus=1)
-        wait_for(lambda: len(held(hold)) == 2 or future.done())  # a second worker, on the new node
-        (hold / "release-all").touch()
+        try:
+            wait_for(lambda: held(hold) or future.done())  # the only worker is blocked inside a shard
+            assert len(held(hold)) == 1
+            # A GPU worker asked for per shard the job still has (the request follows the pool's next look).
+            wait_for(lambda: len(_requested()) == 5 or future.done())
+            joined = gpu_cluster.add_node(num_cpus=1, num_gpus=1)
+            wait_for(lambda: len(held(hold)) == 2 or future.done())  # a second worker, on the new node
+        finally:
+            (hold / "release-all").touch()  # a failed check must not leave the job held forever
         summary = future.result(timeout=600)
     assert (summary.workers_start, summary.workers) == (1, 2)
     assert summary.model_loads == 2 and summary.retries == 0
@@ -98,12 +101,14 @@ def test_the_pool_shrinks_when_a_node_leaves(gpu_cluster, hold, tiny_models, dem
     leaving, staying = gpu_cluster.gpu_nodes
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_job, job)
-        wait_for(lambda: len(held(hold)) == 2 or future.done())  # both workers are blocked inside a shard
-        gpu_cluster.remove_node(leaving)  # its worker dies mid-shard; no node has room for a replacement
-        # The survivor stays held until the pool has given the lost slot up (rather than restarting it
-        # forever): a real state change of the driver's pool, observed, not waited for by time.
-        wait_for(lambda: driver.WARM.pool.size == 1 or future.done())
-        (hold / "release-all").touch()
+        try:
+            wait_for(lambda: len(held(hold)) == 2 or future.done())  # both workers are blocked inside a shard
+            gpu_cluster.remove_node(leaving)  # its worker dies mid-shard; no node has room for a replacement
+            # The survivor stays held until the pool has given the lost slot up (rather than restarting it
+            # forever): a real state change of the driver's pool, observed, not waited for by time.
+            wait_for(lambda: driver.WARM.pool.size == 1 or future.done())
+        finally:
+            (hold / "release-all").touch()  # a failed check must not leave the job held forever
         summary = future.result(timeout=600)
     assert (summary.workers_start, summary.workers) == (2, 1)
     assert summary.retries >= 1 and summary.frames == 40
@@ -128,9 +133,11 @@ def test_require_gpus_waits_for_a_gpu_node(gpu_cluster, tiny_models, demo_media,
     caplog.set_level(logging.WARNING, logger="cluster.driver")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_job, job)
-        wait_for(lambda: "no GPU yet" in caplog.text or future.done())
-        assert _requested() == [{"GPU": 1.0, "CPU": 1.0}]  # max_workers=1
-        gpu = gpu_cluster.add_node(num_cpus=1, num_gpus=1)
+        try:
+            wait_for(lambda: "no GPU yet" in caplog.text or future.done())
+            assert _requested() == [{"GPU": 1.0, "CPU": 1.0}]  # max_workers=1
+        finally:
+            gpu = gpu_cluster.add_node(num_cpus=1, num_gpus=1)  # a failed check must not leave it waiting
         summary = future.result(timeout=600)
     assert _nodes(summary) == {gpu.node_id[:8]}
     assert summary.workers == 1 and summary.model_loads == 1
