@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tasks", type=Path, help="upstream inference YAML, or a CSV / JSONL manifest")
     parser.add_argument("--output-dir", type=Path, help="where outputs go (default: <task file dir>/results)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every job")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --output-dir
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         rows = run_batch(args.tasks, args.output_dir, args.overrides)
