@@ -297,6 +297,7 @@ class FramePipeline:
         m, shape = self.models, (video.height, video.width)
         entries: list[Entry] = []
         pending: list[tuple[int, np.ndarray, Box]] = []
+        made: list[tuple] = []  # (src, box, latents, Future -> (BlendMaterial, rect))
         encodes = parsings = 0
 
         def flush(masks: ThreadPoolExecutor) -> None:
@@ -307,26 +308,12 @@ class FramePipeline:
             with clock.stage("blend_prepare", device=True):
                 regions = m.blender.parse([f for _, f, _ in pending], [b for _, _, b in pending])
             parsings += len(pending) if m.blender.parser is not None else 0
-            jobs = [
-                masks.submit(self._material, clock, region, b, shape)
-                for (_, _, b), region in zip(pending, regions, strict=True)
-            ]
-            for (src, _, box), lat, job in zip(pending, latents, jobs, strict=True):
-                material, rect = job.result()
-                entries.append(
-                    Entry(
-                        src=src,
-                        box=box,
-                        latents=lat.numpy(),
-                        square=material.square,
-                        mask=material.mask,
-                        parsed=material.parsed,
-                        rect=rect,
-                    )
-                )
+            for (src, _, box), lat, region in zip(pending, latents, regions, strict=True):
+                # masks are built in the pool while the next batch is decoded, encoded and parsed
+                made.append((src, box, lat.numpy(), masks.submit(self._material, clock, region, box, shape)))
             pending.clear()
             if on_stage is not None:
-                on_stage(f"prepare {len(entries)}/{end - start}")
+                on_stage(f"prepare {len(entries) + len(made)}/{end - start}")
 
         with ThreadGroup(f"prepare-{start}") as group:
             masks = ThreadPoolExecutor(self.tuning.mask_workers, thread_name_prefix=f"prepare-{start}-mask")
@@ -341,6 +328,11 @@ class FramePipeline:
                     flush(masks)
             if pending:
                 flush(masks)
+            for src, box, latents, job in made:
+                material, rect = job.result()
+                entries.append(
+                    Entry(src, box, latents, material.square, material.mask, material.parsed, rect)
+                )
         entries.sort(key=lambda e: e.src)
         stats = PrepStats(
             unit=f"prepare {start}-{end}",
