@@ -250,7 +250,7 @@ class RenderWorker:
             if key not in self._segments:
                 while len(self._segments) >= _KEEP_SEGMENTS:
                     del self._segments[next(iter(self._segments))]
-                self._segments[key] = torch.from_numpy(ray.get(ref[0]))
+                self._segments[key] = torch.from_numpy(np.array(ray.get(ref[0])))  # a writable copy
             segments[k] = self._segments[key]
         return AudioFeatures(segments, plan.total_samples, plan.fps)
 
