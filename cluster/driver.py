@@ -836,7 +836,10 @@ def _start_phases(st: _Job, gpus: float) -> None:
                         "avatar cache: skipping unreadable entries %d-%d of %s: %s", a, b, job.video, err
                     )
                     continue
-                cached[(a, b)] = ray.put(blob)
+                # shards read a shared cache themselves; a local one reaches them through Ray
+                cached[(a, b)] = (
+                    ray.put(blob) if st.store.local else st.store.uri(video, st.keys[2], a, b, "npz")
+                )
         for a, b in st.store.ranges(video, st.keys[1]):
             try:
                 detections.update(detections_from_json(st.store.read(video, st.keys[1], a, b, "json")))
@@ -867,8 +870,12 @@ def _start_phases(st: _Job, gpus: float) -> None:
 
 def _submit(actor, st: _Job, unit):
     if isinstance(unit, PrepUnit):
-        boxes = st.phases.boxes_for(unit) if unit.kind == "prepare" else None
-        return actor.prepare.remote(st.inputs, unit, boxes)
+        if unit.kind != "prepare":
+            return actor.prepare.remote(st.inputs, unit)
+        # A cache every node reaches (an object store): the worker writes the chunk there itself.
+        shared = st.store is not None and not st.store.local
+        store = (st.store.root, st.keys[0], st.keys[2]) if shared else None
+        return actor.prepare.remote(st.inputs, unit, st.phases.boxes_for(unit), store)
     chunks, segments = st.phases.inputs_of(unit)
     return actor.render.remote(st.inputs, st.plan, unit, st.cfg.encode, ShardInputs(chunks, segments))
 
@@ -885,6 +892,9 @@ def _prepared(st: _Job, unit: PrepUnit, data, stats: PrepStats) -> list:
     if unit.kind == "detect":
         _remember(st, st.keys[1], unit, data.encode(), "json")
         return phases.detected(unit, detections_from_json(data)) + phases.ready_shards()
+    if isinstance(data, str):  # written to the shared cache by the worker: shards read it there
+        phases.add_chunk(unit.start, unit.end, data)
+        return phases.ready_shards()
     _remember(st, st.keys[2], unit, data, "npz")
     phases.add_chunk(unit.start, unit.end, ray.put(data))
     return phases.ready_shards()

@@ -28,7 +28,7 @@ import torch
 
 from cluster import storage
 from cluster.weights import local_models
-from musetalk.avatar import EntrySource, detections_to_json, pack_chunk
+from musetalk.avatar import AvatarStore, EntrySource, detections_to_json, fetch, pack_chunk
 from musetalk.config import PipelineConfig
 from musetalk.pipeline import AudioFeatures, FramePipeline, PrepStats, ShardStats
 from shards.plan import Plan, PrepUnit, Shard
@@ -219,10 +219,16 @@ class RenderWorker:
         if job.progress is not None:
             job.progress.done.remote(f"{job.tag}{name}")
 
-    def prepare(self, job: JobInputs, unit: PrepUnit, boxes: dict | None = None) -> tuple[object, PrepStats]:
+    def prepare(
+        self, job: JobInputs, unit: PrepUnit, boxes: dict | None = None, store: tuple | None = None
+    ) -> tuple[object, PrepStats]:
         """One preparation unit: ``detect`` -> detections JSON of source frames ``[start, end)``;
         ``prepare`` -> their entry chunk (:func:`musetalk.avatar.pack_chunk`) from ``boxes``; ``audio``
-        -> {k: (1500, L, D) float32 array} for Whisper segments ``[start, end)``."""
+        -> {k: (1500, L, D) float32 array} for Whisper segments ``[start, end)``.
+
+        With ``store`` = (cache root URI, video hash, key), an avatar cache every node reaches, a chunk is
+        written there by this worker and its URI returned instead of its bytes (shards then read it from
+        there, and it never passes through the driver)."""
         info, samples, _ = self._inputs(job)
         pipeline = self._pipeline(job.pipeline)
         _, on_stage = self._tracker(job, unit.name)
@@ -233,6 +239,8 @@ class RenderWorker:
             elif unit.kind == "prepare":
                 entries, stats = pipeline.prepare_range(info, unit.start, unit.end, boxes, on_stage)
                 result = pack_chunk(entries)
+                if store is not None:
+                    result = _publish_chunk(store, unit, result)
             elif unit.kind == "audio":
                 features, stats = pipeline.encode_audio(samples, list(range(unit.start, unit.end)))
                 result = {k: v.numpy() for k, v in features.items()}
@@ -270,7 +278,7 @@ class RenderWorker:
                 shard=shard,
                 out_path=out,
                 encode=encode,
-                entries=EntrySource([(a, b, ref[0]) for a, b, ref in prepared.chunks], ray.get),
+                entries=EntrySource([(a, b, ref[0]) for a, b, ref in prepared.chunks], _fetch_chunk),
                 audio=self._audio(job, prepared, plan),
                 progress=progress,
                 on_stage=on_stage,
@@ -284,6 +292,28 @@ class RenderWorker:
     def close(self) -> None:
         for job_id in list(self._jobs):
             self.forget(job_id)
+
+
+def _publish_chunk(store: tuple, unit: PrepUnit, blob: bytes) -> bytes | str:
+    """Write a chunk to the shared avatar cache and return its URI; if that fails, the bytes (they go
+    through the driver instead: the cache costs reuse, never the render)."""
+    root, video, key = store
+    cache = AvatarStore(root)
+    try:
+        cache.write(video, key, unit.start, unit.end, "npz", blob)
+    except OSError as err:
+        logger.warning(
+            "avatar cache %s: could not write %s (%s); sending it to the driver", root, unit.name, err
+        )
+        return blob
+    uri = cache.uri(video, key, unit.start, unit.end, "npz")
+    logger.info("wrote avatar entries %d-%d to %s", unit.start, unit.end, uri)
+    return uri
+
+
+def _fetch_chunk(handle) -> bytes:
+    """A chunk's bytes from Ray's object store, or from the avatar cache by URI."""
+    return fetch(handle) if isinstance(handle, str) else ray.get(handle)
 
 
 def _remove_scratch(tmp: Path) -> None:

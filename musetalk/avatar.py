@@ -262,6 +262,14 @@ def prepare_key(cfg: PipelineConfig, device_type: str, weights: str) -> str:
 # ---------------------------------------------------------------------------------------------- store
 
 
+def fetch(uri: str) -> bytes:
+    """The bytes of one stored file, by its full URI (see :meth:`AvatarStore.uri`)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.cat_file(path)
+
+
 def chunk_name(start: int, end: int, suffix: str) -> str:
     return f"{start:06d}-{end:06d}.{suffix}"
 
@@ -301,6 +309,10 @@ class AvatarStore:
             if m:
                 out.append((int(m.group(1)), int(m.group(2))))
         return sorted(out)
+
+    def uri(self, video: str, key: str, start: int, end: int, suffix: str) -> str:
+        """The full URI of one file (with its protocol), for :func:`fetch` on any node."""
+        return self.fs.unstrip_protocol(f"{self._dir(video, key)}/{chunk_name(start, end, suffix)}")
 
     def read(self, video: str, key: str, start: int, end: int, suffix: str) -> bytes:
         return self.fs.cat_file(f"{self._dir(video, key)}/{chunk_name(start, end, suffix)}")

@@ -312,6 +312,11 @@ def test_render_from_and_to_s3_with_workers_reading_it(s3, s3_job, tiny_models, 
     cached = _keys("avatars/")
     assert [k for k in cached if k.endswith(".npz")] and [k for k in cached if k.endswith(".json")], cached
     assert summary["cache"] == f"s3://{BUCKET}/avatars" and summary["vae_encodes"] > 0
+    # Prepared entries went from a worker process to the bucket, and shards read them from there.
+    wrote = [
+        line for line in stderr.splitlines() if "RenderWorker" in line and "wrote avatar entries" in line
+    ]
+    assert wrote and all(f"s3://{BUCKET}/avatars/" in line for line in wrote), stderr[-3000:]
     # Workers (other processes than the driver) fetched the weights from S3, once for the node.
     workers = [line for line in stderr.splitlines() if "RenderWorker" in line and "pid=" in line]
     synced = [line for line in workers if f"weights from {s3_job['models']}" in line]
