@@ -17,6 +17,7 @@ from musetalk.avatar import (
     block_ranges,
     detections_from_json,
     detections_to_json,
+    fetch,
     pack_chunk,
 )
 from musetalk.config import FaceConfig, PipelineConfig
@@ -175,3 +176,13 @@ def test_entry_source_fetches_only_chunks_it_reads_and_holds_few():
     assert fetched == [1, 2, 0, 4, 1]  # at most 2 held: chunk 1 was dropped and is fetched again
     with pytest.raises(KeyError, match="source frame 99"):
         source(99)
+
+
+def test_a_shared_store_serves_chunks_by_uri_to_any_process():
+    store = AvatarStore("memory://avatars-uri-test")
+    blob = pack_chunk([_entry(s, s % 3 != 0) for s in range(10, 14)])
+    store.write("v", "p1", 10, 14, "npz", blob)
+    uri = store.uri("v", "p1", 10, 14, "npz")
+    assert uri.startswith("memory://") and fetch(uri) == blob
+    source = EntrySource([(10, 14, uri)], fetch)
+    assert source(11).box is not None and source(12).box is None
