@@ -14,6 +14,7 @@ room for any more (rules in :mod:`cluster.scheduler`).
 from __future__ import annotations
 
 import atexit
+import bisect
 import hashlib
 import json
 import logging
@@ -825,28 +826,13 @@ def _start_phases(st: _Job, gpus: float) -> None:
     cached: dict = {}
     if job.cache.enabled:
         st.store = AvatarStore(job.cache.dir)
-        shown = {plan.source_index(t) for s in st.todo for t in range(s.start, s.end)}
-        for a, b in st.store.ranges(video, st.keys[2]):
-            if any(a <= x < b for x in shown):
-                try:
-                    blob = st.store.read(video, st.keys[2], a, b, "npz")
-                    ChunkReader(blob)  # refuse a file we cannot read before any worker gets it
-                except (OSError, ValueError, KeyError) as err:
-                    logger.warning(
-                        "avatar cache: skipping unreadable entries %d-%d of %s: %s", a, b, job.video, err
-                    )
-                    continue
-                # shards read a shared cache themselves; a local one reaches them through Ray
-                cached[(a, b)] = (
-                    ray.put(blob) if st.store.local else st.store.uri(video, st.keys[2], a, b, "npz")
-                )
-        for a, b in st.store.ranges(video, st.keys[1]):
-            try:
-                detections.update(detections_from_json(st.store.read(video, st.keys[1], a, b, "json")))
-            except (OSError, ValueError, KeyError) as err:
-                logger.warning(
-                    "avatar cache: skipping unreadable detections %d-%d of %s: %s", a, b, job.video, err
-                )
+        shown = sorted({plan.source_index(t) for s in st.todo for t in range(s.start, s.end)})
+        cached = _cached_chunks(st, shown)
+        have = {x for a, b in cached for x in range(a, b)}
+        r, n = st.pipeline.face.smooth_radius, plan.source_frames
+        # only the raw boxes that frames still to prepare read (none when every shown frame is cached)
+        context = sorted({k for x in shown if x not in have for k in range(max(0, x - r), min(n, x + r + 1))})
+        detections = _cached_detections(st, context)
     st.phases = JobPhases(
         plan,
         st.todo,
@@ -866,6 +852,53 @@ def _start_phases(st: _Job, gpus: float) -> None:
         len(p.entries_needed),
         len(p.segments),
     )
+
+
+def _touches(start: int, end: int, frames: list[int]) -> bool:
+    """Whether sorted ``frames`` holds a frame in ``[start, end)``."""
+    i = bisect.bisect_left(frames, start)
+    return i < len(frames) and frames[i] < end
+
+
+def _cached_chunks(st: _Job, shown: list[int]) -> dict:
+    """(start, end) -> handle of the cached entry chunks holding some of ``shown``. A local cache's chunks
+    are read here (an unreadable one is skipped, so it is prepared and rewritten) and reach workers
+    through Ray; a shared cache's are only listed: workers read them there (written in one PUT each,
+    under a key that names their format), so no entry passes through the driver."""
+    video, key, out = st.keys[0], st.keys[2], {}
+    for a, b in st.store.ranges(video, key):
+        if not _touches(a, b, shown):
+            continue
+        if not st.store.local:
+            out[(a, b)] = st.store.uri(video, key, a, b, "npz")
+            continue
+        try:
+            blob = st.store.read(video, key, a, b, "npz")
+            ChunkReader(blob)  # refuse a file we cannot read before any worker gets it
+        except (OSError, ValueError, KeyError) as err:
+            logger.warning(
+                "avatar cache: skipping unreadable entries %d-%d of %s: %s", a, b, st.cfg.video, err
+            )
+            continue
+        out[(a, b)] = ray.put(blob)
+    return out
+
+
+def _cached_detections(st: _Job, frames: list[int]) -> dict:
+    """Raw detections the cache holds for sorted ``frames`` (only the files that hold some of them)."""
+    video, key, out = st.keys[0], st.keys[1], {}
+    if not frames:
+        return out
+    for a, b in st.store.ranges(video, key):
+        if not _touches(a, b, frames):
+            continue
+        try:
+            out.update(detections_from_json(st.store.read(video, key, a, b, "json")))
+        except (OSError, ValueError, KeyError) as err:
+            logger.warning(
+                "avatar cache: skipping unreadable detections %d-%d of %s: %s", a, b, st.cfg.video, err
+            )
+    return out
 
 
 def _submit(actor, st: _Job, unit):

@@ -53,22 +53,19 @@ class JobPhases:
         )
         self.cache_hits = len(self.prep.shown) - len(self.prep.entries_needed)
         self._count = 0
-        self._detecting = {u.name for u in self._detect_units()}
+        self._detect = [self._unit("detect", a, b) for a, b in self.prep.detect_ranges()]
+        self._detecting = {u.name for u in self._detect}
         self._waiting = list(todo)
         self._needs = {s.name: {plan.source_index(t) for t in range(s.start, s.end)} for s in todo}
+        self._covered = have  # source frames some available chunk holds
 
     def _unit(self, kind: str, start: int, end: int) -> PrepUnit:
         self._count += 1
         return PrepUnit(kind, self._count - 1, start, end)
 
-    def _detect_units(self) -> list[PrepUnit]:
-        if not hasattr(self, "_detect"):
-            self._detect = [self._unit("detect", a, b) for a, b in self.prep.detect_ranges()]
-        return self._detect
-
     def initial_units(self) -> list[PrepUnit]:
         """Detection and audio units (and, when no detection is missing, the prepare units)."""
-        units = list(self._detect_units())
+        units = list(self._detect)
         units += [self._unit("audio", k, k + 1) for k in self.prep.audio_segments()]
         if not self._detecting:
             units += self._prepare_units()
@@ -97,6 +94,7 @@ class JobPhases:
 
     def add_chunk(self, start: int, end: int, ref: object) -> None:
         self.chunks[(start, end)] = ref
+        self._covered.update(range(start, end))
 
     def add_segment(self, k: int, ref: object) -> None:
         self.segments[k] = ref
@@ -108,27 +106,24 @@ class JobPhases:
 
     def ready_shards(self) -> list[Shard]:
         """Generation shards whose frames and Whisper segments are all available (each released once)."""
-        covered = {s for a, b in self.chunks for s in range(a, b)}
-        segments = set(self.segments)
         ready, waiting = [], []
         for shard in self._waiting:
-            if self._needs[shard.name] <= covered and set(self._segments_of(shard)) <= segments:
+            done = self._needs[shard.name] <= self._covered
+            if done and all(k in self.segments for k in self.prep.shard_segments[shard.name]):
                 ready.append(shard)
             else:
                 waiting.append(shard)
         self._waiting = waiting
         return ready
 
-    def _segments_of(self, shard: Shard) -> range:
-        from musetalk.audio import audio_span
-
-        span = audio_span(self.plan.total_samples, self.plan.fps, shard.start, shard.end)
-        return range(span.first_segment, span.end_segment)
-
     def inputs_of(self, shard: Shard) -> tuple[tuple, tuple]:
         """(chunks as (start, end, [ref]) holding the shard's frames, segments as (k, [ref]))."""
         shown = self._needs[shard.name]
+        lo, hi = min(shown), max(shown)
         chunks = tuple(
-            (a, b, [ref]) for (a, b), ref in sorted(self.chunks.items()) if any(a <= s < b for s in shown)
+            (a, b, [ref])
+            for (a, b), ref in sorted(self.chunks.items())
+            if a <= hi and b > lo and any(s in shown for s in range(a, b))
         )
-        return chunks, tuple((k, [self.segments[k]]) for k in self._segments_of(shard))
+        segments = tuple((k, [self.segments[k]]) for k in self.prep.shard_segments[shard.name])
+        return chunks, segments

@@ -18,6 +18,7 @@ so a later render of the same video with any audio reuses them. Entries are writ
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -202,17 +203,23 @@ def boxes_from_detections(
 
 def weights_fingerprint(paths: Iterable[str | Path]) -> str:
     """Identity of weight files that holds across machines: name, size and the first and last MiB of
-    each (cheap for gigabytes, and random test weights of equal size still differ)."""
+    each (cheap for gigabytes, and random test weights of equal size still differ). Each file is read
+    once per version (path, inode, size, mtime) in a process: a batch of jobs does not read it again."""
     h = hashlib.sha256()
     for p in paths:
-        p = Path(p)
-        size = p.stat().st_size
-        h.update(f"{p.name}:{size}".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(_FINGERPRINT_BYTES))
-            if size > _FINGERPRINT_BYTES:
-                f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
-                h.update(f.read())
+        st = os.stat(p)
+        h.update(_file_fingerprint(str(Path(p).resolve()), st.st_ino, st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _file_fingerprint(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256(f"{Path(path).name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_FINGERPRINT_BYTES))
+        if size > _FINGERPRINT_BYTES:
+            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+            h.update(f.read())
     return h.hexdigest()
 
 
@@ -373,11 +380,11 @@ class JobPrep:
         detections = set(have_detections)
         self.context = sorted(context)
         self.detections_needed = [s for s in self.context if s not in detections]
-        segments = set()
+        self.shard_segments: dict[str, range] = {}  # shard name -> the Whisper segments its windows read
         for s in shards:
             span = audio_span(plan.total_samples, plan.fps, s.start, s.end)
-            segments.update(range(span.first_segment, span.end_segment))
-        self.segments = sorted(segments)
+            self.shard_segments[s.name] = range(span.first_segment, span.end_segment)
+        self.segments = sorted({k for r in self.shard_segments.values() for k in r})
 
     def detect_ranges(self) -> list[tuple[int, int]]:
         return block_ranges(self.detections_needed, self.chunk)
