@@ -36,20 +36,6 @@ from shards.errors import RenderError
 from shards.plan import Shard
 
 
-def pool_shape(cfg: ClusterConfig, cluster_gpus: float) -> tuple[int, float]:
-    """(number of workers, GPUs per worker) from the cluster's GPU count and the config.
-
-    ``cluster.workers`` fixes the size; else one worker per ``gpus_per_worker`` share of the GPUs, or
-    ``cpu_workers`` CPU workers on a cluster without GPUs.
-    """
-    per = cfg.gpus_per_worker if cluster_gpus else 0.0
-    if cfg.workers is not None:
-        return cfg.workers, per
-    if cluster_gpus:
-        return max(1, int(cluster_gpus / per)), per
-    return cfg.cpu_workers, 0.0
-
-
 def pool_gpus(cfg: ClusterConfig, cluster_gpus: float, *, can_grow: bool) -> float:
     """GPUs per worker of a new pool: ``gpus_per_worker`` on a cluster with GPUs, or on one that can still
     gain GPU nodes when ``require_gpus`` forbids CPU workers; 0 (a CPU pool) otherwise."""

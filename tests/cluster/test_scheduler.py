@@ -10,7 +10,6 @@ from cluster.scheduler import (
     Failure,
     pool_capacity,
     pool_gpus,
-    pool_shape,
     workers_to_request,
     workers_wanted,
 )
@@ -289,8 +288,11 @@ def test_without_isolation_a_failed_unit_raises():
     ],
 )
 def test_pool_shape_table(workers, per, cpu_workers, gpus, expected):
+    """The shape a new pool takes on a cluster that cannot grow (plenty of CPUs, ``gpus`` GPUs, many units)."""
     cfg = ClusterConfig(workers=workers, gpus_per_worker=per, cpu_workers=cpu_workers)
-    assert pool_shape(cfg, gpus) == expected
+    per_worker = pool_gpus(cfg, gpus, can_grow=False)
+    size = workers_wanted(cfg, pool_capacity(cfg, per_worker, {"CPU": 64.0, "GPU": float(gpus)}), units=100)
+    assert (size, per_worker) == expected
 
 
 # ---------------------------------------------------------------- autoscaling rules
