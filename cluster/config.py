@@ -100,6 +100,14 @@ class JobConfig:
     prep_length: int = 64  # source frames per preparation unit (and avatar cache file)
 
 
+def compose_job(overrides: list[str]) -> JobConfig:
+    """The job the shipped config gives with Hydra ``overrides`` (as on the command line), validated."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return job_from_config(compose("config", overrides=overrides))
+
+
 def job_from_config(cfg: DictConfig) -> JobConfig:
     """Convert and validate; raises one ConfigError listing every problem found (types, ranges, names)."""
     problems: list[str] = []

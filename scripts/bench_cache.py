@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from hydra import compose, initialize_config_dir
 
-from cluster.config import CONF_DIR, job_from_config
+from cluster.config import compose_job
 from scripts.make_demo_media import ensure_demo_media, speech_like
 
 logger = logging.getLogger(__name__)
@@ -38,23 +37,21 @@ def run(video: Path, models: Path, seconds: float, overrides: list[str]) -> dict
     with tempfile.TemporaryDirectory(prefix="musetalk-bench-cache-") as tmp:
         work = Path(tmp)
         for n, shift in enumerate((0, 12345)):
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                cfg = compose(
-                    "config",
-                    overrides=[
-                        "+task=test",
-                        "models=tiny",
-                        f"models.dir={models}",
-                        f"task.video={video}",
-                        f"task.audio={_speech(work / f'speech{n}.wav', seconds, shift)}",
-                        f"task.output={work / f'out{n}.mp4'}",
-                        "task.make_demo=false",
-                        f"cache.dir={work / 'avatars'}",
-                        "output.qa=false",
-                        *overrides,
-                    ],
-                )
-            s = run_job(job_from_config(cfg))
+            job = compose_job(
+                [
+                    "+task=test",
+                    "models=tiny",
+                    f"models.dir={models}",
+                    f"task.video={video}",
+                    f"task.audio={_speech(work / f'speech{n}.wav', seconds, shift)}",
+                    f"task.output={work / f'out{n}.mp4'}",
+                    "task.make_demo=false",
+                    f"cache.dir={work / 'avatars'}",
+                    "output.qa=false",
+                    *overrides,
+                ]
+            )
+            s = run_job(job)
             rows.append(
                 {
                     "render": "first (fills the cache)" if n == 0 else "second (other audio)",

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from hydra import compose, initialize_config_dir
 
-from cluster.config import CONF_DIR, REPO_ROOT, JobConfig, job_from_config
+from cluster.config import REPO_ROOT, JobConfig, compose_job
 from shards.decode import read_frames
 from shards.probe import load_audio, probe_video
 
@@ -39,25 +38,22 @@ def trimmed_audio(src: Path, dst: Path, seconds: float) -> Path:
 
 def job_for(models: Path, video: Path, audio: Path, out: Path, *overrides: str) -> JobConfig:
     """The tiny-model test job composed from the real config, lossless, box crop."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                "+task=test",
-                "models=tiny",
-                f"models.dir={models}",
-                f"task.video={video}",
-                f"task.audio={audio}",
-                f"task.output={out}",
-                "task.make_demo=false",
-                "output.lossless=true",
-                "render.batch_size=4",
-                "render.threads=1",
-                "face.crop=box",
-                *overrides,
-            ],
-        )
-    return job_from_config(cfg)
+    return compose_job(
+        [
+            "+task=test",
+            "models=tiny",
+            f"models.dir={models}",
+            f"task.video={video}",
+            f"task.audio={audio}",
+            f"task.output={out}",
+            "task.make_demo=false",
+            "output.lossless=true",
+            "render.batch_size=4",
+            "render.threads=1",
+            "face.crop=box",
+            *overrides,
+        ]
+    )
 
 
 def held(hold: Path) -> list[tuple[str, int]]:
