@@ -333,6 +333,26 @@ def test_render_from_and_to_s3_with_workers_reading_it(s3, s3_job, tiny_models, 
     assert not [p for p in staging.rglob("*") if ".partial" in p.name]
     assert not [p for p in (staging / "outputs").rglob("*") if p.is_file()]
 
+    # A second render of the same video reads every entry from the bucket: the driver only lists the
+    # chunks there, the workers fetch them (a broken handoff would fail the render or prepare again).
+    again = f"s3://{BUCKET}/renders/again.mp4"
+    proc = cli(
+        *_args(
+            s3_job,
+            again,
+            "shards.length=25",
+            f"cache.dir=s3://{BUCKET}/avatars",
+            f"hydra.run.dir={tmp_path}/run2",
+        ),
+        tmp=cli_tmp(),
+        env={**s3, "MUSETALK_STAGING_DIR": str(staging)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(client.get_object(Bucket=BUCKET, Key="renders/again.summary.json")["Body"].read())
+    assert summary["cache_hits"] == 50 and (summary["detections"], summary["vae_encodes"]) == (0, 0)
+    client.download_file(BUCKET, "renders/again.mp4", str(tmp_path / "again.mp4"))
+    assert_same_frames(reference_frames, tmp_path / "again.mp4")
+
 
 # No credentials anywhere: none in the environment, no config files, no instance metadata service.
 _NO_CREDENTIALS = {
