@@ -57,7 +57,7 @@ from musetalk.avatar import (
 )
 from musetalk.config import PipelineConfig
 from musetalk.layout import ModelLayout
-from musetalk.pipeline import PrepStats, ShardStats, plan_job, required_weights, stage_totals
+from musetalk.pipeline import PrepStats, ShardStats, busy_seconds, plan_job, required_weights, stage_totals
 from shards.errors import ConfigError, FarmError, Interrupted
 from shards.plan import Plan, PrepUnit, Shard, dispatch_order
 from shards.probe import VideoInfo
@@ -145,6 +145,9 @@ class JobSummary:
     cache_hits: int = 0  # shown source frames whose entries came from the avatar cache
     cache: str = ""  # the avatar cache's root, or "" when off
     workers_start: int = 0  # the pool's size when the job started (``workers``: when it ended)
+    # Seconds some unit of the job ran, per worker (side-by-side units counted once), summed over workers:
+    # sum(stage_seconds) / busy_seconds is how much the stages overlapped.
+    busy_seconds: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -164,6 +167,8 @@ class JobSummary:
             f"models      {self.model_loads} worker loads, {self.load_seconds:.1f} s waited; without loading "
             f"{self.render_seconds:.1f} s, {self.render_fps:.2f} frames/s (pool {self.pool})",
             "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
+            f"overlap     {sum(self.stage_seconds.values()):.1f} stage s in {self.busy_seconds:.1f} s of busy "
+            f"workers ({sum(self.stage_seconds.values()) / max(self.busy_seconds, 1e-9):.2f}x)",
             "workers     "
             + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
         ]
@@ -309,7 +314,14 @@ class _Pool:
 
     def start(self, i: int) -> None:
         c = self.cluster
-        options = dict(num_gpus=self.gpus, num_cpus=c.cpus_per_worker, max_restarts=0, max_task_retries=0)
+        options = dict(
+            num_gpus=self.gpus,
+            num_cpus=c.cpus_per_worker,
+            max_restarts=0,
+            max_task_retries=0,
+            # units run side by side (a threaded actor), plus a thread for info(), forget() and close()
+            max_concurrency=c.max_in_flight + 1,
+        )
         hold = os.environ.get(HOLD_ENV)
         if hold:  # a test's hold point travels to workers on every node
             options["runtime_env"] = {"env_vars": {HOLD_ENV: hold}}
@@ -1013,4 +1025,5 @@ def _summarise(st: _Job, stats: list[ShardStats], retries: int) -> JobSummary:
         audio_segments=sum(p.audio_segments for p in prep),
         cache_hits=st.phases.cache_hits if st.phases is not None else 0,
         cache=st.cfg.cache.dir if st.cfg.cache.enabled else "",
+        busy_seconds=round(busy_seconds([*stats, *prep]), 3),
     )

@@ -5,8 +5,9 @@ A job runs as units of three kinds before its shards (see :mod:`musetalk.avatar`
 - ``detect`` units over the source frames whose detections are missing (the shown frames that need new
   entries, plus ``smooth_radius`` context frames each side), and ``audio`` units, one per 30 s Whisper
   segment the shards read, all at once;
-- when every detection is in, ``prepare`` units over the shown frames without entries, each with its
-  smoothed boxes (smoothing runs here, over the whole video's raw boxes);
+- ``prepare`` units over the shown frames without entries, each with its smoothed boxes (smoothing runs
+  here, over the raw boxes of ``smooth_radius`` frames each side), each released as soon as the
+  detections those boxes read are in: preparation starts while later frames are still being detected;
 - a generation shard is released as soon as the chunks holding its frames and its Whisper segments
   have landed.
 
@@ -15,6 +16,8 @@ So each distinct source frame is detected and prepared once per job, however man
 """
 
 from __future__ import annotations
+
+import bisect
 
 from musetalk.avatar import JobPrep, boxes_from_detections
 from musetalk.config import PipelineConfig
@@ -55,6 +58,11 @@ class JobPhases:
         self._count = 0
         self._detect = [self._unit("detect", a, b) for a, b in self.prep.detect_ranges()]
         self._detecting = {u.name for u in self._detect}
+        self._audio = [self._unit("audio", k, k + 1) for k in self.prep.audio_segments()]
+        self._ready: list[PrepUnit] = []  # prepare units whose detections are all in
+        self._missing: dict[str, int] = {}  # prepare unit -> detections it still waits for
+        self._waiters: dict[int, list[PrepUnit]] = {}  # source frame -> prepare units waiting for it
+        self._hold_prepare_units()
         self._waiting = list(todo)
         self._needs = {s.name: {plan.source_index(t) for t in range(s.start, s.end)} for s in todo}
         self._covered = have  # source frames some available chunk holds
@@ -63,24 +71,43 @@ class JobPhases:
         self._count += 1
         return PrepUnit(kind, self._count - 1, start, end)
 
-    def initial_units(self) -> list[PrepUnit]:
-        """Detection and audio units (and, when no detection is missing, the prepare units)."""
-        units = list(self._detect)
-        units += [self._unit("audio", k, k + 1) for k in self.prep.audio_segments()]
-        if not self._detecting:
-            units += self._prepare_units()
-        return units
+    def _hold_prepare_units(self) -> None:
+        """Every prepare unit, ready now or waiting for the raw detections its smoothed boxes read."""
+        n, r = self.plan.source_frames, self.pipeline.face.smooth_radius
+        needed = self.prep.entries_needed
+        for a, b in self.prep.prepare_ranges():
+            unit = self._unit("prepare", a, b)
+            frames = needed[bisect.bisect_left(needed, a) : bisect.bisect_left(needed, b)]
+            reads = {k for s in frames for k in range(max(0, s - r), min(n, s + r + 1))}
+            missing = reads.difference(self.detections)
+            if not missing:
+                self._ready.append(unit)
+                continue
+            self._missing[unit.name] = len(missing)
+            for k in missing:
+                self._waiters.setdefault(k, []).append(unit)
 
-    def _prepare_units(self) -> list[PrepUnit]:
-        return [self._unit("prepare", a, b) for a, b in self.prep.prepare_ranges()]
+    def _take_ready(self) -> list[PrepUnit]:
+        ready, self._ready = sorted(self._ready, key=lambda u: u.start), []
+        return ready
+
+    def initial_units(self) -> list[PrepUnit]:
+        """Detection and audio units, and the prepare units whose detections are all known (cached)."""
+        return [*self._detect, *self._audio, *self._take_ready()]
 
     def detected(self, unit: PrepUnit, found: dict[int, Detection | None]) -> list[PrepUnit]:
-        """A detect unit landed: the prepare units once it was the last one."""
-        self.detections.update(found)
+        """A detect unit landed: the prepare units it completed (each released once, in frame order)."""
         if unit.name not in self._detecting:
             return []  # a duplicate report
         self._detecting.discard(unit.name)
-        return [] if self._detecting else self._prepare_units()
+        for k, det in found.items():
+            self.detections[k] = det
+            for waiting in self._waiters.pop(k, ()):
+                self._missing[waiting.name] -= 1
+                if not self._missing[waiting.name]:
+                    del self._missing[waiting.name]
+                    self._ready.append(waiting)
+        return self._take_ready()
 
     def boxes_for(self, unit: PrepUnit) -> dict:
         """The smoothed crop boxes of a prepare unit's source frames."""

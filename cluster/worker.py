@@ -1,7 +1,9 @@
 """The RenderWorker actor: a thin Ray shell around musetalk.pipeline.FramePipeline.
 
 Models load once in ``__init__`` and serve every job the pool is given (a warm pool outlives a job: a
-batch, or the runs of a multirun sweep). ``prepare`` runs one unit of a job's preparation phase (detect,
+batch, or the runs of a multirun sweep). A worker runs up to ``cluster.max_in_flight`` units at once, each
+in its own thread over the same models (a threaded actor): a preparation unit beside a generation shard
+keeps the device busy while the other unit decodes, builds masks, composites or encodes. ``prepare`` runs one unit of a job's preparation phase (detect,
 prepare or audio: see :mod:`cluster.phases`) and returns its result; ``render`` renders one generation
 shard from those results and returns its encoded segment bytes and stats. Per-job settings that do not change the models (``bbox_shift``)
 travel with the job. Inputs arrive through the object store (or as paths every node can read, or as URIs
@@ -15,10 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import socket
 import tempfile
+import threading
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -122,7 +128,11 @@ _KEEP_SEGMENTS = 4
 
 
 class RenderWorker:
-    """Holds the models; renders one unit at a time. Use via ``ray.remote(RenderWorker).options(...)``."""
+    """Holds the models; runs units in threads. Use via ``ray.remote(RenderWorker).options(...)``, with
+    ``max_concurrency`` above the units the driver gives it at once (control calls need a thread too).
+
+    Shared state (job inputs, pipelines, Whisper segments, counters) is guarded by one lock; the models
+    are shared by the unit threads (torch modules run concurrently; the Haar cascade locks itself)."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
         logging.basicConfig(level=logging.INFO)
@@ -131,6 +141,9 @@ class RenderWorker:
         self._jobs: dict[str, tuple[VideoInfo, np.ndarray, Path]] = {}  # job id -> inputs, scratch dir
         self._pipelines: dict[PipelineConfig, FramePipeline] = {}
         self._segments: dict[tuple, torch.Tensor] = {}  # (job id, k) -> Whisper features
+        self._lock = threading.RLock()
+        self._busy: Counter[str] = Counter()  # job id -> units of it running now (never evicted)
+        self._cpu_at_ready = 0.0
         self.loads = 0
         self.load_seconds = 0.0
         self.units = 0  # generation shards rendered
@@ -150,6 +163,7 @@ class RenderWorker:
         self.loads += 1
         self.load_seconds = time.perf_counter() - start
         self._pipelines[cfg] = self.pipeline
+        self._cpu_at_ready = _cpu_seconds()
         logger.info(
             "worker %s ready on %s (models loaded in %.1f s)",
             self.name,
@@ -163,30 +177,54 @@ class RenderWorker:
         return self.name
 
     def info(self) -> dict:
-        """Name, model loads and their seconds, units rendered: the driver charges loads to jobs."""
-        return {
-            "name": self.name,
-            "loads": self.loads,
-            "load_seconds": self.load_seconds,
-            "units": self.units,
-            "prep_units": self.prep_units,
-        }
+        """Name, model loads and their seconds, units rendered (the driver charges loads to jobs); CPU
+        seconds since the models loaded (ffmpeg children included) and peak RSS (benchmarks)."""
+        with self._lock:
+            return {
+                "name": self.name,
+                "loads": self.loads,
+                "load_seconds": self.load_seconds,
+                "units": self.units,
+                "prep_units": self.prep_units,
+                "cpu_seconds": _cpu_seconds() - self._cpu_at_ready,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20
+                if torch.cuda.is_initialized()
+                else None,
+            }
 
     def _pipeline(self, cfg: PipelineConfig | None) -> FramePipeline:
         """The job's pipeline over the already-loaded models (per-job settings such as bbox_shift)."""
         if cfg is None:
             return self.pipeline
-        if cfg not in self._pipelines:
-            self._pipelines[cfg] = FramePipeline(cfg, models=self.pipeline.models)
-        return self._pipelines[cfg]
+        with self._lock:
+            if cfg not in self._pipelines:
+                self._pipelines[cfg] = FramePipeline(cfg, models=self.pipeline.models)
+            return self._pipelines[cfg]
 
     def _scratch(self, job: JobInputs) -> Path:
         return Path(job.scratch or scratch_root(job.job_id)) / str(os.getpid())
 
+    @contextmanager
+    def _job(self, job: JobInputs):
+        """The job's materialised inputs while one of its units runs (a running job is never evicted)."""
+        with self._lock:
+            inputs = self._inputs(job)
+            self._busy[job.job_id] += 1
+        try:
+            yield inputs
+        finally:
+            with self._lock:
+                self._busy[job.job_id] -= 1
+                if not self._busy[job.job_id]:
+                    del self._busy[job.job_id]
+
     def _inputs(self, job: JobInputs) -> tuple[VideoInfo, np.ndarray, Path]:
+        """Materialise the job's inputs once (call with the lock held)."""
         if job.job_id not in self._jobs:
-            while len(self._jobs) >= _KEEP_JOBS:
-                self.forget(next(iter(self._jobs)))
+            idle = [j for j in self._jobs if j not in self._busy]
+            while idle and len(self._jobs) >= _KEEP_JOBS:
+                self.forget(idle.pop(0))
             tmp = self._scratch(job)
             if job.video_ref is not None:
                 tmp.mkdir(parents=True, exist_ok=True)
@@ -201,9 +239,10 @@ class RenderWorker:
 
     def forget(self, job_id: str) -> None:
         """Drop a finished job's inputs and scratch directory."""
-        entry = self._jobs.pop(job_id, None)
-        for key in [k for k in self._segments if k[0] == job_id]:
-            del self._segments[key]
+        with self._lock:
+            entry = self._jobs.pop(job_id, None)
+            for key in [k for k in self._segments if k[0] == job_id]:
+                del self._segments[key]
         if entry is not None:
             _remove_scratch(entry[2])
 
@@ -229,7 +268,13 @@ class RenderWorker:
         With ``store`` = (cache root URI, video hash, key), an avatar cache every node reaches, a chunk is
         written there by this worker and its URI returned instead of its bytes (shards then read it from
         there, and it never passes through the driver)."""
-        info, samples, _ = self._inputs(job)
+        with self._job(job) as (info, samples, _):
+            result, stats = self._prepare(job, info, samples, unit, boxes, store)
+        with self._lock:
+            self.prep_units += 1
+        return result, replace(stats, unit=unit.name, worker=self.name)
+
+    def _prepare(self, job, info, samples, unit, boxes, store) -> tuple[object, PrepStats]:
         pipeline = self._pipeline(job.pipeline)
         _, on_stage = self._tracker(job, unit.name)
         try:
@@ -248,25 +293,30 @@ class RenderWorker:
                 raise ValueError(f"unknown preparation unit kind {unit.kind!r}")
         finally:
             self._untrack(job, unit.name)
-        self.prep_units += 1
-        return result, replace(stats, unit=unit.name, worker=self.name)
+        return result, stats
 
     def _audio(self, job: JobInputs, prepared: ShardInputs, plan: Plan) -> AudioFeatures:
         segments = {}
         for k, ref in prepared.segments:
             key = (job.job_id, k)
-            if key not in self._segments:
-                while len(self._segments) >= _KEEP_SEGMENTS:
-                    del self._segments[next(iter(self._segments))]
-                self._segments[key] = torch.from_numpy(np.array(ray.get(ref[0])))  # a writable copy
-            segments[k] = self._segments[key]
+            with self._lock:
+                segments[k] = self._segments.get(key)
+            if segments[k] is None:
+                segments[k] = torch.from_numpy(np.array(ray.get(ref[0])))  # a writable copy
+                with self._lock:
+                    while len(self._segments) >= _KEEP_SEGMENTS:
+                        del self._segments[next(iter(self._segments))]
+                    self._segments[key] = segments[k]
         return AudioFeatures(segments, plan.total_samples, plan.fps)
 
     def render(
         self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings, prepared: ShardInputs
     ) -> tuple[bytes, ShardStats]:
         """One generation unit: output frames ``[shard.start, shard.end)`` from the prepared entries."""
-        info, _, tmp = self._inputs(job)
+        with self._job(job) as (info, _, tmp):
+            return self._render(job, plan, shard, encode, prepared, info, tmp)
+
+    def _render(self, job, plan, shard, encode, prepared, info, tmp) -> tuple[bytes, ShardStats]:
         _hold(shard)
         tmp.mkdir(parents=True, exist_ok=True)
         out = tmp / f"{job.job_id}-{shard.name}.mkv"
@@ -283,7 +333,8 @@ class RenderWorker:
                 progress=progress,
                 on_stage=on_stage,
             )
-            self.units += 1
+            with self._lock:
+                self.units += 1
             return out.read_bytes(), replace(stats, worker=self.name)
         finally:
             out.unlink(missing_ok=True)
@@ -292,6 +343,12 @@ class RenderWorker:
     def close(self) -> None:
         for job_id in list(self._jobs):
             self.forget(job_id)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children (the ffmpeg coders)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _publish_chunk(store: tuple, unit: PrepUnit, blob: bytes) -> bytes | str:

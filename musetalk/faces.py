@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,9 @@ class FaceAnalyzer:
         self.device = device
         self.s3fd_net = s3fd_net.eval() if s3fd_net is not None and cfg.detector == "s3fd" else None
         self.haar = haar if cfg.detector == "haar" else None
+        # OpenCV's cascade keeps the image pyramid of its current call in the object: one call at a time
+        # (a worker may detect in two threads). The torch detectors are safe to share.
+        self._haar_lock = threading.Lock()
         self.fan = fan.eval() if fan is not None and cfg.crop == "landmarks" else None
 
     def detect(self, frames: Sequence[np.ndarray]) -> list[Detection | None]:
@@ -167,12 +171,13 @@ class FaceAnalyzer:
     def _haar(self, image: np.ndarray) -> np.ndarray:
         """Haar cascade boxes (N, 5) [x1, y1, x2, y2, neighbours] for one (h, w, 3) uint8 BGR image."""
         gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        rects, neighbours = self.haar.detectMultiScale2(
-            gray,
-            scaleFactor=HAAR_SCALE_FACTOR,
-            minNeighbors=HAAR_MIN_NEIGHBORS,
-            minSize=(HAAR_MIN_SIZE, HAAR_MIN_SIZE),
-        )
+        with self._haar_lock:
+            rects, neighbours = self.haar.detectMultiScale2(
+                gray,
+                scaleFactor=HAAR_SCALE_FACTOR,
+                minNeighbors=HAAR_MIN_NEIGHBORS,
+                minSize=(HAAR_MIN_SIZE, HAAR_MIN_SIZE),
+            )
         if len(rects) == 0:
             return np.zeros((0, 5))
         rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -117,26 +116,21 @@ def _contiguous_input(_module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
 
-@contextmanager
-def _batch_invariant(*models: torch.nn.Module) -> Iterator[None]:
-    """Feed every GroupNorm a contiguous (NCHW) input while inside the block.
+def _batch_invariant(*models: torch.nn.Module) -> None:
+    """Feed every GroupNorm of ``models`` a contiguous (NCHW) input, from now on (registered once per module).
 
     diffusers' attention blocks hand back channels-last views; PyTorch's CPU GroupNorm kernel for
     channels-last splits its reductions across threads by position in the whole batch, so an item's
     result would depend on where it sits in the batch. The NCHW kernel reduces each (item, group) in
     one thread. Measured on torch 2.13 CPU: the tiny VAE's mid-block differs by ~1e-6 without this.
+    The hooks stay: a worker runs units in several threads over one VAE (preparation encodes while a
+    shard decodes), and adding or removing hooks while another thread runs the module is a race.
     """
-    handles = [
-        module.register_forward_pre_hook(_contiguous_input)
-        for model in models
-        for module in model.modules()
-        if isinstance(module, torch.nn.GroupNorm)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, torch.nn.GroupNorm) and not getattr(module, "_contiguous_input", False):
+                module.register_forward_pre_hook(_contiguous_input)
+                module._contiguous_input = True
 
 
 class LatentGenerator:
@@ -161,6 +155,7 @@ class LatentGenerator:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if unet.dtype != dtype:
             raise ValueError(f"the UNet is in {unet.dtype} but dtype={dtype}; load it with the same dtype")
+        _batch_invariant(unet, vae)
         self.unet = unet
         self.vae = vae
         self.device = device
@@ -173,10 +168,9 @@ class LatentGenerator:
         if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or crops.dtype != np.uint8:
             raise ValueError(f"crops must be (N, 256, 256, 3) uint8, got {crops.shape} {crops.dtype}")
         out = torch.empty((len(crops), 8, LATENT_SIZE, LATENT_SIZE), dtype=torch.float32)
-        with _batch_invariant(self.vae):
-            for start, stop in _spans(len(crops), self.batch_size):
-                batch = _pad(torch.from_numpy(np.ascontiguousarray(crops[start:stop])), self.batch_size)
-                out[start:stop] = self._encode_batch(batch)[: stop - start].float().cpu()
+        for start, stop in _spans(len(crops), self.batch_size):
+            batch = _pad(torch.from_numpy(np.ascontiguousarray(crops[start:stop])), self.batch_size)
+            out[start:stop] = self._encode_batch(batch)[: stop - start].float().cpu()
         return out
 
     @torch.inference_mode()
@@ -189,12 +183,11 @@ class LatentGenerator:
                 f"audio must be ({len(latents)}, 50, 384) to match latents, got {tuple(audio.shape)}"
             )
         out = np.empty((len(latents), CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
-        with _batch_invariant(self.unet, self.vae):
-            for start, stop in _spans(len(latents), self.batch_size):
-                faces = self._generate_batch(
-                    _pad(latents[start:stop], self.batch_size), _pad(audio[start:stop], self.batch_size)
-                )
-                out[start:stop] = faces[: stop - start].cpu().numpy()
+        for start, stop in _spans(len(latents), self.batch_size):
+            faces = self._generate_batch(
+                _pad(latents[start:stop], self.batch_size), _pad(audio[start:stop], self.batch_size)
+            )
+            out[start:stop] = faces[: stop - start].cpu().numpy()
         return out
 
     def _encode_batch(self, crops: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ audio span -> per-frame windows -> UNet + VAE decode in fixed-size batches -> [G
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ class ShardStats:
     worker: str = ""
     frame_kinds: str = ""
     wall_seconds: float = 0.0
+    started: float = 0.0  # wall-clock (epoch) seconds when the shard started: busy intervals per worker
 
     @property
     def total_seconds(self) -> float:
@@ -96,6 +98,21 @@ class ShardStats:
 def stage_totals(stats: list[ShardStats] | tuple[ShardStats, ...]) -> dict[str, float]:
     """Seconds per stage summed over shards, in pipeline order."""
     return {k: sum(s.seconds.get(k, 0.0) for s in stats) for k in STAGES}
+
+
+def busy_seconds(stats) -> float:
+    """Seconds some unit was running, per worker (units a worker runs side by side counted once), summed
+    over workers: the wall time the stage seconds of ``stats`` (ShardStats and PrepStats) were spent in."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for st in stats:
+        spans.setdefault(st.worker, []).append((st.started, st.started + st.wall_seconds))
+    total = 0.0
+    for intervals in spans.values():
+        end = -math.inf
+        for a, b in sorted(intervals):
+            total += max(0.0, b - max(a, end))
+            end = max(end, b)
+    return total
 
 
 @dataclass
@@ -149,6 +166,7 @@ class PrepStats:
     audio_segments: int = 0
     worker: str = ""
     wall_seconds: float = 0.0
+    started: float = 0.0  # wall-clock (epoch) seconds when the unit started
 
 
 class AudioFeatures:
@@ -254,7 +272,7 @@ class FramePipeline:
         self, video: VideoInfo, start: int, end: int, on_stage: Callable[[str], None] | None = None
     ) -> tuple[dict[int, Detection | None], PrepStats]:
         """Raw detections (largest face, landmarks) of source frames ``[start, end)``, in padded batches."""
-        wall, clock = time.perf_counter(), StageClock(self.models.device)
+        started, wall, clock = time.time(), time.perf_counter(), StageClock(self.models.device)
         found: dict[int, Detection | None] = {}
         batch: list[tuple[int, np.ndarray]] = []
 
@@ -279,6 +297,7 @@ class FramePipeline:
             seconds=clock.totals(),
             detections=len(found),
             wall_seconds=time.perf_counter() - wall,
+            started=started,
         )
         return found, stats
 
@@ -293,7 +312,7 @@ class FramePipeline:
         """Entries of source frames ``[start, end)`` from their smoothed ``boxes``: per face frame, the
         crop's VAE latents (batched, padded) and blend material (parsing batched, masks in a thread pool).
         Each entry is a pure function of its frame and box, so the grouping into units changes nothing."""
-        wall, clock = time.perf_counter(), StageClock(self.models.device)
+        started, wall, clock = time.time(), time.perf_counter(), StageClock(self.models.device)
         m, shape = self.models, (video.height, video.width)
         entries: list[Entry] = []
         pending: list[tuple[int, np.ndarray, Box]] = []
@@ -341,6 +360,7 @@ class FramePipeline:
             vae_encodes=encodes,
             parsings=parsings,
             wall_seconds=time.perf_counter() - wall,
+            started=started,
         )
         return entries, stats
 
@@ -354,7 +374,7 @@ class FramePipeline:
         self, samples: np.ndarray, segments: list[int]
     ) -> tuple[dict[int, torch.Tensor], PrepStats]:
         """Whisper features of 30 s ``segments`` of ``samples`` ((N,) float32 16 kHz): k -> (1500, L, D)."""
-        wall, clock = time.perf_counter(), StageClock(self.models.device)
+        started, wall, clock = time.time(), time.perf_counter(), StageClock(self.models.device)
         out = {}
         for k in segments:
             with clock.stage("audio", device=True):
@@ -364,6 +384,7 @@ class FramePipeline:
             seconds=clock.totals(),
             audio_segments=len(segments),
             wall_seconds=time.perf_counter() - wall,
+            started=started,
         )
         return out, stats
 
@@ -419,7 +440,7 @@ class FramePipeline:
         An exception in any thread stops them all and is raised here; the encoder is killed and the partial
         segment removed.
         """
-        wall = time.perf_counter()
+        started, wall = time.time(), time.perf_counter()
         ctx = self._context(video, plan, shard, entries, audio, progress, on_stage)  # 0.
         lo, hi = min(ctx.shown), max(ctx.shown) + 1
         with ThreadGroup(shard.name) as group:
@@ -448,6 +469,7 @@ class FramePipeline:
             parsing_fallbacks=kinds.count(PARSING_FALLBACK),
             frame_kinds=kinds,
             wall_seconds=time.perf_counter() - wall,
+            started=started,
         )
 
     # Step 0 --------------------------------------------------------------------------------------

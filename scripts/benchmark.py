@@ -5,13 +5,14 @@
 [--detector haar|s3fd] [--crop box|landmarks] [--enhance 0|1|2|4] [--threads N] [--out outputs/benchmark.json]``
 
 ``--clip 1080p`` (default): the clip of ``scripts.make_bench_media`` (``--seconds`` long, built once under
-``--media``, default ``media/bench``) rendered by pools of worker PROCESSES, one per ``WxS`` layout of
-``--layouts`` (W workers, the clip cut into S shards, longest first), then stitched and muxed. Each worker
-loads its models before the clock starts and reports, per shard, its stats and its CPU seconds
-(``getrusage`` SELF + CHILDREN: the ffmpeg encoders included); the table gives end-to-end fps, per-stage
-seconds, the workers' wall time against the sum of their stage times, CPU seconds, peak RSS of the driver
-and of each worker, peak GPU memory where there is one, the device and the commit. ``--rss-seconds``
-adds one 1-worker, 1-shard run per clip length (fresh processes) to compare peak worker RSS.
+``--media``, default ``media/bench``) rendered by the real driver (``cluster.driver.run_job``) on a fresh
+Ray pool per ``WxS`` layout of ``--layouts`` (W workers, the output cut into S shards; on a GPU the W
+workers share it), no avatar cache. Workers load their models before the clock starts and report their
+CPU seconds from then on (``getrusage`` SELF + CHILDREN: the ffmpeg coders included) and their peak RSS;
+the table gives end-to-end fps, per-stage seconds, the time workers were busy (a unit running; units a
+worker runs side by side counted once) against the sum of their stage times, CPU seconds, peak RSS of
+the driver and of each worker, peak GPU memory where there is one, the device and the commit.
+``--rss-seconds`` adds one 1-worker, 1-shard run per clip length to compare peak worker RSS.
 ``--clip demo``: the 256x256 demo clip ping-ponged to ``--frames`` output frames in this process.
 A random-weight S3FD finds no faces, so the default detector is the Haar cascade (with FAN landmarks).
 """
@@ -22,14 +23,12 @@ import argparse
 import json
 import logging
 import math
-import multiprocessing
 import os
 import platform
 import resource
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from datetime import date
 from fractions import Fraction
 from pathlib import Path
@@ -39,13 +38,10 @@ import soundfile as sf
 import torch
 import transformers
 
-from musetalk.avatar import EntrySource, JobPrep, boxes_from_detections, pack_chunk
 from musetalk.config import EnhanceConfig, FaceConfig, PipelineConfig
 from musetalk.device import resolve_device, resolve_dtype
 from musetalk.pipeline import (
-    AudioFeatures,
     FramePipeline,
-    ShardStats,
     check_weights,
     plan_job,
     render_local,
@@ -54,9 +50,6 @@ from musetalk.pipeline import (
 from scripts.make_bench_media import ensure_bench_media
 from scripts.make_demo_media import SAMPLE_RATE, ensure_demo_media, speech_like
 from scripts.make_tiny_models import MARKER, ensure_tiny_models
-from shards.plan import dispatch_order
-from shards.segment import EncodeSettings
-from shards.stitch import concat_and_mux
 
 logger = logging.getLogger(__name__)
 
@@ -204,178 +197,84 @@ def _maxrss_mib(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
 
 
-def _cpu(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
-
-
-_WORKER: FramePipeline | None = None
-
-
-_BARRIER = None
-
-
-def _worker_init(cfg: PipelineConfig, barrier) -> None:
-    global _WORKER, _BARRIER  # one pipeline per worker process (the Ray actor holds it as an attribute)
-    logging.basicConfig(level=logging.WARNING)
-    _WORKER, _BARRIER = FramePipeline(cfg), barrier
-
-
-def _worker_ready() -> int:
-    _BARRIER.wait(timeout=600)  # every worker holds one of these calls: all W processes are loaded
-    return os.getpid()
-
-
-def _worker_call(kind: str, *args) -> dict:
-    """One unit on this worker: ``detect`` / ``prepare`` source frames, ``audio`` segments, or ``render`` a
-    shard; with its CPU seconds (ffmpeg children included), peak RSS and peak GPU memory."""
-    cpu = _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
-    device = _WORKER.models.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if kind == "detect":
-        info, a, b = args
-        result, stats = _WORKER.detect_range(info, a, b)
-    elif kind == "prepare":
-        info, a, b, boxes = args
-        entries, stats = _WORKER.prepare_range(info, a, b, boxes)
-        result = pack_chunk(entries)
-    elif kind == "audio":
-        samples, segments = args
-        features, stats = _WORKER.encode_audio(samples, segments)
-        result = {k: v.numpy() for k, v in features.items()}
-    else:
-        info, plan, shard, out_path, encode, chunks, segments = args
-        entry = EntrySource(chunks, lambda path: Path(path).read_bytes())
-        audio = AudioFeatures(
-            {k: torch.from_numpy(v) for k, v in segments.items()}, plan.total_samples, plan.fps
-        )
-        result, stats = (
-            None,
-            _WORKER.render_shard(
-                video=info,
-                plan=plan,
-                shard=shard,
-                out_path=Path(out_path),
-                encode=encode,
-                entries=entry,
-                audio=audio,
-            ),
-        )
-    return {
-        "pid": os.getpid(),
-        "result": result,
-        "stats": stats,
-        "cpu_seconds": _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - cpu,
-        "peak_rss_mib": _maxrss_mib(resource.RUSAGE_SELF),
-        "peak_cuda_memory_mib": (
-            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        ),
-    }
+def job_overrides(cfg: PipelineConfig) -> list[str]:
+    """The Hydra overrides that give a job ``cfg``'s pipeline settings."""
+    out = [
+        f"models.dir={Path(cfg.models_dir).resolve()}",
+        f"models.tiny={str(cfg.tiny).lower()}",
+        f"render.device={cfg.device}",
+        f"render.dtype={cfg.dtype}",
+        f"render.batch_size={cfg.batch_size}",
+        f"face.detector={cfg.face.detector}",
+        f"face.crop={cfg.face.crop}",
+    ]
+    if cfg.threads:
+        out.append(f"render.threads={cfg.threads}")
+    if cfg.enhance.enabled:
+        out += ["enhance=gfpgan", f"enhance.upscale={cfg.enhance.upscale}"]
+    return out
 
 
 def run_pool(
     cfg: PipelineConfig, video: Path, audio: Path, workers: int, shards: int, prep_length: int = 64
 ) -> dict:
-    """Render ``video`` + ``audio`` as the driver does, on ``workers`` fresh worker processes: detect and
-    audio units, smoothing here, prepare units (``prep_length`` source frames each), then ``shards``
-    generation shards; stitch."""
+    """Render ``video`` + ``audio`` with the real driver on a fresh Ray pool of ``workers`` workers (on a
+    GPU, packed onto it: ``gpus_per_worker = 1 / workers``), the output cut into ``shards`` shards and the
+    preparation into units of ``prep_length`` source frames; no avatar cache, so every run does all the
+    work. Model loading is not timed (``render_seconds``); worker CPU seconds count from the end of
+    loading, ffmpeg children included."""
+    from cluster.config import compose_job
+    from cluster.driver import WARM, run_job
+
     overlap = cfg.face.smooth_radius
-    info, samples, plan = plan_job(video, audio, overlap=overlap, smooth_radius=overlap, shard_frames=1)
+    _, _, plan = plan_job(video, audio, overlap=overlap, smooth_radius=overlap, shard_frames=1)
     shard_frames = math.ceil(plan.output_frames / shards)
-    info, samples, plan = plan_job(
-        video, audio, overlap=overlap, smooth_radius=overlap, shard_frames=shard_frames
-    )
-    ctx = multiprocessing.get_context("spawn")
-    encode = EncodeSettings()
-    prep = JobPrep(plan, prep_length, cfg.face.smooth_radius)
-    with (
-        tempfile.TemporaryDirectory(prefix="musetalk-bench-") as tmp,
-        ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg, ctx.Barrier(workers))
-        ) as pool,
-    ):
-        pids = {f.result() for f in [pool.submit(_worker_ready) for _ in range(workers)]}
-        logger.info("%d workers ready (%s); rendering %d shards", workers, sorted(pids), len(plan.shards))
-        start = time.perf_counter()
-        audio_unit = pool.submit(_worker_call, "audio", samples, prep.audio_segments())
-        detected = [pool.submit(_worker_call, "detect", info, a, b) for a, b in prep.detect_ranges()]
-        calls = [f.result() for f in detected]
-        detections = {k: v for c in calls for k, v in c["result"].items()}
-        shape = (info.height, info.width)
-        prepared = [
-            pool.submit(
-                _worker_call,
-                "prepare",
-                info,
-                a,
-                b,
-                boxes_from_detections(detections, range(a, b), shape, cfg, plan.source_frames),
-            )
-            for a, b in prep.prepare_ranges()
-        ]
-        chunks = [(a, b, f.result()) for (a, b), f in zip(prep.prepare_ranges(), prepared, strict=True)]
-        calls += [c for _, _, c in chunks] + [audio_unit.result()]
-        blobs = []  # on disk, as a worker's chunks are in the object store: fetched one at a time
-        for a, b, c in chunks:
-            path = Path(tmp) / f"chunk-{a}-{b}.npz"
-            path.write_bytes(c.pop("result"))
-            blobs.append((a, b, str(path)))
-        segments = calls[-1]["result"]
-        prep_stats = [c["stats"] for c in calls]
-        futures = {
-            shard.index: pool.submit(
-                _worker_call,
-                "render",
-                info,
-                plan,
-                shard,
-                f"{tmp}/{shard.name}.mkv",
-                encode,
-                [
-                    (a, b, blob)
-                    for a, b, blob in blobs
-                    if any(a <= plan.source_index(t) < b for t in range(shard.start, shard.end))
-                ],
-                segments,
-            )
-            for shard in dispatch_order(plan)
-        }
-        done = {i: f.result() for i, f in futures.items()}
-        segments_out = [Path(tmp) / f"{shard.name}.mkv" for shard in plan.shards]
-        concat_and_mux(segments_out, Path(audio), Path(tmp) / "out.mp4", plan.fps, plan.output_frames)
-        wall = time.perf_counter() - start
-    stats: list[ShardStats] = [done[s.index]["stats"] for s in plan.shards]
-    per_worker: dict[int, dict] = {}
-    for res in [*done.values(), *calls]:
-        w = per_worker.setdefault(res["pid"], {"units": 0, "cpu_seconds": 0.0, "peak_rss_mib": 0.0})
-        w["units"] += 1
-        w["cpu_seconds"] = round(w["cpu_seconds"] + res["cpu_seconds"], 3)
-        w["peak_rss_mib"] = round(max(w["peak_rss_mib"], res["peak_rss_mib"]), 1)
-    every = [*stats, *prep_stats]
-    stage_sum = sum(sum(s.seconds.values()) for s in every)
-    unit_wall = sum(s.wall_seconds for s in every)
-    cuda = [
-        r["peak_cuda_memory_mib"] for r in [*done.values(), *calls] if r["peak_cuda_memory_mib"] is not None
-    ]
-    frames = plan.output_frames
+    gpu = resolve_device(cfg.device).type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="musetalk-bench-") as tmp:
+        job = compose_job(
+            [
+                "+task=test",
+                f"task.video={video.resolve()}",
+                f"task.audio={audio.resolve()}",
+                f"task.output={Path(tmp) / 'out.mp4'}",
+                "task.make_demo=false",
+                *job_overrides(cfg),
+                "cache.enabled=false",
+                "output.qa=false",
+                "output.summary=false",
+                "output.resume=false",
+                f"shards.length={shard_frames}",
+                f"shards.prep_length={prep_length}",
+                f"cluster.workers={workers}",
+                *([f"cluster.gpus_per_worker={1 / workers:.6g}"] if gpu else []),
+            ]
+        )
+        WARM.discard(graceful=True)  # fresh worker processes: their CPU seconds and peak RSS are this run's
+        summary = run_job(job)
+        per_worker = WARM.pool.worker_info()
+        WARM.discard(graceful=True)
+    stage_sum = sum(summary.stage_seconds.values())
+    cuda = [w["peak_cuda_mib"] for w in per_worker if w.get("peak_cuda_mib") is not None]
     return {
         "workers": workers,
-        "shards": len(plan.shards),
-        "prep_units": len(calls),
-        "frames": frames,
-        "face_frames": sum(s.face_frames for s in stats),
-        "detections": sum(p.detections for p in prep_stats),
-        "vae_encodes": sum(p.vae_encodes for p in prep_stats),
-        "wall_seconds": round(wall, 3),
-        "fps": round(frames / wall, 3),
-        "stage_seconds": {k: round(v, 3) for k, v in stage_totals(every).items()},
-        "worker_wall_seconds": round(unit_wall, 3),
+        "shards": summary.shards,
+        "prep_units": sum(w["prep_units"] for w in per_worker),
+        "frames": summary.frames,
+        "face_frames": summary.face_frames,
+        "detections": summary.detections,
+        "vae_encodes": summary.vae_encodes,
+        "wall_seconds": round(summary.render_seconds, 3),
+        "fps": summary.render_fps,
+        "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()},
+        "worker_wall_seconds": summary.busy_seconds,
         "stage_sum_seconds": round(stage_sum, 3),
-        "overlap_ratio": round(stage_sum / unit_wall, 3) if unit_wall else None,
-        "worker_cpu_seconds": round(sum(w["cpu_seconds"] for w in per_worker.values()), 3),
-        "per_worker": list(per_worker.values()),
-        "worker_peak_rss_mib": max(w["peak_rss_mib"] for w in per_worker.values()),
+        "overlap_ratio": round(stage_sum / summary.busy_seconds, 3) if summary.busy_seconds else None,
+        "worker_cpu_seconds": round(sum(w["cpu_seconds"] for w in per_worker), 3),
+        "per_worker": [
+            {k: w[k] for k in ("name", "units", "prep_units", "cpu_seconds", "peak_rss_mib")}
+            for w in per_worker
+        ],
+        "worker_peak_rss_mib": round(max(w["peak_rss_mib"] for w in per_worker), 1),
         "peak_cuda_memory_mib": round(max(cuda), 1) if cuda else None,
     }
 

@@ -150,6 +150,23 @@ def test_phases_release_shards_as_their_chunks_and_segments_land():
     assert chunks == ((0, 5, ["chunk0"]),) and segments == ((0, ["seg0"]),)
 
 
+def test_phases_release_each_prepare_unit_once_the_detections_it_reads_are_in():
+    plan = _plan(15, 0.6, 15)  # one shard showing source frames 0..14
+    cfg = PipelineConfig(face=FaceConfig(smooth_radius=1))
+    phases = JobPhases(plan, list(plan.shards), cfg, (100, 100), chunk=5)
+    detect = [u for u in phases.initial_units() if u.kind == "detect"]
+    assert [(u.start, u.end) for u in detect] == [(0, 5), (5, 10), (10, 15)]
+    det = Detection((10.0, 10.0, 60.0, 70.0), 1.0)
+    # prepare 0..4 reads raw boxes 0..5: it waits for the second detect unit, not for the last one
+    assert phases.detected(detect[1], dict.fromkeys(range(5, 10), det)) == []
+    first = phases.detected(detect[0], dict.fromkeys(range(5), det))
+    assert [(u.kind, u.start, u.end) for u in first] == [("prepare", 0, 5)]
+    assert phases.detected(detect[0], dict.fromkeys(range(5), det)) == []  # a duplicate report
+    rest = phases.detected(detect[2], dict.fromkeys(range(10, 15), det))
+    assert [(u.start, u.end) for u in rest] == [(5, 10), (10, 15)]
+    assert len({u.name for u in [*detect, *first, *rest]}) == 6
+
+
 def test_phases_with_everything_cached_release_every_shard_at_once():
     plan = _plan(10, 0.4, 5)
     cfg = PipelineConfig()
