@@ -93,6 +93,37 @@ def test_killed_worker_mid_shard_is_replaced_and_output_identical(
     assert scratch_under(Path(tempfile.gettempdir())) == [], "the killed worker's scratch was left"
 
 
+def test_one_worker_runs_two_units_side_by_side_with_the_same_output(
+    local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path, monkeypatch
+):
+    """cluster.max_in_flight=2 on one worker: two shards are inside render() of the same process at once
+    (a threaded actor), never more, and the output is the single-shard reference bit for bit."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv(HOLD_ENV, str(hold))
+    out = tmp_path / "side_by_side.mp4"
+    job = job_for(
+        tiny_models,
+        demo_media.video,
+        short_audio,
+        out,
+        "shards.length=10",
+        "cluster.workers=1",
+        "cluster.max_in_flight=2",
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_job, job)
+        try:
+            both = wait_for(lambda: held(hold) if len(held(hold)) >= 2 else None)
+            assert len(both) == 2 and len({pid for _, pid in both}) == 1, both
+        finally:
+            (hold / "release-all").touch()
+        summary = future.result(timeout=1800)
+    assert (summary.shards, summary.workers, summary.retries) == (5, 1, 0)
+    assert 0 < summary.busy_seconds <= summary.seconds
+    assert_same_frames(reference_frames, out)
+
+
 def test_worker_that_cannot_start_fails_the_job_at_once(
     local_ray, tiny_models, demo_media, short_audio, tmp_path
 ):

@@ -16,7 +16,7 @@ import soundfile as sf
 
 import musetalk.pipeline as pipeline_module
 from musetalk.config import FaceConfig, PipelineConfig
-from musetalk.pipeline import FramePipeline, ShardStats, plan_job
+from musetalk.pipeline import FramePipeline, PrepStats, ShardStats, busy_seconds, plan_job
 from scripts.make_bench_media import SHORT_SECONDS, ensure_bench_media
 from scripts.make_demo_media import speech_like
 from shards.segment import EncodeSettings, SegmentWriter
@@ -162,3 +162,19 @@ def test_tuning_rejects_bad_values():
         PipelineTuning(composite="gpu")
     with pytest.raises(ValueError, match="decode_depth"):
         replace(PipelineTuning(), decode_depth=0)
+
+
+def test_busy_seconds_count_side_by_side_units_of_a_worker_once():
+    def unit(worker, start, wall):
+        return PrepStats(unit="u", worker=worker, started=start, wall_seconds=wall)
+
+    a = [unit("a", 100.0, 10.0), unit("a", 105.0, 10.0), unit("a", 130.0, 5.0)]  # 15 s + 5 s
+    b = [
+        ShardStats(
+            shard=0, frames=1, face_frames=1, decoded_frames=1, worker="b", started=100.0, wall_seconds=4.0
+        )
+    ]
+    assert busy_seconds(a) == pytest.approx(20.0)
+    assert busy_seconds([*a, *b]) == pytest.approx(24.0)  # workers add up
+    assert busy_seconds([unit("a", 0.0, 10.0), unit("a", 2.0, 3.0)]) == pytest.approx(10.0)  # nested
+    assert busy_seconds([]) == 0.0
