@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rss-seconds", default="", help="clip lengths for the peak-RSS runs, e.g. 10,60")
     parser.add_argument("--media", type=Path, help="media dir (default: media/bench, or a temporary demo)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"))
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for the 1080p jobs, e.g. cluster.max_in_flight=1"
+    )
     args = parser.parse_args(argv)
     if args.frames < 1 or args.batch_size < 1:
         parser.error("--frames and --batch-size must be positive")
@@ -138,11 +141,15 @@ def run(args: argparse.Namespace) -> dict:
         return {**common, **run_demo(args, cfg)}
     media_dir = args.media or Path("media/bench")
     media = ensure_bench_media(media_dir, args.seconds)
-    runs = [run_pool(cfg, media.video, media.audio, workers, shards) for workers, shards in args.layouts]
+    extra = args.overrides
+    runs = [
+        run_pool(cfg, media.video, media.audio, workers, shards, extra=extra)
+        for workers, shards in args.layouts
+    ]
     rss = []
     for seconds in args.rss_seconds:
         clip = ensure_bench_media(media_dir, seconds)
-        rss.append({"seconds": seconds, **run_pool(cfg, clip.video, clip.audio, 1, 1)})
+        rss.append({"seconds": seconds, **run_pool(cfg, clip.video, clip.audio, 1, 1, extra=extra)})
     first = runs[0]
     paste_ms = time_paste()
     return {
@@ -175,6 +182,7 @@ def environment(device: torch.device, args: argparse.Namespace, weights: str) ->
     return {
         "device": device_name(device),
         "commit": commit,
+        "overrides": list(args.overrides),
         "date": date.today().isoformat(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "cpu_count": os.cpu_count(),
@@ -216,13 +224,19 @@ def job_overrides(cfg: PipelineConfig) -> list[str]:
 
 
 def run_pool(
-    cfg: PipelineConfig, video: Path, audio: Path, workers: int, shards: int, prep_length: int = 64
+    cfg: PipelineConfig,
+    video: Path,
+    audio: Path,
+    workers: int,
+    shards: int,
+    prep_length: int = 64,
+    extra: list[str] = (),
 ) -> dict:
     """Render ``video`` + ``audio`` with the real driver on a fresh Ray pool of ``workers`` workers (on a
     GPU, packed onto it: ``gpus_per_worker = 1 / workers``), the output cut into ``shards`` shards and the
     preparation into units of ``prep_length`` source frames; no avatar cache, so every run does all the
     work. Model loading is not timed (``render_seconds``); worker CPU seconds count from the end of
-    loading, ffmpeg children included."""
+    loading, ffmpeg children included. ``extra``: more Hydra overrides (they win)."""
     from cluster.config import compose_job
     from cluster.driver import WARM, run_job
 
@@ -247,6 +261,7 @@ def run_pool(
                 f"shards.prep_length={prep_length}",
                 f"cluster.workers={workers}",
                 *([f"cluster.gpus_per_worker={1 / workers:.6g}"] if gpu else []),
+                *extra,
             ]
         )
         WARM.discard(graceful=True)  # fresh worker processes: their CPU seconds and peak RSS are this run's
@@ -381,7 +396,8 @@ def table(res: dict) -> str:
     lines = [
         f"{res['device']} | {res['dtype']} (computes {res['compute_dtype']}) | batch {res['batch_size']} | "
         f"{res['weights']} weights | {res['detector']}+{res['crop']} | enhance {res['enhance']} | "
-        f"commit {res['commit']} | {res['date']} | load {res['load_average']}",
+        f"commit {res['commit']} | {res['date']} | load {res['load_average']}"
+        + (f" | {' '.join(res['overrides'])}" if res.get("overrides") else ""),
     ]
     if res["clip"] == "demo":
         lines.append(
