@@ -131,7 +131,8 @@ class RenderWorker:
     """Holds the models; runs units in threads. Use via ``ray.remote(RenderWorker).options(...)``, with
     ``max_concurrency`` above the units the driver gives it at once (control calls need a thread too).
 
-    Shared state (job inputs, pipelines, Whisper segments, counters) is guarded by one lock; the models
+    Shared state (job inputs, pipelines, Whisper segments, counters) is guarded by one lock, held only
+    for bookkeeping (never across a download or a model call); the models
     are shared by the unit threads (torch modules run concurrently; the Haar cascade locks itself)."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
@@ -143,6 +144,7 @@ class RenderWorker:
         self._segments: dict[tuple, torch.Tensor] = {}  # (job id, k) -> Whisper features
         self._lock = threading.RLock()
         self._busy: Counter[str] = Counter()  # job id -> units of it running now (never evicted)
+        self._gates: dict[str, threading.Lock] = {}  # job id -> held while its inputs are materialised
         self._cpu_at_ready = 0.0
         self.loads = 0
         self.load_seconds = 0.0
@@ -207,11 +209,16 @@ class RenderWorker:
 
     @contextmanager
     def _job(self, job: JobInputs):
-        """The job's materialised inputs while one of its units runs (a running job is never evicted)."""
+        """The job's materialised inputs while one of its units runs (a running job is never evicted).
+
+        Materialising (writing the video out of the object store, or staging a URI) happens under the
+        job's own gate, not the worker's lock: a unit of another job goes on meanwhile."""
         with self._lock:
-            inputs = self._inputs(job)
             self._busy[job.job_id] += 1
+            gate = self._gates.setdefault(job.job_id, threading.Lock())
         try:
+            with gate:
+                inputs = self._inputs(job)
             yield inputs
         finally:
             with self._lock:
@@ -220,31 +227,45 @@ class RenderWorker:
                     del self._busy[job.job_id]
 
     def _inputs(self, job: JobInputs) -> tuple[VideoInfo, np.ndarray, Path]:
-        """Materialise the job's inputs once (call with the lock held)."""
-        if job.job_id not in self._jobs:
-            idle = [j for j in self._jobs if j not in self._busy]
-            while idle and len(self._jobs) >= _KEEP_JOBS:
-                self.forget(idle.pop(0))
-            tmp = self._scratch(job)
-            if job.video_ref is not None:
-                tmp.mkdir(parents=True, exist_ok=True)
-                video = tmp / f"{job.job_id}{job.video_suffix}"
-                video.write_bytes(ray.get(job.video_ref[0]))
-                samples = ray.get(job.audio_ref[0])
-            else:  # local paths every node can read, or URIs staged on this node (once per object version)
-                video = storage.stage(job.video_path)
-                samples = load_audio(storage.stage(job.audio_path))
+        """Materialise the job's inputs once (call with the job's gate held)."""
+        with self._lock:
+            if job.job_id in self._jobs:
+                return self._jobs[job.job_id]
+            evicted = []  # the oldest jobs with no unit running (checked under the lock that counts them)
+            for old in [j for j in self._jobs if j not in self._busy]:
+                if len(self._jobs) < _KEEP_JOBS:
+                    break
+                evicted.append(self._drop(old))
+        for scratch in evicted:
+            _remove_scratch(scratch)
+        tmp = self._scratch(job)
+        if job.video_ref is not None:
+            tmp.mkdir(parents=True, exist_ok=True)
+            video = tmp / f"{job.job_id}{job.video_suffix}"
+            video.write_bytes(ray.get(job.video_ref[0]))
+            samples = ray.get(job.audio_ref[0])
+        else:  # local paths every node can read, or URIs staged on this node (once per object version)
+            video = storage.stage(job.video_path)
+            samples = load_audio(storage.stage(job.audio_path))
+        with self._lock:
             self._jobs[job.job_id] = (replace(job.video, path=str(video)), samples, tmp)
-        return self._jobs[job.job_id]
+            return self._jobs[job.job_id]
 
     def forget(self, job_id: str) -> None:
         """Drop a finished job's inputs and scratch directory."""
         with self._lock:
-            entry = self._jobs.pop(job_id, None)
-            for key in [k for k in self._segments if k[0] == job_id]:
-                del self._segments[key]
-        if entry is not None:
-            _remove_scratch(entry[2])
+            scratch = self._drop(job_id)
+        if scratch is not None:
+            _remove_scratch(scratch)
+
+    def _drop(self, job_id: str) -> Path | None:
+        """Forget a job's inputs and Whisper segments (call with the lock held); its scratch dir to remove."""
+        entry = self._jobs.pop(job_id, None)
+        if job_id not in self._busy:
+            self._gates.pop(job_id, None)
+        for key in [k for k in self._segments if k[0] == job_id]:
+            del self._segments[key]
+        return None if entry is None else entry[2]
 
     def _tracker(self, job: JobInputs, name: str):
         """(progress, on_stage) callbacks into the driver's progress actor, or Nones."""
