@@ -68,6 +68,13 @@ logger = logging.getLogger(__name__)
 # How often the dispatch loop re-reads the cluster's resources to grow or shrink the pool.
 RESCALE_EVERY_S = 2.0
 
+# glibc malloc arenas per worker process (MALLOC_ARENA_MAX, set at its start unless the driver's environment
+# sets it). A worker's unit threads (decoders, mask pools, encoders, units side by side) would otherwise
+# each get an arena, and fragmentation grows its RSS with the units it has run: on the 1080p bench clip,
+# peak worker RSS grew 17% from a 4 s to a 10 s clip with glibc's default (8 per core), 4% with 2, at the
+# same speed (docs/benchmarks.md).
+MALLOC_ARENAS = 2
+
 
 def connect(cfg: ClusterConfig) -> None:
     """Start (or join) Ray once per process; later jobs in the same process reuse it.
@@ -448,13 +455,6 @@ class WarmPools:
             logger.debug("closing the warm pool: %s", err)
 
 
-# glibc malloc arenas per worker process (MALLOC_ARENA_MAX, set at its start unless the driver's environment
-# sets it). A worker's unit threads (decoders, mask pools, encoders, units side by side) would otherwise
-# each get an arena, and fragmentation grows its RSS with the units it has run: on the 1080p bench clip,
-# peak worker RSS grew 17% from a 4 s to a 10 s clip with glibc's default (8 per core), 4% with 2, at the
-# same speed (docs/benchmarks.md).
-MALLOC_ARENAS = 2
-
 # The one process-wide pool cache: a multirun calls run_job once per run in this process.
 WARM = WarmPools()
 
@@ -484,7 +484,7 @@ class _Job:
     given: JobConfig | None = None  # the job as given (``cfg`` names staged local copies of URI inputs)
     prep_stats: list = field(default_factory=list)
     store: AvatarStore | None = None
-    keys: tuple[str, str, str] = ("", "", "")  # (video sha256, detect key, prepare key)
+    keys: tuple[str, str, str] = ("", "", "")  # (video sha256, detect key, prepare key); with the cache on
     workers_end: int | None = None  # the pool's size when the job ended (it may grow or shrink)
 
 
@@ -839,13 +839,13 @@ def _prep_weights(pipeline: PipelineConfig) -> str:
 def _start_phases(st: _Job, gpus: float) -> None:
     """The job's preparation units, with what the avatar cache already holds for its video."""
     job, plan = st.cfg, st.plan
-    device = _device_type(st.pipeline, gpus)
-    weights = _prep_weights(st.pipeline)
-    video = file_digest(job.video)
-    st.keys = (video, detect_key(st.pipeline, device, weights), prepare_key(st.pipeline, device, weights))
     detections: dict = {}
     cached: dict = {}
-    if job.cache.enabled:
+    if job.cache.enabled:  # the keys read weights (objects' metadata under a URI): only for a cache
+        device = _device_type(st.pipeline, gpus)
+        weights = _prep_weights(st.pipeline)
+        video = file_digest(job.video)
+        st.keys = (video, detect_key(st.pipeline, device, weights), prepare_key(st.pipeline, device, weights))
         st.store = AvatarStore(job.cache.dir)
         shown = sorted({plan.source_index(t) for s in st.todo for t in range(s.start, s.end)})
         cached = _cached_chunks(st, shown)
