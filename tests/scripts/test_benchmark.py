@@ -14,6 +14,7 @@ from transformers import WhisperModel
 
 import scripts.make_tiny_models as make_tiny
 from musetalk.audio import output_frame_count
+from musetalk.config import FaceConfig, PipelineConfig
 from musetalk.enhance import GFPGAN_V14_ARCH
 from musetalk.layout import ModelLayout
 from musetalk.pipeline import STAGES
@@ -125,3 +126,48 @@ def test_marker_keeps_tiny_and_full_size_apart(tmp_path, monkeypatch):
     real = tmp_path / "real"
     (real / "musetalkV15").mkdir(parents=True)
     assert prepare_models(real, full_size=True) == "as found" and made == [True]
+
+
+def test_pool_run_renders_through_the_driver_and_reports_the_workers(tiny_models, demo_media, tmp_path):
+    """``run_pool`` (the 1080p path) on the demo clip: a real Ray pool, one worker, two shards."""
+    import ray
+
+    from cluster.driver import WARM
+    from scripts.benchmark import run_pool
+    from tests.helpers import trimmed_audio
+
+    cfg = PipelineConfig(
+        models_dir=str(tiny_models),
+        tiny=True,
+        batch_size=4,
+        threads=1,
+        face=FaceConfig(detector="haar", crop="box"),
+    )
+    audio = trimmed_audio(demo_media.audio, tmp_path / "a.wav", 0.8)  # 20 output frames
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        res = run_pool(cfg, demo_media.video, audio, workers=1, shards=2, prep_length=8)
+    finally:
+        WARM.discard(graceful=True)
+        ray.shutdown()
+    assert (res["workers"], res["shards"], res["frames"]) == (1, 2, 20)
+    assert res["face_frames"] == 20  # source frames 0..19, each with a face
+    assert res["detections"] == 22  # and 2 (face.smooth_radius) more that box smoothing reads
+    assert res["prep_units"] == 3 + 3 + 1  # detect and prepare units of 8 source frames, one audio unit
+    (worker,) = res["per_worker"]
+    assert worker["units"] == 2 and worker["prep_units"] == res["prep_units"]
+    assert worker["cpu_seconds"] > 0 and res["worker_cpu_seconds"] == pytest.approx(
+        worker["cpu_seconds"], abs=1e-3
+    )
+    assert worker["peak_rss_mib"] > 0
+    assert res["worker_peak_rss_mib"] == pytest.approx(worker["peak_rss_mib"], abs=0.1)
+    assert 0 < res["worker_wall_seconds"] <= res["wall_seconds"]
+    assert res["stage_sum_seconds"] == pytest.approx(sum(res["stage_seconds"].values()), abs=1e-2)
+    assert res["overlap_ratio"] == pytest.approx(
+        res["stage_sum_seconds"] / res["worker_wall_seconds"], rel=1e-2
+    )
+    assert (
+        res["fps"] == pytest.approx(20 / res["wall_seconds"], rel=1e-2)
+        and res["peak_cuda_memory_mib"] is None
+    )
