@@ -18,6 +18,7 @@ so a later render of the same video with any audio reuses them. Entries are writ
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -332,9 +333,13 @@ class AvatarStore:
             return
         self.fs.makedirs(d, exist_ok=True)
         tmp = f"{d}/.{uuid.uuid4().hex}.partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        finally:  # a failed write (a full disk) leaves nothing behind, not even the temporary file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- planning

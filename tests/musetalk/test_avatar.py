@@ -203,3 +203,18 @@ def test_a_shared_store_serves_chunks_by_uri_to_any_process():
     assert uri.startswith("memory://") and fetch(uri) == blob
     source = EntrySource([(10, 14, uri)], fetch)
     assert source(11).box is not None and source(12).box is None
+
+
+def test_a_failed_local_write_leaves_no_file_behind(tmp_path, monkeypatch):
+    import musetalk.avatar as avatar
+
+    store = AvatarStore(str(tmp_path / "cache"))
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(avatar.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        store.write("v", "p1", 0, 64, "npz", b"entries")
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    assert store.ranges("v", "p1") == []
