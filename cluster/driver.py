@@ -22,10 +22,12 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -74,6 +76,11 @@ RESCALE_EVERY_S = 2.0
 # peak worker RSS grew 17% from a 4 s to a 10 s clip with glibc's default (8 per core), 4% with 2, at the
 # same speed (docs/benchmarks.md).
 MALLOC_ARENAS = 2
+
+# Preparation works for at most this many generation shards per unit slot of the pool (workers x
+# cluster.max_in_flight) among those still to land: enough queued work to keep every slot busy, while the
+# entry chunks in the object store stay bounded however long the video (cluster.phases).
+PREP_LEAD = 2
 
 
 def connect(cfg: ClusterConfig) -> None:
@@ -329,7 +336,8 @@ class _Pool:
             # units run side by side (a threaded actor), plus a thread for info(), forget() and close()
             max_concurrency=c.max_in_flight + 1,
         )
-        env = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))}
+        env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # the driver's tuning wins
+        env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
         hold = os.environ.get(HOLD_ENV)
         if hold:  # a test's hold point travels to workers on every node
             env[HOLD_ENV] = hold
@@ -614,7 +622,8 @@ def _inputs(st: _Job, progress, videos: dict) -> JobInputs:
     if job.cluster.inputs == "object_store":
         key = job.video.resolve()
         if key not in videos:  # many jobs often dub the same presenter video
-            videos[key] = ray.put(job.video.read_bytes())
+            # an array, not bytes: a worker writes it to its scratch straight from the object store
+            videos[key] = ray.put(np.fromfile(job.video, dtype=np.uint8))
         return JobInputs(
             job_id,
             job.video.suffix,
@@ -660,6 +669,8 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
             broker.add_job(st.index, st.phases.initial_units() + st.phases.ready_shards())
             by_index[st.index] = st
 
+        users = Counter(st.cfg.video.resolve() for st in states)
+
         def job_done(index: int) -> None:
             st = by_index[index]
             _pool_changes(st, pool)
@@ -669,6 +680,12 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
             finally:
                 pool.forget(st.inputs.job_id)
                 shutil.rmtree(scratch_root(st.inputs.job_id), ignore_errors=True)
+                # the object store lets go of the job's inputs and results (a batch's jobs end one by one)
+                st.phases.release()
+                st.inputs = replace(st.inputs, video_ref=None, audio_ref=None)
+                users[st.cfg.video.resolve()] -= 1
+                if not users[st.cfg.video.resolve()]:
+                    videos.pop(st.cfg.video.resolve(), None)
 
         _dispatch(pool, broker, by_index, progress, job_done)
         ok = True
@@ -800,6 +817,8 @@ def _landed(pool: _Pool, broker: Broker, st: _Job, a, ref) -> None:
             broker.add_job(a.job, released, front=True)
         else:
             st.run.add(a.shard, data, stats)
+            # the object store lets go of what only landed shards read; preparation moves ahead
+            broker.add_job(a.job, st.phases.landed(a.shard), front=True)
             logger.info(
                 "%s of %s done on %s: %d frames", a.shard.name, st.cfg.output.name, stats.worker, stats.frames
             )
@@ -862,6 +881,7 @@ def _start_phases(st: _Job, gpus: float) -> None:
         chunk=job.prep_length,
         detections=detections,
         cached=cached,
+        lead=PREP_LEAD * max(1, st.workers) * job.cluster.max_in_flight,
     )
     p = st.phases.prep
     logger.info(

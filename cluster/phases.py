@@ -7,9 +7,14 @@ A job runs as units of three kinds before its shards (see :mod:`musetalk.avatar`
   segment the shards read, all at once;
 - ``prepare`` units over the shown frames without entries, each with its smoothed boxes (smoothing runs
   here, over the raw boxes of ``smooth_radius`` frames each side), each released as soon as the
-  detections those boxes read are in: preparation starts while later frames are still being detected;
+  detections those boxes read are in (preparation starts while later frames are still being detected)
+  and it serves one of the next ``lead`` shards still to land (a look-ahead: preparation does not run
+  arbitrarily far ahead of generation and fill the object store with a long video's chunks);
 - a generation shard is released as soon as the chunks holding its frames and its Whisper segments
-  have landed.
+  have landed;
+- a chunk or a Whisper segment is let go (its ref dropped, so Ray frees the object once no running unit
+  holds it) as soon as every shard that reads it has landed: the object store holds the results of the
+  part of the video still being rendered, not of the whole video.
 
 So each distinct source frame is detected and prepared once per job, however many shards show it
 (ping-pong bounces) and however the output is sharded; with an avatar cache, once per video.
@@ -38,9 +43,12 @@ class JobPhases:
         chunk: int,
         detections: dict[int, Detection | None] | None = None,
         cached: dict[tuple[int, int], object] | None = None,
+        lead: int | None = None,
     ) -> None:
-        """``detections``: raw detections already known (a cache); ``cached``: entry chunks already
-        available, ``(start, end) -> ref``."""
+        """``todo`` in dispatch order; ``detections``: raw detections already known (a cache); ``cached``:
+        entry chunks already available, ``(start, end) -> ref``; ``lead``: prepare only for the first
+        ``lead`` shards still to land (in ``todo`` order), so the chunks alive at once are bounded by the
+        look-ahead, not by the video's length (None: prepare everything as soon as it can be)."""
         self.plan, self.pipeline, self.frame_shape = plan, pipeline, frame_shape
         self.detections: dict[int, Detection | None] = dict(detections or {})
         self.chunks: dict[tuple[int, int], object] = dict(cached or {})
@@ -59,13 +67,24 @@ class JobPhases:
         self._detect = [self._unit("detect", a, b) for a, b in self.prep.detect_ranges()]
         self._detecting = {u.name for u in self._detect}
         self._audio = [self._unit("audio", k, k + 1) for k in self.prep.audio_segments()]
+        self._waiting = list(todo)
+        self._needs = {s.name: {plan.source_index(t) for t in range(s.start, s.end)} for s in todo}
+        self._shown = {name: sorted(needs) for name, needs in self._needs.items()}
+        self._covered = have  # source frames some available chunk holds
+        self._landed: set[str] = set()
+        self._order = [s.name for s in todo]
+        self._lead = lead
         self._ready: list[PrepUnit] = []  # prepare units whose detections are all in
         self._missing: dict[str, int] = {}  # prepare unit -> detections it still waits for
         self._waiters: dict[int, list[PrepUnit]] = {}  # source frame -> prepare units waiting for it
+        self._first: dict[str, int] = {}  # prepare unit -> position in todo of the first shard it serves
         self._hold_prepare_units()
-        self._waiting = list(todo)
-        self._needs = {s.name: {plan.source_index(t) for t in range(s.start, s.end)} for s in todo}
-        self._covered = have  # source frames some available chunk holds
+        # chunk (start, end) -> shards still to land that read it; Whisper segment -> the same
+        self._chunk_readers = {key: self._readers(*key) for key in self.chunks}
+        self._segment_readers: dict[int, set[str]] = {}
+        for name, ks in self.prep.shard_segments.items():
+            for k in ks:
+                self._segment_readers.setdefault(k, set()).add(name)
 
     def _unit(self, kind: str, start: int, end: int) -> PrepUnit:
         self._count += 1
@@ -75,8 +94,10 @@ class JobPhases:
         """Every prepare unit, ready now or waiting for the raw detections its smoothed boxes read."""
         n, r = self.plan.source_frames, self.pipeline.face.smooth_radius
         needed = self.prep.entries_needed
+        position = {name: i for i, name in enumerate(self._order)}
         for a, b in self.prep.prepare_ranges():
             unit = self._unit("prepare", a, b)
+            self._first[unit.name] = min((position[name] for name in self._readers(a, b)), default=0)
             frames = needed[bisect.bisect_left(needed, a) : bisect.bisect_left(needed, b)]
             reads = {k for s in frames for k in range(max(0, s - r), min(n, s + r + 1))}
             missing = reads.difference(self.detections)
@@ -87,8 +108,23 @@ class JobPhases:
             for k in missing:
                 self._waiters.setdefault(k, []).append(unit)
 
+    def _horizon(self) -> float:
+        """The position in todo of the last shard preparation may work for now (see ``lead``)."""
+        if self._lead is None:
+            return float("inf")
+        left = self._lead
+        for i, name in enumerate(self._order):
+            if name not in self._landed:
+                left -= 1
+                if not left:
+                    return i
+        return float("inf")
+
     def _take_ready(self) -> list[PrepUnit]:
-        ready, self._ready = sorted(self._ready, key=lambda u: u.start), []
+        """Prepare units whose detections are in and that serve a shard within the look-ahead."""
+        horizon = self._horizon()
+        ready = sorted((u for u in self._ready if self._first[u.name] <= horizon), key=lambda u: u.start)
+        self._ready = [u for u in self._ready if self._first[u.name] > horizon]
         return ready
 
     def initial_units(self) -> list[PrepUnit]:
@@ -119,12 +155,47 @@ class JobPhases:
             self.plan.source_frames,
         )
 
+    def _readers(self, start: int, end: int) -> set[str]:
+        """Shards still to land that show a source frame in ``[start, end)``."""
+        out = set()
+        for name, shown in self._shown.items():
+            i = bisect.bisect_left(shown, start)
+            if name not in self._landed and i < len(shown) and shown[i] < end:
+                out.add(name)
+        return out
+
     def add_chunk(self, start: int, end: int, ref: object) -> None:
-        self.chunks[(start, end)] = ref
         self._covered.update(range(start, end))
+        readers = self._readers(start, end)
+        if readers:  # else every shard showing these frames has landed: nothing will read it
+            self.chunks[(start, end)] = ref
+            self._chunk_readers[(start, end)] = readers
 
     def add_segment(self, k: int, ref: object) -> None:
-        self.segments[k] = ref
+        if self._segment_readers.get(k):
+            self.segments[k] = ref
+
+    def landed(self, shard: Shard) -> list[PrepUnit]:
+        """A generation shard landed: let go of the chunks and Whisper segments no shard still to land
+        reads (a retry of a shard that has not landed still finds everything it reads); returns the
+        prepare units the look-ahead now lets run."""
+        if shard.name in self._landed or shard.name not in self._needs:
+            return []
+        self._landed.add(shard.name)
+        for readers, held in ((self._chunk_readers, self.chunks), (self._segment_readers, self.segments)):
+            for key in [k for k, names in readers.items() if shard.name in names]:
+                readers[key].discard(shard.name)
+                if not readers[key]:
+                    del readers[key]
+                    held.pop(key, None)
+        return self._take_ready()
+
+    def release(self) -> None:
+        """The job ended: let go of every chunk and Whisper segment."""
+        self.chunks.clear()
+        self.segments.clear()
+        self._chunk_readers.clear()
+        self._segment_readers.clear()
 
     @property
     def waiting(self) -> int:

@@ -101,7 +101,7 @@ class JobInputs:
     job_id: str
     video_suffix: str
     video: VideoInfo
-    video_ref: list | None = None  # [ObjectRef to the video file's bytes]
+    video_ref: list | None = None  # [ObjectRef to the video file's bytes, as a uint8 array]
     audio_ref: list | None = None  # [ObjectRef to (N,) float32 16 kHz samples]
     video_path: str | None = None
     audio_path: str | None = None
@@ -190,6 +190,7 @@ class RenderWorker:
                 "prep_units": self.prep_units,
                 "cpu_seconds": _cpu_seconds() - self._cpu_at_ready,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "memory_mib": _memory_mib(),
                 "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20
                 if torch.cuda.is_initialized()
                 else None,
@@ -242,7 +243,8 @@ class RenderWorker:
         if job.video_ref is not None:
             tmp.mkdir(parents=True, exist_ok=True)
             video = tmp / f"{job.job_id}{job.video_suffix}"
-            video.write_bytes(ray.get(job.video_ref[0]))
+            with open(video, "wb") as f:  # from the object store's pages: no copy of the file on the heap
+                f.write(memoryview(ray.get(job.video_ref[0])))
             samples = ray.get(job.audio_ref[0])
         else:  # local paths every node can read, or URIs staged on this node (once per object version)
             video = storage.stage(job.video_path)
@@ -382,6 +384,23 @@ def _cpu_seconds() -> float:
     """User + system CPU seconds of this process and its waited-for children (the ffmpeg coders)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _memory_mib() -> dict[str, float]:
+    """This process's resident memory now, in MiB, split as Linux counts it (``/proc/self/status``):
+    ``anon`` (its heap: private), ``file`` (mapped files: libraries, weights), ``shmem`` (shared memory it
+    maps: pages of Ray's object store it has touched), and ``hwm``, the peak of their sum. Empty off Linux."""
+    fields = {"VmHWM": "hwm", "VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in fields:
+                    out[fields[name]] = round(int(value.split()[0]) / 1024, 1)  # kB
+    except OSError:
+        return {}
+    return out
 
 
 def _publish_chunk(store: tuple, unit: PrepUnit, blob: bytes) -> bytes | str:

@@ -286,7 +286,7 @@ def run_pool(
         "overlap_ratio": round(stage_sum / summary.busy_seconds, 3) if summary.busy_seconds else None,
         "worker_cpu_seconds": round(sum(w["cpu_seconds"] for w in per_worker), 3),
         "per_worker": [
-            {k: w[k] for k in ("name", "units", "prep_units", "cpu_seconds", "peak_rss_mib")}
+            {k: w[k] for k in ("name", "units", "prep_units", "cpu_seconds", "peak_rss_mib", "memory_mib")}
             for w in per_worker
         ],
         "worker_peak_rss_mib": round(max(w["peak_rss_mib"] for w in per_worker), 1),

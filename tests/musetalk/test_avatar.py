@@ -150,6 +150,56 @@ def test_phases_release_shards_as_their_chunks_and_segments_land():
     assert chunks == ((0, 5, ["chunk0"]),) and segments == ((0, ["seg0"]),)
 
 
+def test_phases_let_go_of_chunks_and_segments_once_every_shard_reading_them_landed():
+    plan = _plan(10, 1.0, 10)  # shards: out 0..9 (src 0..9), 10..19 (9..0), 20..24 (0..4)
+    cfg = PipelineConfig(face=FaceConfig(smooth_radius=1))
+    phases = JobPhases(plan, list(plan.shards), cfg, (100, 100), chunk=5)
+    phases.add_segment(0, "seg0")
+    phases.add_chunk(0, 5, "chunk0")
+    phases.add_chunk(5, 10, "chunk1")
+    first, bounce, tail = plan.shards
+    phases.landed(tail)
+    assert set(phases.chunks) == {(0, 5), (5, 10)}  # chunk0 is still read by the first two shards
+    phases.landed(first)
+    assert phases.inputs_of(bounce) == (((0, 5, ["chunk0"]), (5, 10, ["chunk1"])), ((0, ["seg0"]),))
+    phases.landed(bounce)  # the last reader: both chunks and the segment go
+    assert phases.chunks == {} and phases.segments == {}
+    assert phases.landed(bounce) == []  # a duplicate report
+    phases.add_chunk(0, 5, "late")  # nothing still to land shows these frames: not kept
+    assert phases.chunks == {}
+
+
+def test_phases_prepare_only_for_the_next_shards_still_to_land():
+    plan = _plan(30, 1.2, 5)  # six shards of 5 frames, source frames 0..29 in order
+    phases = JobPhases(
+        plan, list(plan.shards), PipelineConfig(face=FaceConfig(smooth_radius=0)), (9, 9), chunk=5, lead=2
+    )
+    detect = [u for u in phases.initial_units() if u.kind == "detect"]
+    det = Detection((1.0, 1.0, 6.0, 7.0), 1.0)
+    first = phases.detected(detect[0], dict.fromkeys(range(15), det))
+    assert [(u.start, u.end) for u in first] == [(0, 5), (5, 10)]  # for shards 0 and 1; 10..14 waits
+    assert phases.detected(detect[0], {}) == []
+    rest = [u for d in detect[1:] for u in phases.detected(d, {k: det for k in range(d.start, d.end)})]
+    assert rest == []  # detected, but beyond the look-ahead
+    phases.add_segment(0, "s")
+    for k, unit in enumerate(first):
+        phases.add_chunk(unit.start, unit.end, f"c{k}")
+    assert [s.index for s in phases.ready_shards()] == [0, 1]
+    assert [(u.start, u.end) for u in phases.landed(plan.shards[1])] == [(10, 15)]  # shard 0 still counts
+    assert [(u.start, u.end) for u in phases.landed(plan.shards[0])] == [(15, 20)]
+    assert set(phases.chunks) == set()  # what landed shards read is let go
+
+
+def test_phases_keep_a_cached_chunk_until_its_readers_landed_and_release_all_at_the_end():
+    plan = _plan(10, 0.4, 5)  # two shards: src 0..4 and 5..9
+    phases = JobPhases(plan, list(plan.shards), PipelineConfig(), (100, 100), chunk=64, cached={(0, 64): "c"})
+    phases.add_segment(0, "s")
+    phases.landed(plan.shards[0])
+    assert phases.inputs_of(plan.shards[1])[0] == ((0, 64, ["c"]),)
+    phases.release()
+    assert phases.chunks == {} and phases.segments == {}
+
+
 def test_phases_release_each_prepare_unit_once_the_detections_it_reads_are_in():
     plan = _plan(15, 0.6, 15)  # one shard showing source frames 0..14
     cfg = PipelineConfig(face=FaceConfig(smooth_radius=1))

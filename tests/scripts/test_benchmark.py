@@ -161,6 +161,8 @@ def test_pool_run_renders_through_the_driver_and_reports_the_workers(tiny_models
         worker["cpu_seconds"], abs=1e-3
     )
     assert worker["peak_rss_mib"] > 0
+    memory = worker["memory_mib"]  # Linux: resident memory now, by kind, and its peak
+    assert memory["anon"] > 0 and memory["hwm"] >= memory["rss"] >= memory["anon"]
     assert res["worker_peak_rss_mib"] == pytest.approx(worker["peak_rss_mib"], abs=0.1)
     assert 0 < res["worker_wall_seconds"] <= res["wall_seconds"]
     assert res["stage_sum_seconds"] == pytest.approx(sum(res["stage_seconds"].values()), abs=1e-2)
