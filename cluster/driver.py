@@ -83,6 +83,17 @@ MALLOC_ARENAS = 2
 PREP_LEAD = 2
 
 
+def worker_env() -> dict[str, str]:
+    """The environment every worker starts with: glibc malloc tuning (:data:`MALLOC_ARENAS`; every
+    ``MALLOC_*`` variable of the driver's environment travels too, and wins) and a test's hold point."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
+    hold = os.environ.get(HOLD_ENV)
+    if hold:  # a test's hold point travels to workers on every node
+        env[HOLD_ENV] = hold
+    return env
+
+
 def connect(cfg: ClusterConfig) -> None:
     """Start (or join) Ray once per process; later jobs in the same process reuse it.
 
@@ -336,12 +347,7 @@ class _Pool:
             # units run side by side (a threaded actor), plus a thread for info(), forget() and close()
             max_concurrency=c.max_in_flight + 1,
         )
-        env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # the driver's tuning wins
-        env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
-        hold = os.environ.get(HOLD_ENV)
-        if hold:  # a test's hold point travels to workers on every node
-            env[HOLD_ENV] = hold
-        options["runtime_env"] = {"env_vars": env}  # merged with a Ray job's own runtime_env
+        options["runtime_env"] = {"env_vars": worker_env()}  # merged with a Ray job's own runtime_env
         self.up.discard(i)
         self.actors[i] = ray.remote(RenderWorker).options(**options).remote(self.pipeline)
         self.starting[self.actors[i].ready.remote()] = i

@@ -1,7 +1,7 @@
 """Benchmark the pipelined worker with random-weight models (no downloads): 1080p pools, or the demo clip.
 
 ``python -m scripts.benchmark [--models DIR] [--full-size|--tiny] [--clip 1080p|demo] [--seconds 30]
-[--layouts 1x1,2x8] [--rss-seconds 10,60] [--batch-size 8] [--dtype float32] [--device auto]
+[--layouts 1x1,2x8] [--rss-seconds 10,60] [--rss-shard-length 100] [--batch-size 8] [--dtype float32] [--device auto]
 [--detector haar|s3fd] [--crop box|landmarks] [--enhance 0|1|2|4] [--threads N] [--out outputs/benchmark.json]``
 
 ``--clip 1080p`` (default): the clip of ``scripts.make_bench_media`` (``--seconds`` long, built once under
@@ -12,7 +12,8 @@ CPU seconds from then on (``getrusage`` SELF + CHILDREN: the ffmpeg coders inclu
 the table gives end-to-end fps, per-stage seconds, the time workers were busy (a unit running; units a
 worker runs side by side counted once) against the sum of their stage times, CPU seconds, peak RSS of
 the driver and of each worker, peak GPU memory where there is one, the device and the commit.
-``--rss-seconds`` adds one 1-worker, 1-shard run per clip length to compare peak worker RSS.
+``--rss-seconds`` adds one 1-worker run per clip length to compare peak worker RSS, in shards of
+``--rss-shard-length`` output frames (default 100, as ``shards.length``; 0: the whole clip as one shard).
 ``--clip demo``: the 256x256 demo clip ping-ponged to ``--frames`` output frames in this process.
 A random-weight S3FD finds no faces, so the default detector is the Haar cascade (with FAN landmarks).
 """
@@ -73,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=30.0, help="1080p clip length")
     parser.add_argument("--layouts", default="1x1,2x8", help="WORKERSxSHARDS,... for the 1080p clip")
     parser.add_argument("--rss-seconds", default="", help="clip lengths for the peak-RSS runs, e.g. 10,60")
+    parser.add_argument(
+        "--rss-shard-length",
+        type=int,
+        default=100,
+        help="output frames per shard in the peak-RSS runs (default: shards.length's default); 0: one shard",
+    )
     parser.add_argument("--media", type=Path, help="media dir (default: media/bench, or a temporary demo)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"))
     parser.add_argument(
@@ -149,7 +156,8 @@ def run(args: argparse.Namespace) -> dict:
     rss = []
     for seconds in args.rss_seconds:
         clip = ensure_bench_media(media_dir, seconds)
-        rss.append({"seconds": seconds, **run_pool(cfg, clip.video, clip.audio, 1, 1, extra=extra)})
+        shards = math.ceil(clip.frames / args.rss_shard_length) if args.rss_shard_length > 0 else 1
+        rss.append({"seconds": seconds, **run_pool(cfg, clip.video, clip.audio, 1, shards, extra=extra)})
     first = runs[0]
     paste_ms = time_paste()
     return {

@@ -1,0 +1,29 @@
+"""The environment a pool's workers start with (cluster.driver.worker_env): no Ray needed."""
+
+import os
+
+from cluster.driver import MALLOC_ARENAS, worker_env
+from cluster.worker import HOLD_ENV
+
+
+def _clear(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("MALLOC_")] + [HOLD_ENV]:
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_workers_get_few_malloc_arenas_by_default(monkeypatch):
+    _clear(monkeypatch)
+    assert worker_env() == {"MALLOC_ARENA_MAX": str(MALLOC_ARENAS)}
+
+
+def test_the_drivers_malloc_settings_and_hold_point_travel_and_win(monkeypatch, tmp_path):
+    _clear(monkeypatch)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
+    monkeypatch.setenv(HOLD_ENV, str(tmp_path))
+    monkeypatch.setenv("UNRELATED", "x")
+    assert worker_env() == {
+        "MALLOC_ARENA_MAX": "8",
+        "MALLOC_MMAP_THRESHOLD_": "4194304",
+        HOLD_ENV: str(tmp_path),
+    }
