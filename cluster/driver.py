@@ -689,9 +689,10 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
                 # the object store lets go of the job's inputs and results (a batch's jobs end one by one)
                 st.phases.release()
                 st.inputs = replace(st.inputs, video_ref=None, audio_ref=None)
-                users[st.cfg.video.resolve()] -= 1
-                if not users[st.cfg.video.resolve()]:
-                    videos.pop(st.cfg.video.resolve(), None)
+                video = st.cfg.video.resolve()
+                users[video] -= 1
+                if not users[video]:
+                    videos.pop(video, None)
 
         _dispatch(pool, broker, by_index, progress, job_done)
         ok = True

@@ -32,7 +32,9 @@ from tests.helpers import (
 def test_shard_invariance_across_shardings_and_workers(
     local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path
 ):
-    for length, prep, workers in [(13, 7, 2), (17, 64, 1)]:
+    # 13-frame shards on one worker running one unit at a time: preparation looks ahead 2 shards
+    # (cluster.driver.PREP_LEAD), so the prepare units of the later shards run only as earlier ones land
+    for length, prep, workers, units in [(13, 7, 1, 1), (17, 64, 2, 2)]:
         out = tmp_path / f"sharded_{length}.mp4"
         job = job_for(
             tiny_models,
@@ -42,6 +44,7 @@ def test_shard_invariance_across_shardings_and_workers(
             f"shards.length={length}",
             f"shards.prep_length={prep}",
             f"cluster.workers={workers}",
+            f"cluster.max_in_flight={units}",
         )
         summary = run_job(job)
         assert scratch_under(Path(tempfile.gettempdir())) == [], "worker scratch left"
@@ -66,21 +69,29 @@ def test_inputs_as_paths_every_node_reads(
     assert_same_frames(reference_frames, out)
 
 
-def test_killed_worker_mid_shard_is_replaced_and_output_identical(
-    local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path, monkeypatch
-):
+def _held_job(tiny_models, demo_media, short_audio, tmp_path, monkeypatch, name, *, workers, units):
+    """(hold dir, output, job) of the short job in 10-frame shards whose workers stop at HOLD_ENV."""
     hold = tmp_path / "hold"
     hold.mkdir()
     monkeypatch.setenv(HOLD_ENV, str(hold))
-    out = tmp_path / "killed.mp4"
+    out = tmp_path / f"{name}.mp4"
     job = job_for(
         tiny_models,
         demo_media.video,
         short_audio,
         out,
         "shards.length=10",
-        "cluster.workers=2",
-        "cluster.max_in_flight=1",
+        f"cluster.workers={workers}",
+        f"cluster.max_in_flight={units}",
+    )
+    return hold, out, job
+
+
+def test_killed_worker_mid_shard_is_replaced_and_output_identical(
+    local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path, monkeypatch
+):
+    hold, out, job = _held_job(
+        tiny_models, demo_media, short_audio, tmp_path, monkeypatch, "killed", workers=2, units=1
     )
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_job, job)
@@ -98,18 +109,8 @@ def test_one_worker_runs_two_units_side_by_side_with_the_same_output(
 ):
     """cluster.max_in_flight=2 on one worker: two shards are inside render() of the same process at once
     (a threaded actor), never more, and the output is the single-shard reference bit for bit."""
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    monkeypatch.setenv(HOLD_ENV, str(hold))
-    out = tmp_path / "side_by_side.mp4"
-    job = job_for(
-        tiny_models,
-        demo_media.video,
-        short_audio,
-        out,
-        "shards.length=10",
-        "cluster.workers=1",
-        "cluster.max_in_flight=2",
+    hold, out, job = _held_job(
+        tiny_models, demo_media, short_audio, tmp_path, monkeypatch, "side_by_side", workers=1, units=2
     )
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_job, job)
