@@ -33,6 +33,7 @@ import ray
 import torch
 
 from cluster import storage
+from cluster.memory import cpu_seconds, memory_mib, trim_heap
 from cluster.weights import local_models
 from musetalk.avatar import AvatarStore, EntrySource, detections_to_json, fetch, pack_chunk
 from musetalk.config import PipelineConfig
@@ -165,7 +166,7 @@ class RenderWorker:
         self.loads += 1
         self.load_seconds = time.perf_counter() - start
         self._pipelines[cfg] = self.pipeline
-        self._cpu_at_ready = _cpu_seconds()
+        self._cpu_at_ready = cpu_seconds()
         logger.info(
             "worker %s ready on %s (models loaded in %.1f s)",
             self.name,
@@ -188,9 +189,9 @@ class RenderWorker:
                 "load_seconds": self.load_seconds,
                 "units": self.units,
                 "prep_units": self.prep_units,
-                "cpu_seconds": _cpu_seconds() - self._cpu_at_ready,
+                "cpu_seconds": cpu_seconds() - self._cpu_at_ready,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "memory_mib": _memory_mib(),
+                "memory_mib": memory_mib(),
                 "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20
                 if torch.cuda.is_initialized()
                 else None,
@@ -291,8 +292,11 @@ class RenderWorker:
         With ``store`` = (cache root URI, video hash, key), an avatar cache every node reaches, a chunk is
         written there by this worker and its URI returned instead of its bytes (shards then read it from
         there, and it never passes through the driver)."""
-        with self._job(job) as (info, samples, _), _own_stream(self.pipeline.models.device):
-            result, stats = self._prepare(job, info, samples, unit, boxes, store)
+        try:
+            with self._job(job) as (info, samples, _), _own_stream(self.pipeline.models.device):
+                result, stats = self._prepare(job, info, samples, unit, boxes, store)
+        finally:
+            trim_heap()
         with self._lock:
             self.prep_units += 1
         return result, replace(stats, unit=unit.name, worker=self.name)
@@ -336,8 +340,11 @@ class RenderWorker:
         self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings, prepared: ShardInputs
     ) -> tuple[bytes, ShardStats]:
         """One generation unit: output frames ``[shard.start, shard.end)`` from the prepared entries."""
-        with self._job(job) as (info, _, tmp), _own_stream(self.pipeline.models.device):
-            return self._render(job, plan, shard, encode, prepared, info, tmp)
+        try:
+            with self._job(job) as (info, _, tmp), _own_stream(self.pipeline.models.device):
+                return self._render(job, plan, shard, encode, prepared, info, tmp)
+        finally:
+            trim_heap()
 
     def _render(self, job, plan, shard, encode, prepared, info, tmp) -> tuple[bytes, ShardStats]:
         _hold(shard)
@@ -378,29 +385,6 @@ def _own_stream(device: torch.device):
         return
     with torch.cuda.stream(torch.cuda.Stream(device)):
         yield
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its waited-for children (the ffmpeg coders)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _memory_mib() -> dict[str, float]:
-    """This process's resident memory now, in MiB, split as Linux counts it (``/proc/self/status``):
-    ``anon`` (its heap: private), ``file`` (mapped files: libraries, weights), ``shmem`` (shared memory it
-    maps: pages of Ray's object store it has touched), and ``hwm``, the peak of their sum. Empty off Linux."""
-    fields = {"VmHWM": "hwm", "VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name in fields:
-                    out[fields[name]] = round(int(value.split()[0]) / 1024, 1)  # kB
-    except OSError:
-        return {}
-    return out
 
 
 def _publish_chunk(store: tuple, unit: PrepUnit, blob: bytes) -> bytes | str:

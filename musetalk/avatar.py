@@ -37,6 +37,7 @@ from musetalk.audio import audio_span
 from musetalk.blending import Box
 from musetalk.config import PipelineConfig
 from musetalk.faces import Detection, crop_box, smooth_boxes
+from musetalk.parsing import parse_batch
 
 logger = logging.getLogger(__name__)
 
@@ -254,13 +255,14 @@ def detect_key(cfg: PipelineConfig, device_type: str, weights: str) -> str:
 
 
 def prepare_key(cfg: PipelineConfig, device_type: str, weights: str) -> str:
-    """What prepared entries depend on: every face and blend setting, the VAE batch, weights."""
+    """What prepared entries depend on: every face and blend setting, the VAE and parser batches, weights."""
     return "p" + _digest(
         {
             "format": FORMAT,
             "face": asdict(cfg.face),
             "blend": asdict(cfg.blend),
             "batch_size": cfg.batch_size,
+            "parse_batch": parse_batch(device_type),
             "compute": compute_settings(cfg, device_type),
             "weights": weights,
         }

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from musetalk.config import BlendConfig
-from musetalk.parsing import PARSE_SIZE, FaceParser
+from musetalk.parsing import PARSE_SIZE, FaceParser, parse_input
 from shards.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -318,18 +318,31 @@ class Blender:
         per frame, None where there is no parser, no square, or parsing failed. Batched by the parser."""
         if len(frames) != len(boxes):
             raise ValueError(f"prepare got {len(frames)} frames but {len(boxes)} boxes")
-        for box in boxes:
-            if box[2] <= box[0] or box[3] <= box[1]:
-                raise ValueError(f"empty face box {box}")
-        squares = [blend_square(box, self.cfg.expand)[0] for box in boxes]
-        regions: list[np.ndarray | None] = [None] * len(boxes)
-        todo = [i for i, square in enumerate(squares) if square[2] > square[0]]  # a 1-pixel box has no square
+        return self.parse_inputs(
+            [self.parse_input(frame, box) for frame, box in zip(frames, boxes, strict=True)]
+        )
+
+    def parse_input(self, frame: np.ndarray, box: Box) -> np.ndarray | None:
+        """What :meth:`parse_inputs` needs of one frame: its box's blend square at the parser's input size
+        ((512, 512, 3) uint8 RGB, a small copy, so the frame can go before its batch is parsed); None when
+        nothing is parsed (no parser, or a box too small to have a square)."""
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"empty face box {box}")
+        square = blend_square(box, self.cfg.expand)[0]
+        if self.parser is None or square[2] <= square[0]:
+            return None
+        return parse_input(crop_padded(frame, square))
+
+    def parse_inputs(self, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
+        """Regions, as :meth:`parse`, from :meth:`parse_input` results: the whole list falls back to None
+        (the ellipse) when the parser fails on it."""
+        regions: list[np.ndarray | None] = [None] * len(inputs)
+        todo = [i for i, x in enumerate(inputs) if x is not None]
         if self.parser is not None and todo:
-            crops = [crop_padded(frames[i], squares[i]) for i in todo]
             try:
-                labels = self.parser(crops)
+                labels = self.parser.labels([inputs[i] for i in todo])
             except (RuntimeError, ValueError, cv2.error) as err:
-                log.warning("face parsing failed on %d frames, using the ellipse mask: %s", len(crops), err)
+                log.warning("face parsing failed on %d frames, using the ellipse mask: %s", len(todo), err)
             else:
                 for i, label_map in zip(todo, labels, strict=True):
                     regions[i] = parsing_mask(label_map, self.cfg.mode)

@@ -315,19 +315,21 @@ class FramePipeline:
         started, wall, clock = time.time(), time.perf_counter(), StageClock(self.models.device)
         m, shape = self.models, (video.height, video.width)
         entries: list[Entry] = []
-        pending: list[tuple[int, np.ndarray, Box]] = []
+        # per face frame waiting for its batch: (src, box, VAE crop, parser input); only these small crops
+        # are kept, so a decoded frame is let go as soon as it is cropped
+        pending: list[tuple[int, Box, np.ndarray, np.ndarray | None]] = []
         made: list[tuple] = []  # (src, box, latents, Future -> (BlendMaterial, rect))
         encodes = parsings = 0
 
         def flush(masks: ThreadPoolExecutor) -> None:
             nonlocal encodes, parsings
             with clock.stage("vae_encode", device=True):
-                latents = m.generator.encode(np.stack([crop_face(f, b) for _, f, b in pending]))
+                latents = m.generator.encode(np.stack([crop for _, _, crop, _ in pending]))
             encodes += len(pending)
             with clock.stage("blend_prepare", device=True):
-                regions = m.blender.parse([f for _, f, _ in pending], [b for _, _, b in pending])
+                regions = m.blender.parse_inputs([x for _, _, _, x in pending])
             parsings += len(pending) if m.blender.parser is not None else 0
-            for (src, _, box), lat, region in zip(pending, latents, regions, strict=True):
+            for (src, box, _, _), lat, region in zip(pending, latents, regions, strict=True):
                 # masks are built in the pool while the next batch is decoded, encoded and parsed
                 made.append((src, box, lat.numpy(), masks.submit(self._material, clock, region, box, shape)))
             pending.clear()
@@ -342,7 +344,12 @@ class FramePipeline:
                 if box is None:
                     entries.append(Entry(src))
                     continue
-                pending.append((src, frame, box))
+                with clock.stage("vae_encode"):
+                    crop = crop_face(frame, box)
+                with clock.stage("blend_prepare"):
+                    parse_in = m.blender.parse_input(frame, box)
+                del frame
+                pending.append((src, box, crop, parse_in))
                 if len(pending) == self.cfg.batch_size:
                     flush(masks)
             if pending:

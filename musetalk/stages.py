@@ -41,9 +41,12 @@ class PipelineTuning:
     """
 
     composite: str = "auto"
-    decode_depth: int = 8
-    prepared_depth: int = 16
-    encode_depth: int = 4
+    # Each item is a whole source frame (6 MiB at 1080p) and a worker runs two units side by side, so depths
+    # are a worker's peak memory: a generation shard holds about decode + prepared + 2 x batch + encode
+    # frames. These keep one batch ready ahead of the UNet and no more.
+    decode_depth: int = 4
+    prepared_depth: int = 8
+    encode_depth: int = 2
     mask_workers: int = 2
     channels_last: bool = False
     compile: bool = False
@@ -66,6 +69,7 @@ class Channel:
     def __init__(self, depth: int, stop: threading.Event) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = stop
+        self._ended = False
 
     def put(self, item) -> None:
         while True:
@@ -86,9 +90,19 @@ class Channel:
                     raise Stopped from None
 
     def __iter__(self) -> Iterator:
-        """Items until the producer's END."""
-        while (item := self.get()) is not END:
-            yield item
+        """Items until the producer's END. The channel is its own iterator, not a generator: a generator
+        would keep the item it yielded last until the next one is asked for, so a consumer that drops a
+        decoded frame early (a prepare unit keeps only its crops) would still hold it."""
+        return self
+
+    def __next__(self):
+        if self._ended:
+            raise StopIteration
+        item = self.get()
+        if item is END:
+            self._ended = True
+            raise StopIteration
+        return item
 
 
 class ThreadGroup:

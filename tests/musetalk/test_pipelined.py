@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import traceback
+import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -153,6 +154,39 @@ def test_an_error_in_any_thread_reaches_the_caller_and_cleans_up(
     prefixes = (plan.shards[0].name, "detect-", "prepare-")
     assert not [t for t in threading.enumerate() if t.name.startswith(prefixes)]
     assert not _ffmpeg_children() and not out.exists()
+
+
+def test_preparation_lets_each_frame_go_once_it_is_cropped(pipe, demo_media, monkeypatch):
+    """A prepare unit keeps only the small crops of the frames waiting for their batch: the decoded frames
+    alive while a batch is encoded are the decode queue's, however large the batch."""
+    from musetalk.avatar import boxes_from_detections
+    from musetalk.stages import PipelineTuning
+
+    info, _, plan = plan_job(demo_media.video, demo_media.audio, overlap=2, smooth_radius=2, shard_frames=25)
+    found, _ = pipe.detect_range(info, 0, 24)
+    boxes = boxes_from_detections(
+        found, range(0, 20), (info.height, info.width), pipe.cfg, plan.source_frames
+    )
+    assert sum(b is not None for b in boxes.values()) >= 2 * pipe.cfg.batch_size  # full batches
+    shallow = FramePipeline(pipe.cfg, models=pipe.models, tuning=PipelineTuning(decode_depth=1))
+    decoded, alive_at_encode = [], []
+    real_read, real_encode = pipeline_module.read_frames, pipe.models.generator.encode
+
+    def read(*args):
+        for frame in real_read(*args):
+            decoded.append(weakref.ref(frame))
+            yield frame
+
+    def encode(crops):
+        alive_at_encode.append(sum(ref() is not None for ref in decoded))
+        return real_encode(crops)
+
+    monkeypatch.setattr(pipeline_module, "read_frames", read)
+    monkeypatch.setattr(pipe.models.generator, "encode", encode)
+    entries, _ = shallow.prepare_range(info, 0, 20, boxes)
+    assert [e.src for e in entries] == list(range(20)) and len(decoded) == 20
+    # one frame in the depth-1 queue and one the decode thread holds: never a batch of 4
+    assert alive_at_encode and max(alive_at_encode) <= 2, alive_at_encode
 
 
 def test_tuning_rejects_bad_values():
