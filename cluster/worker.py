@@ -378,8 +378,9 @@ class RenderWorker:
 @contextmanager
 def _own_stream(device: torch.device):
     """On CUDA, the calling unit's kernels go to a stream of its own, so units side by side overlap on the
-    GPU too and each unit's CUDA-event stage timings are its own (a unit's device work runs in its calling
-    thread; the current stream is per thread). Elsewhere nothing changes."""
+    GPU too and each unit's CUDA-event stage timings are its own (the current stream is per thread: a unit's
+    device work runs in its calling thread, and a shard's generation thread is handed the same stream,
+    see :func:`musetalk.stages.current_stream`). Elsewhere nothing changes."""
     if device.type != "cuda":
         yield
         return

@@ -41,7 +41,16 @@ from musetalk.faces import Detection, FaceAnalyzer, crop_face, load_face_analyze
 from musetalk.generation import LatentGenerator, load_unet, load_vae
 from musetalk.layout import ModelLayout
 from musetalk.parsing import load_face_parser
-from musetalk.stages import END, Channel, PipelineTuning, StageClock, Stopped, ThreadGroup
+from musetalk.stages import (
+    END,
+    Channel,
+    PipelineTuning,
+    StageClock,
+    Stopped,
+    ThreadGroup,
+    current_stream,
+    on_stream,
+)
 from shards.decode import read_frames
 from shards.errors import WeightsError
 from shards.plan import Plan, Shard, plan_shards, shard_length_frames
@@ -195,14 +204,13 @@ class AudioFeatures:
 
 
 @dataclass(eq=False)
-class Prepared:
-    """One shown source frame, ready to render: its pixels and, with a face, box, latents and mask."""
+class Generated:
+    """One output frame after generation: its source frame's entry and, with a face, the generated face."""
 
-    src: int
-    frame: np.ndarray  # (H, W, 3) uint8 BGR
-    box: Box | None = None
-    latents: torch.Tensor | None = None  # (8, 32, 32) float32 CPU
-    material: tuple | None = None  # (BlendMaterial, active Rect | None)
+    t: int
+    entry: Entry
+    face: np.ndarray | None = None  # (256 * upscale, 256 * upscale, 3) uint8 BGR
+    enhance_failed: bool = False
 
 
 @dataclass
@@ -440,9 +448,11 @@ class FramePipeline:
 
         Threads (bounded channels between them, depths from :class:`PipelineTuning`):
         1. decode: the source frames the shard shows, in order -> ``decoded``;
-        2. attach: each shown frame with its entry -> ``prepared``;
-        3. this thread: output frames in order, UNet + VAE decode per batch of faces, [GFPGAN], compositing
-           -> ``finished``;
+        2. generate: per output frame in order, its entry; UNet + VAE decode per batch of faces, [GFPGAN]
+           -> ``faces`` (256x256 faces, no source frame: generation needs only latents and audio, so no
+           frame waits in memory for its batch to fill);
+        3. this thread: each output frame's source frame from ``decoded`` with its generated face
+           composited -> ``finished``;
         4. encode: ``finished`` -> the ffmpeg encoder.
         An exception in any thread stops them all and is raised here; the encoder is killed and the partial
         segment removed.
@@ -452,13 +462,14 @@ class FramePipeline:
         lo, hi = min(ctx.shown), max(ctx.shown) + 1
         with ThreadGroup(shard.name) as group:
             decoded = self._decoded(group, ctx.clock, video, lo, hi)  # 1.
-            prepared = group.channel(self.tuning.prepared_depth)
+            faces = group.channel(self.tuning.faces_depth)
             finished = group.channel(self.tuning.encode_depth)
             writer = SegmentWriter(out_path, video.width, video.height, plan.fps, encode)
             group.on_exit(writer.abort, on_error_only=True)  # kills ffmpeg, removes the partial file
-            group.start("attach", self._attach_step, ctx, decoded, prepared)  # 2.
+            stream = current_stream(self.models.device)
+            group.start("generate", self._generate_step, ctx, faces, stream)  # 2.
             encoder = group.start("encode", self._encode_step, ctx, finished, writer)  # 4.
-            self._render_step(ctx, prepared, finished)  # 3.
+            self._composite_step(ctx, decoded, faces, finished)  # 3.
             while encoder.is_alive():
                 encoder.join(0.1)
                 if group.stop.is_set():
@@ -497,85 +508,84 @@ class FramePipeline:
             on_stage=on_stage,
         )
 
-    # Step 2: attach thread ------------------------------------------------------------------------
-    def _attach_step(self, ctx: ShardContext, decoded: Channel, prepared: Channel) -> None:
-        for src, frame in decoded:
-            if src not in ctx.shown:
-                continue
-            e = ctx.entries(src)
-            if e.box is None:
-                prepared.put(Prepared(src, frame))
-                continue
-            material = BlendMaterial(square=e.square, mask=e.mask, parsed=e.parsed)
-            prepared.put(
-                Prepared(src, frame, e.box, torch.from_numpy(np.array(e.latents)), (material, e.rect))
-            )
-        prepared.put(END)
+    # Step 2: generate thread ---------------------------------------------------------------------
+    def _generate_step(self, ctx: ShardContext, faces: Channel, stream) -> None:
+        """Output frames in order -> one :class:`Generated` each. Batches close at ``batch_size`` faces, at
+        twice that many frames, or at the shard's end (a fixed rule: which frames share a UNet batch never
+        changes; padding keeps each face independent of its batch mates anyway)."""
+        plan, shard, batch = ctx.plan, ctx.shard, self.cfg.batch_size
+        pending: list[tuple[int, Entry]] = []
+        with on_stream(stream):
+            for t in range(shard.start, shard.end):
+                pending.append((t, ctx.entries(plan.source_index(t))))
+                n_faces = sum(e.box is not None for _, e in pending)
+                if n_faces >= batch or len(pending) >= 2 * batch or t == shard.end - 1:
+                    for item in self._generate_batch(ctx, pending):
+                        faces.put(item)
+                    pending.clear()
+        faces.put(END)
 
-    # Step 3: this thread --------------------------------------------------------------------------
-    def _render_step(self, ctx: ShardContext, prepared: Channel, finished: Channel) -> None:
-        """Output frames in order: passthrough, or a generated face composited into its source frame."""
-        plan, shard = ctx.plan, ctx.shard
-        store: dict[int, Prepared] = {}
-        incoming = iter(prepared)
-        pending: list[tuple[int, Prepared]] = []
-        if ctx.on_stage is not None:
-            ctx.on_stage("render")
-
-        def need(src: int) -> Prepared:
-            while src not in store:
-                item = next(incoming, None)
-                if item is None:
-                    raise RuntimeError(f"{shard.name}: source frame {src} was never prepared")
-                store[item.src] = item
-            return store[src]
-
-        for t in range(shard.start, shard.end):
-            pending.append((t, need(plan.source_index(t))))
-            faces = sum(p.box is not None for _, p in pending)
-            if faces >= self.cfg.batch_size or len(pending) >= 2 * self.cfg.batch_size or t == shard.end - 1:
-                self._render_batch(ctx, pending, finished)
-                for done_t, item in pending:
-                    if ctx.last_use[item.src] == done_t:
-                        store.pop(item.src, None)
-                pending.clear()
-        if next(incoming, None) is not None:
-            raise RuntimeError(f"{shard.name}: prepared frames left over")
-        finished.put(END)
-
-    def _render_batch(
-        self, ctx: ShardContext, pending: list[tuple[int, Prepared]], finished: Channel
-    ) -> None:
+    def _generate_batch(self, ctx: ShardContext, pending: list[tuple[int, Entry]]) -> list[Generated]:
         m = self.models
-        faces = [(t, p) for t, p in pending if p.box is not None]
-        generated: dict[int, np.ndarray] = {}
+        with_face = [(t, e) for t, e in pending if e.box is not None]
+        out: dict[int, np.ndarray] = {}
         failed: set[int] = set()
-        if faces:
-            ts = [t for t, _ in faces]
+        if with_face:
+            ts = [t for t, _ in with_face]
+            latents = torch.stack([torch.from_numpy(np.array(e.latents)) for _, e in with_face])
             with ctx.clock.stage("generate", device=True):
-                out = m.generator.generate(torch.stack([p.latents for _, p in faces]), ctx.windows(ts))
+                generated = m.generator.generate(latents, ctx.windows(ts))
             if m.enhancer is not None:
                 with ctx.clock.stage("enhance", device=True):
                     enhanced = []
-                    for t, face in zip(ts, out, strict=True):  # one call per face: which fell back
+                    for t, face in zip(ts, generated, strict=True):  # one call per face: which fell back
                         one, fell = m.enhancer.enhance(face[None])
                         enhanced.append(one[0])
                         if fell:
                             failed.add(t)
-                    out = enhanced
-            generated = dict(zip(ts, out, strict=True))
-        for t, p in pending:
-            if t not in generated:
+                    generated = enhanced
+            out = dict(zip(ts, generated, strict=True))
+        return [Generated(t, e, out.get(t), t in failed) for t, e in pending]
+
+    # Step 3: this thread --------------------------------------------------------------------------
+    def _composite_step(self, ctx: ShardContext, decoded: Channel, faces: Channel, finished: Channel) -> None:
+        """Output frames in order: passthrough, or the generated face composited into its source frame.
+        A source frame is kept only until the last output frame that shows it (ping-pong reuses it)."""
+        store: dict[int, np.ndarray] = {}
+        incoming = iter(decoded)
+        if ctx.on_stage is not None:
+            ctx.on_stage("render")
+
+        def need(src: int) -> np.ndarray:
+            while src not in store:
+                item = next(incoming, None)
+                if item is None:
+                    raise RuntimeError(f"{ctx.shard.name}: source frame {src} was never decoded")
+                if item[0] in ctx.shown:
+                    store[item[0]] = item[1]
+            return store[src]
+
+        for g in faces:
+            e = g.entry
+            frame = need(e.src)
+            own = ctx.last_use[e.src] == g.t  # no later output shows this source frame: paste in place
+            if own:
+                del store[e.src]
+            if g.face is None:
                 ctx.kinds.append(PASSTHROUGH)
-                finished.put(p.frame)
+                finished.put(frame)
                 continue
-            material, rect = p.material
-            own = ctx.last_use[p.src] == t  # no later output shows this source frame: paste in place
+            material = BlendMaterial(square=e.square, mask=e.mask, parsed=e.parsed)
             with ctx.clock.stage("blend", device=self._device_composite):
-                frame = self._paste(p.frame if own else p.frame.copy(), generated[t], p.box, material, rect)
+                frame = self._paste(frame if own else frame.copy(), g.face, e.box, material, e.rect)
             parsing_fell = self.cfg.blend.parsing and not material.parsed
-            ctx.kinds.append(ENHANCE_FALLBACK if t in failed else PARSING_FALLBACK if parsing_fell else FACE)
+            ctx.kinds.append(
+                ENHANCE_FALLBACK if g.enhance_failed else PARSING_FALLBACK if parsing_fell else FACE
+            )
             finished.put(frame)
+        if next(incoming, None) is not None or store:
+            raise RuntimeError(f"{ctx.shard.name}: decoded frames left over")
+        finished.put(END)
 
     def _paste(self, frame: np.ndarray, face: np.ndarray, box: Box, material, rect) -> np.ndarray:
         if self._compositor is None:

@@ -23,6 +23,22 @@ END = object()  # the last item a producer puts into its channel
 _POLL = 0.1  # seconds between checks of the stop flag while a channel is full or empty
 
 
+def current_stream(device: torch.device):
+    """The calling thread's CUDA stream on ``device``, None off CUDA: hand it to a helper thread of the same
+    unit (:func:`on_stream`), so the unit's kernels stay on its own stream (the current stream is per thread)."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def on_stream(stream) -> Iterator[None]:
+    """Run the block's kernels on ``stream`` (from :func:`current_stream`); nothing to do when it is None."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.stream(stream):
+        yield
+
+
 class Stopped(Exception):
     """Raised in a thread waiting on a channel when another thread of its group failed."""
 
@@ -34,18 +50,19 @@ class PipelineTuning:
 
     ``composite``: "numpy" (the CPU path), "device" (torch ops on the worker's device; within one level of
     the CPU maths) or "auto" (device on CUDA, numpy elsewhere: on this 2-core CPU numpy measures faster).
-    Queue depths are in items (frames); ``mask_workers`` threads build blend masks off the critical path.
+    Queue depths are in items (frames, or generated faces for ``faces_depth``); ``mask_workers`` threads
+    build blend masks off the critical path.
     GPU-only, not measured yet: ``channels_last`` (UNet and VAE memory format: changes rounding),
     ``compile`` (``torch.compile`` the UNet: changes rounding), ``pin_memory`` (page-locked frame uploads).
     Several workers per GPU is a Ray resource setting (fractional ``num_gpus``) of the driver.
     """
 
     composite: str = "auto"
-    # Each item is a whole source frame (6 MiB at 1080p) and a worker runs two units side by side, so depths
-    # are a worker's peak memory: a generation shard holds about decode + prepared + 2 x batch + encode
-    # frames. These keep one batch ready ahead of the UNet and no more.
+    # A decoded or finished item is a whole frame (6 MiB at 1080p) and a worker runs two units side by side,
+    # so these depths are most of a worker's transient memory: a generation shard holds about decode +
+    # encode + 3 frames (generation reads no frame; its faces queue holds 256x256 faces).
     decode_depth: int = 4
-    prepared_depth: int = 8
+    faces_depth: int = 16
     encode_depth: int = 2
     mask_workers: int = 2
     channels_last: bool = False
@@ -55,7 +72,7 @@ class PipelineTuning:
     def __post_init__(self) -> None:
         if self.composite not in ("auto", "numpy", "device"):
             raise ValueError(f"composite must be auto, numpy or device, got {self.composite!r}")
-        for name in ("decode_depth", "prepared_depth", "encode_depth", "mask_workers"):
+        for name in ("decode_depth", "faces_depth", "encode_depth", "mask_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -189,6 +189,48 @@ def test_preparation_lets_each_frame_go_once_it_is_cropped(pipe, demo_media, mon
     assert alive_at_encode and max(alive_at_encode) <= 2, alive_at_encode
 
 
+def test_generation_holds_no_frame_while_its_batch_fills(pipe, demo_media, tmp_path, monkeypatch):
+    """Generation reads entries, not frames: while the UNet runs a batch of 8, the decoded frames alive are
+    the few in the shallow queues and the one being composited, not the 8 the batch shows."""
+    from musetalk.stages import PipelineTuning
+
+    info, samples, plan = plan_job(
+        demo_media.video, _audio(tmp_path / "a.wav", 1.6), overlap=2, smooth_radius=2, shard_frames=40
+    )
+    entries, features, _ = pipe.prepare_job(info, samples, plan, chunk=16)
+    shallow = FramePipeline(
+        replace(pipe.cfg, batch_size=8),
+        models=pipe.models,
+        tuning=PipelineTuning(decode_depth=1, encode_depth=1),
+    )
+    decoded, alive_at_generate = [], []
+    real_read, real_generate = pipeline_module.read_frames, pipe.models.generator.generate
+
+    def read(*args):
+        for frame in real_read(*args):
+            decoded.append(weakref.ref(frame))
+            yield frame
+
+    def generate(latents, audio):
+        alive_at_generate.append(sum(ref() is not None for ref in decoded))
+        return real_generate(latents, audio)
+
+    monkeypatch.setattr(pipeline_module, "read_frames", read)
+    monkeypatch.setattr(pipe.models.generator, "generate", generate)
+    stats = shallow.render_shard(
+        video=info,
+        plan=plan,
+        shard=plan.shards[0],
+        out_path=tmp_path / "out.mkv",
+        encode=LOSSLESS,
+        entries=entries.__getitem__,
+        audio=features,
+    )
+    assert stats.frames == 40 and stats.face_frames >= 16  # at least two full batches
+    # decode queue + decode thread + the frame being composited + finished queue + encoder
+    assert len(alive_at_generate) >= 2 and max(alive_at_generate) <= 5, alive_at_generate
+
+
 def test_tuning_rejects_bad_values():
     from musetalk.stages import PipelineTuning
 
