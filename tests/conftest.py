@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,14 @@ tempfile.tempdir = None
 os.environ["MUSETALK_STAGING_DIR"] = os.path.join(_SESSION_TMP, "staging")
 # The avatar cache of every render in this run (never the user's ~/.cache).
 os.environ["MUSETALK_CACHE_DIR"] = os.path.join(_SESSION_TMP, "avatars")
+
+
+# A suite started in the background by a non-interactive shell (`make test &`, a CI runner) inherits
+# SIGINT ignored, and so would every CLI a test starts (an ignored signal survives exec): the Ctrl-C
+# tests would wait on a process that never sees it. A handler is reset to the default across exec, so
+# with one installed here each CLI starts with Python's own KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config):
