@@ -156,6 +156,26 @@ def test_an_error_in_any_thread_reaches_the_caller_and_cleans_up(
     assert not _ffmpeg_children() and not out.exists()
 
 
+def _frames_alive_at(monkeypatch, model, method: str) -> tuple[list, list[int]]:
+    """Track every decoded frame (weak references) and count those still alive at each call of
+    ``model.method``: (the references, the counts)."""
+    decoded, alive = [], []
+    real_read, real_call = pipeline_module.read_frames, getattr(model, method)
+
+    def read(*args):
+        for frame in real_read(*args):
+            decoded.append(weakref.ref(frame))
+            yield frame
+
+    def call(*args):
+        alive.append(sum(ref() is not None for ref in decoded))
+        return real_call(*args)
+
+    monkeypatch.setattr(pipeline_module, "read_frames", read)
+    monkeypatch.setattr(model, method, call)
+    return decoded, alive
+
+
 def test_preparation_lets_each_frame_go_once_it_is_cropped(pipe, demo_media, monkeypatch):
     """A prepare unit keeps only the small crops of the frames waiting for their batch: the decoded frames
     alive while a batch is encoded are the decode queue's, however large the batch."""
@@ -169,20 +189,7 @@ def test_preparation_lets_each_frame_go_once_it_is_cropped(pipe, demo_media, mon
     )
     assert sum(b is not None for b in boxes.values()) >= 2 * pipe.cfg.batch_size  # full batches
     shallow = FramePipeline(pipe.cfg, models=pipe.models, tuning=PipelineTuning(decode_depth=1))
-    decoded, alive_at_encode = [], []
-    real_read, real_encode = pipeline_module.read_frames, pipe.models.generator.encode
-
-    def read(*args):
-        for frame in real_read(*args):
-            decoded.append(weakref.ref(frame))
-            yield frame
-
-    def encode(crops):
-        alive_at_encode.append(sum(ref() is not None for ref in decoded))
-        return real_encode(crops)
-
-    monkeypatch.setattr(pipeline_module, "read_frames", read)
-    monkeypatch.setattr(pipe.models.generator, "encode", encode)
+    decoded, alive_at_encode = _frames_alive_at(monkeypatch, pipe.models.generator, "encode")
     entries, _ = shallow.prepare_range(info, 0, 20, boxes)
     assert [e.src for e in entries] == list(range(20)) and len(decoded) == 20
     # one frame in the depth-1 queue and one the decode thread holds: never a batch of 4
@@ -203,20 +210,7 @@ def test_generation_holds_no_frame_while_its_batch_fills(pipe, demo_media, tmp_p
         models=pipe.models,
         tuning=PipelineTuning(decode_depth=1, encode_depth=1),
     )
-    decoded, alive_at_generate = [], []
-    real_read, real_generate = pipeline_module.read_frames, pipe.models.generator.generate
-
-    def read(*args):
-        for frame in real_read(*args):
-            decoded.append(weakref.ref(frame))
-            yield frame
-
-    def generate(latents, audio):
-        alive_at_generate.append(sum(ref() is not None for ref in decoded))
-        return real_generate(latents, audio)
-
-    monkeypatch.setattr(pipeline_module, "read_frames", read)
-    monkeypatch.setattr(pipe.models.generator, "generate", generate)
+    _, alive_at_generate = _frames_alive_at(monkeypatch, pipe.models.generator, "generate")
     stats = shallow.render_shard(
         video=info,
         plan=plan,
