@@ -38,6 +38,7 @@ from cluster.weights import local_models
 from musetalk.avatar import AvatarStore, EntrySource, detections_to_json, fetch, pack_chunk
 from musetalk.config import PipelineConfig
 from musetalk.pipeline import AudioFeatures, FramePipeline, PrepStats, ShardStats
+from musetalk.stages import on_stream
 from shards.plan import Plan, PrepUnit, Shard
 from shards.probe import VideoInfo, load_audio
 from shards.segment import EncodeSettings
@@ -381,10 +382,7 @@ def _own_stream(device: torch.device):
     GPU too and each unit's CUDA-event stage timings are its own (the current stream is per thread: a unit's
     device work runs in its calling thread, and a shard's generation thread is handed the same stream,
     see :func:`musetalk.stages.current_stream`). Elsewhere nothing changes."""
-    if device.type != "cuda":
-        yield
-        return
-    with torch.cuda.stream(torch.cuda.Stream(device)):
+    with on_stream(torch.cuda.Stream(device) if device.type == "cuda" else None):
         yield
 
 

@@ -227,7 +227,6 @@ class ShardContext:
     windows: Callable[[list[int]], torch.Tensor]
     progress: Callable[[int], None] | None
     on_stage: Callable[[str], None] | None
-    decoded: int = 0
     kinds: list[str] = field(default_factory=list)
 
 
