@@ -13,7 +13,6 @@ room for any more (rules in :mod:`cluster.scheduler`).
 
 from __future__ import annotations
 
-import atexit
 import bisect
 import hashlib
 import json
@@ -34,21 +33,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from cluster import storage
-from cluster.config import ClusterConfig, JobConfig
+from cluster.config import JobConfig
 from cluster.phases import JobPhases
-from cluster.preflight import gpu_problem
+from cluster.pool import Pool, pool_key, warm_pools
 from cluster.progress import ProgressActor
 from cluster.rundir import RunDir, file_digest, job_key, output_lock
 from cluster.scheduler import (
     Broker,
     Failure,
-    pool_capacity,
-    pool_gpus,
-    workers_to_request,
-    workers_wanted,
 )
+from cluster.session import connect
 from cluster.weights import weight_files, weight_ids
-from cluster.worker import HOLD_ENV, JobInputs, RenderWorker, ShardInputs, scratch_root
+from cluster.worker import JobInputs, ShardInputs, scratch_root
 from musetalk.avatar import (
     AvatarStore,
     ChunkReader,
@@ -60,85 +56,18 @@ from musetalk.avatar import (
 from musetalk.config import PipelineConfig
 from musetalk.layout import ModelLayout
 from musetalk.pipeline import PrepStats, ShardStats, busy_seconds, plan_job, required_weights, stage_totals
-from shards.errors import ConfigError, FarmError, Interrupted
+from shards.errors import FarmError, Interrupted
 from shards.plan import Plan, PrepUnit, Shard, dispatch_order
 from shards.probe import VideoInfo
 from shards.stitch import concat_and_mux
 
 logger = logging.getLogger(__name__)
 
-# How often the dispatch loop re-reads the cluster's resources to grow or shrink the pool.
-RESCALE_EVERY_S = 2.0
-
-# glibc malloc arenas per worker process (MALLOC_ARENA_MAX, set at its start unless the driver's environment
-# sets it). A worker's unit threads (decoders, mask pools, encoders, units side by side) would otherwise
-# each get an arena, and fragmentation grows its RSS with the units it has run: on the 1080p bench clip,
-# peak worker RSS grew 17% from a 4 s to a 10 s clip with glibc's default (8 per core), 4% with 2, at the
-# same speed (docs/benchmarks.md).
-MALLOC_ARENAS = 2
 
 # Preparation works for at most this many generation shards per unit slot of the pool (workers x
 # cluster.max_in_flight) among those still to land: enough queued work to keep every slot busy, while the
 # entry chunks in the object store stay bounded however long the video (cluster.phases).
 PREP_LEAD = 2
-
-
-def worker_env() -> dict[str, str]:
-    """The environment every worker starts with: glibc malloc tuning (:data:`MALLOC_ARENAS`; every
-    ``MALLOC_*`` variable of the driver's environment travels too, and wins) and a test's hold point."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
-    hold = os.environ.get(HOLD_ENV)
-    if hold:  # a test's hold point travels to workers on every node
-        env[HOLD_ENV] = hold
-    return env
-
-
-def connect(cfg: ClusterConfig) -> None:
-    """Start (or join) Ray once per process; later jobs in the same process reuse it.
-
-    ``cluster.address`` names a cluster to join; when it is empty, the cluster that ``RAY_ADDRESS`` names
-    (as under Ray Jobs) is joined, and only without either is an embedded local cluster started.
-    """
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        logger.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        logger.info("starting an embedded local Ray cluster")
-        ray.init(
-            address="local",
-            num_cpus=cfg.num_cpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
-
-
-def joined(cfg: ClusterConfig) -> bool:
-    """Whether the driver joined a cluster (which may gain nodes) rather than starting an embedded one."""
-    if ray.is_initialized():
-        node = ray._private.worker._global_node  # None under Ray Client
-        return node is None or not node.head
-    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
-
-
-def request_workers(bundles: list[dict[str, float]]) -> None:
-    """Ask the cluster's autoscaler for room for ``bundles`` (replacing the last request; ``[]`` clears it).
-
-    Without an autoscaler (an embedded or hand-started cluster) the request is only recorded in the GCS's
-    key-value store, which nothing reads: harmless. Under Ray Client the SDK needs a GCS connection this
-    process lacks, so the request is made from a task on the cluster.
-    """
-    from ray.autoscaler.sdk import request_resources
-    from ray.util.client import ray as client
-
-    if client.is_connected():
-        ray.get(ray.remote(num_cpus=0)(request_resources).remote(bundles=bundles))
-    else:
-        request_resources(bundles=bundles)
 
 
 @dataclass(frozen=True)
@@ -213,264 +142,11 @@ class JobResult:
     error: FarmError | None = None
 
 
-def pool_key(pipeline: PipelineConfig) -> PipelineConfig:
-    """What a worker loads: ``pipeline`` with the settings a job may set on its own blanked out.
-
-    ``face.bbox_shift``, ``face.extra_margin`` and ``face.smooth_radius`` act on boxes inside
-    ``render_shard``, not on any loaded model, so jobs that differ only there share a pool.
-    """
-    return replace(pipeline, face=replace(pipeline.face, bbox_shift=0, extra_margin=0, smooth_radius=0))
-
-
 def pinned(job: JobConfig) -> PipelineConfig:
     """The job's pipeline with its thread count fixed: every worker computes with the same count, so
     results never depend on placement."""
     p = job.pipeline
     return replace(p, threads=p.threads or max(1, int(job.cluster.cpus_per_worker)))
-
-
-class _Pool:
-    """The Ray side of the worker slots: actors, their ready() refs, restarts and shutdown.
-
-    Policy (what to retry, when to give up) lives in :class:`cluster.scheduler.Broker`; how many workers
-    the pool wants lives in :mod:`cluster.scheduler` too (``pool_capacity``, ``workers_wanted``).
-    """
-
-    def __init__(
-        self, pipeline: PipelineConfig, cluster: ClusterConfig, size: int, gpus: float, units: int
-    ) -> None:
-        self.pipeline, self.cluster, self.gpus = pipeline, cluster, gpus
-        self.id = uuid.uuid4().hex[:8]
-        self.actors: list = [None] * size
-        self.starting: dict = {}  # ready() ref -> slot
-        self.up: set[int] = set()
-        self.started = 0  # actors started (each loads the models once)
-        self.charged = 0  # of which already reported in a job's summary
-        self.created = time.monotonic()
-        self.first_up: float | None = None
-        self.retired: set[int] = set()  # slots given up when the cluster shrank (actors[i] is None)
-        self.replacing: set[int] = set()  # slots whose lost worker was restarted and is not up yet
-        self.requested: list[dict[str, float]] | None = None  # the last request to the autoscaler
-        self._next_check = 0.0
-        for i in range(size):
-            self.start(i)
-        self.request(units)
-
-    @property
-    def size(self) -> int:
-        """Slots not retired (up or starting)."""
-        return len(self.actors) - len(self.retired)
-
-    def request(self, units: int) -> None:
-        """Ask the autoscaler for the workers ``units`` left can use, when that changed."""
-        bundles = workers_to_request(self.cluster, self.gpus, units)
-        if bundles != self.requested:
-            request_workers(bundles)
-            self.requested = bundles
-
-    def restart(self, i: int) -> None:
-        """Replace slot ``i``'s lost worker; :meth:`rescale` retires the slot if the replacement finds no room."""
-        self.replacing.add(i)
-        self.start(i)
-
-    def retire(self, i: int, broker: Broker) -> None:
-        """Give up slot ``i`` (the cluster has no room for it): kill its unplaced worker; never assign it."""
-        actor, self.actors[i] = self.actors[i], None
-        self.starting = {ref: j for ref, j in self.starting.items() if j != i}
-        self.up.discard(i)
-        self.replacing.discard(i)
-        self.retired.add(i)
-        broker.retire(i)
-        if actor is not None:
-            ray.kill(actor)
-
-    def room(self) -> int:
-        """Workers the cluster's resources hold for this pool now."""
-        return pool_capacity(self.cluster, self.gpus, ray.cluster_resources())
-
-    def retire_if_no_room(self, i: int, broker: Broker) -> bool:
-        """Retire slot ``i`` (whose worker died while starting) when the pool is bigger than the cluster."""
-        if self.cluster.workers is not None or self.size <= max(1, self.room()):
-            return False
-        logger.info("worker %d died while starting and the cluster has no room for it: the pool shrinks", i)
-        self.retire(i, broker)
-        return True
-
-    def rescale(self, broker: Broker, now: float, waiting: int = 0) -> None:
-        """Follow the cluster (at most every ``RESCALE_EVERY_S``): update the autoscaler request, retire
-        replaced slots the cluster has no room for, start new slots when it holds more workers than the
-        pool has (never more than the units left, counting the ``waiting`` generation shards that
-        preparation has not released yet). ``cluster.workers`` fixes the size."""
-        if now < self._next_check:
-            return
-        self._next_check = now + RESCALE_EVERY_S
-        units = broker.units_left + waiting
-        self.request(units)
-        if self.cluster.workers is not None:
-            return
-        room = self.room()
-        for i in sorted(self.replacing, reverse=True):
-            if self.size <= max(1, room):
-                break
-            logger.info(
-                "worker %d was lost and the cluster has room for %d workers: the pool shrinks", i, room
-            )
-            self.retire(i, broker)
-        want = workers_wanted(self.cluster, room, units)
-        while self.size < want:
-            self.actors.append(None)
-            i = broker.add_slot()
-            if i != len(self.actors) - 1:
-                raise RuntimeError(f"pool and broker disagree on the slots: {i} vs {len(self.actors) - 1}")
-            self.start(i)
-            logger.info("the cluster has room for %d workers: the pool grows to %d", room, self.size)
-
-    def compact(self) -> None:
-        """Drop retired slots (between jobs: a new Broker numbers the slots from 0)."""
-        if not self.retired:
-            return
-        keep = [i for i in range(len(self.actors)) if i not in self.retired]
-        new = {old: n for n, old in enumerate(keep)}
-        self.actors = [self.actors[i] for i in keep]
-        self.starting = {ref: new[i] for ref, i in self.starting.items()}
-        self.up = {new[i] for i in self.up}
-        self.replacing = {new[i] for i in self.replacing}
-        self.retired = set()
-
-    def start(self, i: int) -> None:
-        c = self.cluster
-        options = dict(
-            num_gpus=self.gpus,
-            num_cpus=c.cpus_per_worker,
-            max_restarts=0,
-            max_task_retries=0,
-            # units run side by side (a threaded actor), plus a thread for info(), forget() and close()
-            max_concurrency=c.max_in_flight + 1,
-        )
-        options["runtime_env"] = {"env_vars": worker_env()}  # merged with a Ray job's own runtime_env
-        self.up.discard(i)
-        self.actors[i] = ray.remote(RenderWorker).options(**options).remote(self.pipeline)
-        self.starting[self.actors[i].ready.remote()] = i
-        self.started += 1
-
-    def came_up(self, i: int) -> None:
-        self.up.add(i)
-        self.replacing.discard(i)
-        if self.first_up is None:
-            self.first_up = time.monotonic()
-
-    def take_loads(self) -> tuple[int, float]:
-        """(model loads not yet charged to a job, and the wait for the first worker when the pool is new)."""
-        first = self.charged == 0
-        loads, self.charged = self.started - self.charged, self.started
-        wait = (self.first_up or time.monotonic()) - self.created if first and loads else 0.0
-        return loads, wait
-
-    def forget(self, job_id: str) -> None:
-        """Tell every worker to drop a finished job's inputs (no reply awaited)."""
-        for a in self.actors:
-            if a is not None:
-                a.forget.remote(job_id)
-
-    def worker_info(self) -> list[dict]:
-        """Each live worker's own report: name, model loads, load seconds, units rendered."""
-        return ray.get([self.actors[i].info.remote() for i in sorted(self.up)])
-
-    def shutdown(self, *, graceful: bool) -> None:
-        """Stop every actor; when ``graceful``, first let live ones delete their scratch (bounded wait)."""
-        if graceful:
-            live = [a for a in self.actors if a is not None]
-            done, _ = ray.wait([a.close.remote() for a in live], num_returns=len(live), timeout=10)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except (RayActorError, RayTaskError) as err:
-                    logger.warning("a worker could not clean up: %s", err)
-        for a in self.actors:
-            if a is not None:
-                ray.kill(a)
-        if self.requested:
-            request_workers([])
-
-
-class WarmPools:
-    """The process's warm pool: reused by the next job with the same key, replaced otherwise.
-
-    One pool at a time (a second would hold the GPUs the next one needs). The key is what the workers
-    load (:func:`pool_key`), the pool's settings (GPUs and CPUs per worker, ``cluster.workers`` and
-    ``max_workers``; not its size, which follows the cluster), the test hold point and the Ray session (a
-    pool does not survive ``ray.shutdown()``).
-    """
-
-    def __init__(self) -> None:
-        self.pool: _Pool | None = None
-        self.key: tuple | None = None
-        self.built = 0
-        self._registered = False
-
-    def get(self, pipeline: PipelineConfig, cluster: ClusterConfig, units: int) -> _Pool:
-        """The pool for ``units`` units of work: the warm one when its key matches, else a new one sized
-        for the cluster's resources (ConfigError: ``require_gpus`` on an embedded cluster without GPU)."""
-        resources = ray.cluster_resources()
-        can_grow = joined(cluster)
-        gpus = pool_gpus(cluster, resources.get("GPU", 0), can_grow=can_grow)
-        if problem := gpu_problem(cluster.require_gpus, gpus, can_grow=can_grow):
-            raise ConfigError(problem)
-        session = ray.get_runtime_context().get_node_id()  # new for every Ray session
-        key = (
-            pool_key(pipeline),
-            gpus,
-            cluster.cpus_per_worker,
-            cluster.cpu_workers,
-            cluster.workers,
-            cluster.max_workers,
-            os.environ.get(HOLD_ENV),
-            session,
-        )
-        if self.key is not None and self.key[-1] != session:
-            self.pool = self.key = None  # its actors went with the old session: nothing to stop
-        if self.pool is not None and key == self.key:
-            self.pool.compact()
-            self.pool.cluster = cluster
-            self.pool.request(units)
-            logger.info("reusing warm pool %s (%d workers)", self.pool.id, self.pool.size)
-            return self.pool
-        if self.pool is not None:
-            logger.info("model settings changed: replacing pool %s", self.pool.id)
-            self.discard(graceful=True)
-        room = pool_capacity(cluster, gpus, resources)
-        size = workers_wanted(cluster, room, units)
-        if gpus and not room and cluster.workers is None:
-            # A joined cluster without GPU yet (an autoscaler at min 0): ask for the GPU workers the job
-            # can use and wait (up to start_timeout_s). One worker waits to be placed; the pool grows as
-            # more GPU nodes join, so no surplus of unplaced workers outlives the job in the warm pool.
-            logger.warning(
-                "the Ray cluster has no GPU yet: asking its autoscaler for %d GPU workers and waiting for "
-                "GPU nodes (up to cluster.start_timeout_s=%.0f s)",
-                len(workers_to_request(cluster, gpus, units)),
-                cluster.start_timeout_s,
-            )
-        self.pool, self.key = _Pool(pipeline, cluster, size, gpus, units), key
-        self.built += 1
-        if not self._registered:  # registered after ray.init, so it runs before Ray's own exit hook
-            atexit.register(self.close)
-            self._registered = True
-        return self.pool
-
-    def discard(self, *, graceful: bool) -> None:
-        pool, key, self.pool, self.key = self.pool, self.key, None, None
-        if pool is not None and ray.is_initialized() and key[-1] == ray.get_runtime_context().get_node_id():
-            pool.shutdown(graceful=graceful)
-
-    def close(self) -> None:
-        try:
-            self.discard(graceful=True)
-        except Exception as err:  # noqa: BLE001 - at exit, Ray may already be going down
-            logger.debug("closing the warm pool: %s", err)
-
-
-# The one process-wide pool cache: a multirun calls run_job once per run in this process.
-WARM = WarmPools()
 
 
 @dataclass
@@ -656,7 +332,7 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
     progress = ProgressActor.options(scheduling_strategy=here).remote()
     ok = False
     try:
-        pool = WARM.get(states[0].pipeline, first.cluster, units=sum(len(st.todo) for st in states))
+        pool = warm_pools().get(states[0].pipeline, first.cluster, units=sum(len(st.todo) for st in states))
         broker = Broker(
             slots=len(pool.actors),
             max_in_flight=first.cluster.max_in_flight,
@@ -698,7 +374,7 @@ def _render(states: list[_Job], isolate: bool, report) -> None:
         ok = True
     finally:
         if not ok:  # Ctrl-C, a worker that cannot load, a job error raised: the pool goes too
-            WARM.discard(graceful=False)
+            warm_pools().discard(graceful=False)
             for st in states:
                 if st.inputs is not None:
                     shutil.rmtree(scratch_root(st.inputs.job_id), ignore_errors=True)
@@ -763,7 +439,7 @@ def _qa_sheet(st: _Job, stats: list[ShardStats]) -> None:
         logger.warning("no QA sheet for %s: %s", st.cfg.output, err)
 
 
-def _dispatch(pool: _Pool, broker: Broker, jobs: dict[int, _Job], progress, job_done) -> None:
+def _dispatch(pool: Pool, broker: Broker, jobs: dict[int, _Job], progress, job_done) -> None:
     in_flight: dict = {}  # render ref -> Assignment
     ended: set[int] = set()
     total = sum(st.plan.output_frames for st in jobs.values())
@@ -805,7 +481,7 @@ def _dispatch(pool: _Pool, broker: Broker, jobs: dict[int, _Job], progress, job_
         bar.close()
 
 
-def _landed(pool: _Pool, broker: Broker, st: _Job, a, ref) -> None:
+def _landed(pool: Pool, broker: Broker, st: _Job, a, ref) -> None:
     """A render ref resolved: store the segment, or tell the broker how it failed."""
     try:
         data, stats = ray.get(ref)
@@ -992,7 +668,7 @@ def _remember(st: _Job, key: str, unit: PrepUnit, data: bytes, suffix: str) -> N
         logger.warning("avatar cache: could not write %s of %s: %s", unit.name, st.cfg.output.name, err)
 
 
-def _came_up(pool: _Pool, broker: Broker, ref) -> None:
+def _came_up(pool: Pool, broker: Broker, ref) -> None:
     """A ready() ref resolved: the slot is up, its worker failed to start (the pool fails), or it died."""
     i = pool.starting.pop(ref)
     try:
@@ -1014,7 +690,7 @@ def _came_up(pool: _Pool, broker: Broker, ref) -> None:
     logger.info("worker %d up: %s", i, name)
 
 
-def _pool_changes(st: _Job, pool: _Pool) -> None:
+def _pool_changes(st: _Job, pool: Pool) -> None:
     """At a job's end: the pool's size now, and workers started during the job (growth, replacements)
     charged to it as model loads."""
     loads, _ = pool.take_loads()

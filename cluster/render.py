@@ -94,7 +94,7 @@ def check_cluster_gpus(job: JobConfig) -> None:
     embedded one (a joined cluster may still gain GPU nodes: the driver asks for them and waits)."""
     import ray
 
-    from cluster.driver import connect, joined
+    from cluster.session import connect, joined
 
     connect(job.cluster)
     gpus = ray.cluster_resources().get("GPU", 0)

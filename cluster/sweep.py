@@ -1,6 +1,6 @@
 """Hydra callback: after a multirun, one table and one plot of every run's frames, fps and per-stage time.
 
-Runs of a sweep render on one warm pool while the models stay the same (``cluster.driver.WARM``), so the
+Runs of a sweep render on one warm pool while the models stay the same (``cluster.pool.warm_pools()``), so the
 table separates model loading (``load_s``, ``loads``) from rendering: ``fps`` is end to end, ``render_fps``
 without loading. A run whose settings were refused (a setting that does nothing, see
 ``cluster.config.noop_problems``) is listed as ``rejected`` with its reason; the sweep goes on and exits

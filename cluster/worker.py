@@ -96,7 +96,7 @@ class JobInputs:
 
     ``video`` is the driver's probe (probing decodes the whole stream, so workers never repeat it).
     ``pipeline`` is the job's own settings: they may differ from the pool's only where the models do not
-    (see ``cluster.driver.pool_key``). ``progress`` is the driver's progress actor, ``tag`` this job's
+    (see ``cluster.pool.pool_key``). ``progress`` is the driver's progress actor, ``tag`` this job's
     prefix in it (units of several jobs share one counter); ``scratch`` is the job's scratch root.
     """
 

@@ -246,7 +246,8 @@ def run_pool(
     work. Model loading is not timed (``render_seconds``); worker CPU seconds count from the end of
     loading, ffmpeg children included. ``extra``: more Hydra overrides (they win)."""
     from cluster.config import compose_job
-    from cluster.driver import WARM, run_job
+    from cluster.driver import run_job
+    from cluster.pool import warm_pools
 
     overlap = cfg.face.smooth_radius
     _, _, plan = plan_job(video, audio, overlap=overlap, smooth_radius=overlap, shard_frames=1)
@@ -272,10 +273,12 @@ def run_pool(
                 *extra,
             ]
         )
-        WARM.discard(graceful=True)  # fresh worker processes: their CPU seconds and peak RSS are this run's
+        warm_pools().discard(
+            graceful=True
+        )  # fresh worker processes: their CPU seconds and peak RSS are this run's
         summary = run_job(job)
-        per_worker = WARM.pool.worker_info()
-        WARM.discard(graceful=True)
+        per_worker = warm_pools().pool.worker_info()
+        warm_pools().discard(graceful=True)
     stage_sum = sum(summary.stage_seconds.values())
     cuda = [w["peak_cuda_mib"] for w in per_worker if w.get("peak_cuda_mib") is not None]
     return {

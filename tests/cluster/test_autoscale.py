@@ -14,8 +14,8 @@ from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
 from ray.cluster_utils import Cluster
 from ray.experimental.internal_kv import _internal_kv_get
 
-from cluster import driver
 from cluster.driver import run_job
+from cluster.pool import warm_pools
 from cluster.worker import HOLD_ENV
 from shards.errors import ConfigError
 from tests.helpers import assert_same_frames, held, job_for, wait_for
@@ -89,7 +89,7 @@ def test_the_pool_grows_onto_a_node_that_joins_mid_job(
     assert summary.model_loads == 2 and summary.retries == 0
     assert _nodes(summary) == {gpu_cluster.gpu_nodes[0].node_id[:8], joined.node_id[:8]}
     assert_same_frames(reference, out)
-    driver.WARM.discard(graceful=True)
+    warm_pools().discard(graceful=True)
     assert _requested() == []  # the discarded pool clears its request
 
 
@@ -106,7 +106,7 @@ def test_the_pool_shrinks_when_a_node_leaves(gpu_cluster, hold, tiny_models, dem
             gpu_cluster.remove_node(leaving)  # its worker dies mid-shard; no node has room for a replacement
             # The survivor stays held until the pool has given the lost slot up (rather than restarting it
             # forever): a real state change of the driver's pool, observed, not waited for by time.
-            wait_for(lambda: driver.WARM.pool.size == 1 or future.done())
+            wait_for(lambda: warm_pools().pool.size == 1 or future.done())
         finally:
             (hold / "release-all").touch()  # a failed check must not leave the job held forever
         summary = future.result(timeout=600)
@@ -116,9 +116,9 @@ def test_the_pool_shrinks_when_a_node_leaves(gpu_cluster, hold, tiny_models, dem
     assert staying.node_id[:8] in _nodes(summary)
     assert_same_frames(reference, out)
     # The shrunk pool stays warm: the next job with the same models runs on it without loading models.
-    built = driver.WARM.built
+    built = warm_pools().built
     again = run_job(_gpu_job(tiny_models, demo_media, audio, tmp_path / "again.mp4"))
-    assert driver.WARM.built == built and again.model_loads == 0
+    assert warm_pools().built == built and again.model_loads == 0
     assert (again.workers_start, again.workers) == (1, 1) and _nodes(again) == {staying.node_id[:8]}
     assert_same_frames(reference, tmp_path / "again.mp4")
 
@@ -130,7 +130,7 @@ def test_require_gpus_waits_for_a_gpu_node(gpu_cluster, tiny_models, demo_media,
     audio, reference = short_job
     out = tmp_path / "waited.mp4"
     job = _gpu_job(tiny_models, demo_media, audio, out, "cluster.require_gpus=true", "cluster.max_workers=1")
-    caplog.set_level(logging.WARNING, logger="cluster.driver")
+    caplog.set_level(logging.WARNING, logger="cluster.pool")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_job, job)
         try:
@@ -156,6 +156,6 @@ def test_require_gpus_on_an_embedded_cluster_fails_before_any_worker(
         out = tmp_path / "never.mp4"
         with pytest.raises(ConfigError, match="cluster.require_gpus=true but the Ray cluster has no GPU"):
             run_job(_gpu_job(tiny_models, demo_media, audio, out, "cluster.require_gpus=true"))
-        assert driver.WARM.pool is None and not out.exists()
+        assert warm_pools().pool is None and not out.exists()
     finally:
         ray.shutdown()

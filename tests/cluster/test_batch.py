@@ -141,7 +141,7 @@ def test_three_jobs_on_one_warm_pool(
     """An upstream-style YAML with three jobs, one of them bad: the pool is built once, each worker
     loads its models once, the bad job is reported with its error and the two others land, the first
     frame for frame equal to a single-job render."""
-    from cluster import driver
+    from cluster.pool import warm_pools
 
     media = tmp_path / "media"
     media.mkdir()
@@ -165,7 +165,7 @@ def test_three_jobs_on_one_warm_pool(
             }
         ),
     )
-    built = driver.WARM.built
+    built = warm_pools().built
     rows = run_batch(
         task_file,
         None,
@@ -180,8 +180,8 @@ def test_three_jobs_on_one_warm_pool(
             "cluster.workers=2",
         ],
     )
-    assert driver.WARM.built == built + 1, "one pool for the whole batch"
-    info = driver.WARM.pool.worker_info()
+    assert warm_pools().built == built + 1, "one pool for the whole batch"
+    info = warm_pools().pool.worker_info()
     assert len(info) == 2 and all(w["loads"] == 1 for w in info), info
     assert sum(w["units"] for w in info) == 4 + 2  # 50 frames in 13s, 25 frames in 13s
 

@@ -1,8 +1,8 @@
-"""The environment a pool's workers start with (cluster.driver.worker_env): no Ray needed."""
+"""The environment a pool's workers start with (cluster.session.worker_env): no Ray needed."""
 
 import os
 
-from cluster.driver import MALLOC_ARENAS, worker_env
+from cluster.session import MALLOC_ARENAS, worker_env
 from cluster.worker import HOLD_ENV
 
 

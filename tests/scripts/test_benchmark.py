@@ -132,7 +132,7 @@ def test_pool_run_renders_through_the_driver_and_reports_the_workers(tiny_models
     """``run_pool`` (the 1080p path) on the demo clip: a real Ray pool, one worker, two shards."""
     import ray
 
-    from cluster.driver import WARM
+    from cluster.pool import warm_pools
     from scripts.benchmark import run_pool
     from tests.helpers import trimmed_audio
 
@@ -149,7 +149,7 @@ def test_pool_run_renders_through_the_driver_and_reports_the_workers(tiny_models
     try:
         res = run_pool(cfg, demo_media.video, audio, workers=1, shards=2, prep_length=8)
     finally:
-        WARM.discard(graceful=True)
+        warm_pools().discard(graceful=True)
         ray.shutdown()
     assert (res["workers"], res["shards"], res["frames"]) == (1, 2, 20)
     assert res["face_frames"] == 20  # source frames 0..19, each with a face
