@@ -15,6 +15,7 @@ from omegaconf.errors import MissingMandatoryValue
 from cluster import storage
 from musetalk.config import BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
 from shards.errors import ConfigError
+from shards.plan import ShardsConfig
 from shards.segment import EncodeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +83,7 @@ class JobConfig:
     output: Path
     make_demo: bool
     download: bool
-    shard_length: int | None
-    shard_seconds: float | None
+    shards: ShardsConfig
     summary: bool
     resume: bool
     pipeline: PipelineConfig
@@ -97,7 +97,6 @@ class JobConfig:
     audio_uri: str | None = None
     output_uri: str | None = None
     cache: CacheConfig = CacheConfig()
-    prep_length: int = 64  # source frames per preparation unit (and avatar cache file)
 
 
 def compose_job(overrides: list[str]) -> JobConfig:
@@ -181,16 +180,14 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     resume = get("output.resume", bool, True)
     qa = get("output.qa", bool, True)
     make_demo, download = get("task.make_demo", bool, False), get("models.download", bool, False)
-    shard_problems = len(problems)
-    length = get("shards.length", int, nullable=True)
-    seconds = get("shards.seconds", float, nullable=True)
-    prep_length = get("shards.prep_length", int, 64)
+    before = len(problems)
+    shards = typed(ShardsConfig, "shards", node("shards"))
+    shards_typed = len(problems) == before
     cache = typed(CacheConfig, "cache", node("cache")) if "cache" in cfg else CacheConfig()
-    shards_typed = len(problems) == shard_problems
-
     problems += pipeline_problems(pipeline)
     problems += noop_problems(pipeline, encode)
     problems += cluster_problems(cluster, pipeline.device)
+    length, seconds = shards.length, shards.seconds
     if length is not None and seconds is not None:
         problems.append("set either shards.length or shards.seconds, not both (set the other to null)")
     if length is None and seconds is None and shards_typed:
@@ -199,8 +196,8 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         problems.append(f"shards.length must be positive, got {length}")
     if seconds is not None and seconds <= 0:
         problems.append(f"shards.seconds must be positive, got {seconds}")
-    if prep_length is not None and prep_length < 1:
-        problems.append(f"shards.prep_length must be positive, got {prep_length}")
+    if shards.prep_length < 1:
+        problems.append(f"shards.prep_length must be positive, got {shards.prep_length}")
     if not cache.dir:
         problems.append("cache.dir must name a directory or URI (or set cache.enabled=false)")
     if not 0 <= encode.crf <= 51:
@@ -224,8 +221,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         output_uri=output_uri,
         make_demo=make_demo,
         download=download,
-        shard_length=length,
-        shard_seconds=seconds,
+        shards=shards,
         summary=summary,
         resume=resume,
         pipeline=pipeline,
@@ -233,7 +229,6 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         cluster=cluster,
         qa=qa,
         cache=cache,
-        prep_length=prep_length,
     )
 
 

@@ -26,6 +26,7 @@ from cluster.scheduler import Broker, pool_capacity, pool_gpus, workers_to_reque
 from cluster.session import joined, request_workers, worker_env
 from cluster.worker import HOLD_ENV, RenderWorker
 from musetalk.config import PipelineConfig
+from musetalk.device import ComputeIdentity
 from shards.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Pool:
         self.retired: set[int] = set()  # slots given up when the cluster shrank (actors[i] is None)
         self.replacing: set[int] = set()  # slots whose lost worker was restarted and is not up yet
         self.requested: list[dict[str, float]] | None = None  # the last request to the autoscaler
+        # How the pool's workers compute (the first worker up sets it; a worker that differs is refused)
+        self.identity: ComputeIdentity | None = None
         self._next_check = 0.0
         for i in range(size):
             self.start(i)
@@ -167,11 +170,18 @@ class Pool:
         self.starting[self.actors[i].ready.remote()] = i
         self.started += 1
 
-    def came_up(self, i: int) -> None:
+    def came_up(self, i: int, identity: ComputeIdentity) -> bool:
+        """Slot ``i``'s worker is up and computes with ``identity``; False when that is not the pool's
+        identity (the caller retires the slot: a job's shards never mix compute identities)."""
+        if self.identity is None:
+            self.identity = identity
+        elif identity != self.identity:
+            return False
         self.up.add(i)
         self.replacing.discard(i)
         if self.first_up is None:
             self.first_up = time.monotonic()
+        return True
 
     def take_loads(self) -> tuple[int, float]:
         """(model loads not yet charged to a job, and the wait for the first worker when the pool is new)."""

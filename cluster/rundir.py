@@ -1,43 +1,45 @@
-"""The run directory of one output: a lock, the plan, finished segments and a manifest, for resume.
+"""The run directory of one output: a lock, finished segments and a manifest, for resume.
 
 Beside ``<dir>/<name>.mp4`` live ``<dir>/.<name>.mp4.lock`` (held while a render of that output runs) and
-``<dir>/.<name>.mp4.run/`` holding ``manifest.json``, ``plan.json`` and ``segments/<shard>.mkv``. A segment
-is listed in the manifest only after it was written whole (temporary name, then rename), so a crash or
-Ctrl-C never leaves a listed segment half-written. The manifest carries a key: a hash of the inputs'
-contents and of every setting that changes pixels. Re-running the same command resumes: shards listed
-under the same key are reused. A different key (changed input or setting) starts over. The directory is
-removed after the output has landed.
+``<dir>/.<name>.mp4.run/`` holding ``manifest.json`` and ``segments/<shard>.mkv``. The directory is created
+when the first segment lands (a render that fails before leaves nothing beside the output). A segment is
+listed in the manifest only after it was written whole (temporary name, then rename), so a crash or
+Ctrl-C never leaves a listed segment half-written. The manifest carries the resume key
+(:func:`cluster.keys.resume_key`: inputs, plan, pixel settings, encoder, weights) and the compute identity
+the segments were computed with. Re-running the same command resumes: segments listed under the same key
+are reused when the pool computes with the same identity; a different key (changed input or setting) or
+identity (another device model, dtype, thread count, torch or CUDA version) starts over, so one output
+never mixes segments computed differently. The directory is removed after the output has landed.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster import storage
+from cluster.keys import content_digest
 from shards.errors import InputError
 from shards.plan import Plan, Shard
 
 if TYPE_CHECKING:  # the pipeline imports torch: keep this module cheap for the pre-flight checks
+    from musetalk.device import ComputeIdentity
     from musetalk.pipeline import ShardStats
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 # Everything a run directory can hold (a crash right after creating it may leave it without a manifest).
-_OURS = {"segments", "plan.json", "manifest.json", "manifest.json.partial"}
-_CHUNK = 1 << 20
+_OURS = {"segments", "manifest.json", "manifest.json.partial", "plan.json"}  # plan.json: older versions
 
 
 def run_dir_path(output: Path) -> Path:
@@ -47,39 +49,6 @@ def run_dir_path(output: Path) -> Path:
 
 def lock_path(output: Path) -> Path:
     return output.parent / f".{output.name}.lock"
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's contents, streamed; remembered per file version (path, inode, size, mtime), as a
-    job hashes its video for both its resume key and its avatar cache key."""
-    st = os.stat(path)
-    return _digest(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def job_key(inputs: Iterable[str | Path], settings: dict, weights: Iterable[str | Path]) -> str:
-    """A hash of the inputs' contents, the pixel-affecting settings (JSON-able) and the weight files'
-    identity (path, size, mtime: hashing gigabytes of weights per job would cost more than it guards; for
-    a URI, its size, ETag and modification time from the object store)."""
-    h = hashlib.sha256()
-    for p in inputs:
-        h.update(file_digest(p).encode())
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for w in weights:
-        if storage.is_remote(str(w)):
-            h.update(f"{w}:{storage.identity(storage.info(str(w)))}".encode())
-            continue
-        st = Path(w).stat()
-        h.update(f"{Path(w).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
 
 
 @contextmanager
@@ -129,15 +98,17 @@ def _read_holder(path: Path) -> str:
 class RunDir:
     """Finished segments of one output under one key. Build with :meth:`open` while holding the lock."""
 
-    def __init__(self, root: Path, key: str, done: dict[str, dict]) -> None:
+    def __init__(self, root: Path, key: str, done: dict[str, dict], compute: str = "") -> None:
         self.root = root
         self.key = key
+        self.compute = compute  # the compute identity of the listed segments ("" while there are none)
         self._done = done  # shard name -> {"bytes", "sha256", "stats"}
         self.segments = root / "segments"
 
     @classmethod
     def open(cls, output: Path, key: str, plan: Plan, *, resume: bool) -> RunDir:
-        """The run directory for ``output``: resumed when its manifest has ``key`` and ``resume``, else new."""
+        """The run directory for ``output``: resumed when its manifest has ``key`` and ``resume``, else new
+        (an old one is removed; a new one appears on disk with its first segment)."""
         root = run_dir_path(output)
         manifest = root / "manifest.json"
         if root.exists():
@@ -148,7 +119,7 @@ class RunDir:
                     "move it away or choose another task.output"
                 )
             if resume and old is not None and old.get("key") == key:
-                run = cls(root, key, old["shards"])
+                run = cls(root, key, old["shards"], old.get("compute", ""))
                 run._check()
                 logger.info(
                     "resuming: %d of %d shards already rendered in %s", len(run._done), len(plan.shards), root
@@ -157,11 +128,22 @@ class RunDir:
             why = "a fresh run was asked for" if not resume else "the inputs or settings changed"
             logger.info("starting over in %s: %s", root, why)
             shutil.rmtree(root)
-        run = cls(root, key, {})
-        run.segments.mkdir(parents=True)
-        (root / "plan.json").write_text(plan.to_json())
-        run._write_manifest()
-        return run
+        return cls(root, key, {})
+
+    def adopt(self, identity: ComputeIdentity) -> None:
+        """The segments still to render will be computed with ``identity``: listed segments computed
+        with another one are dropped (the output would mix rounding otherwise)."""
+        if self._done and self.compute != identity.key():
+            logger.info(
+                "starting over in %s: its %d segments were computed on %s, this pool computes on %s",
+                self.root,
+                len(self._done),
+                self.compute.replace("|", " "),
+                identity,
+            )
+            self._done = {}
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.compute = identity.key()
 
     def _check(self) -> None:
         """Drop listed segments that are missing or altered, and unlisted files (partial writes)."""
@@ -170,11 +152,11 @@ class RunDir:
             if (
                 not seg.is_file()
                 or seg.stat().st_size != entry["bytes"]
-                or file_digest(seg) != entry["sha256"]
+                or content_digest(seg) != entry["sha256"]
             ):
                 logger.warning("segment %s is missing or altered; rendering it again", seg)
                 del self._done[name]
-        for f in self.segments.iterdir():
+        for f in self.segments.iterdir() if self.segments.is_dir() else ():
             if f.name.removesuffix(".mkv") not in self._done:
                 f.unlink()
         self._write_manifest()
@@ -195,7 +177,10 @@ class RunDir:
         return len(self._done)
 
     def add(self, shard: Shard, data: bytes, stats: ShardStats) -> None:
-        """Store a finished segment, then list it (both atomically)."""
+        """Store a finished segment, then list it (both atomically); the first one creates the directory."""
+        if not self.compute:
+            raise RuntimeError("RunDir.add before adopt(): the segments' compute identity is unknown")
+        self.segments.mkdir(parents=True, exist_ok=True)
         final = self.segment(shard.name)
         tmp = final.with_suffix(".partial")
         tmp.write_bytes(data)
@@ -208,7 +193,7 @@ class RunDir:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        data = {"version": MANIFEST_VERSION, "key": self.key, "shards": self._done}
+        data = {"version": MANIFEST_VERSION, "key": self.key, "compute": self.compute, "shards": self._done}
         tmp = self.root / "manifest.json.partial"
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.root / "manifest.json")

@@ -196,11 +196,12 @@ class Broker:
         """The worker raised while loading (bad device, weights, ...): the job fails with its reason now."""
         raise RenderError(f"worker {slot} failed to start: {reason}")
 
-    def check_start(self, now: float) -> None:
-        """Fail when work remains and no slot has been up for ``start_timeout_s`` (counted from the start,
-        or from the last check that saw a slot up: losing every node late in a long job leaves the
-        autoscaler the whole timeout to bring new ones)."""
-        if self.finished:
+    def check_start(self, now: float, waiting: bool = False) -> None:
+        """Fail when work remains (queued here, or ``waiting`` to be queued: jobs not started until a
+        worker is up) and no slot has been up for ``start_timeout_s`` (counted from the start, or from
+        the last check that saw a slot up: losing every node late in a long job leaves the autoscaler the
+        whole timeout to bring new ones)."""
+        if self.finished and not waiting:
             return
         if any(s.up for s in self.slots):
             self._since = now

@@ -4,7 +4,7 @@ Models load once in ``__init__`` and serve every job the pool is given (a warm p
 batch, or the runs of a multirun sweep). A worker runs up to ``cluster.max_in_flight`` units at once, each
 in its own thread over the same models (a threaded actor): a preparation unit beside a generation shard
 keeps the device busy while the other unit decodes, builds masks, composites or encodes. ``prepare`` runs one unit of a job's preparation phase (detect,
-prepare or audio: see :mod:`cluster.phases`) and returns its result; ``render`` renders one generation
+prepare or audio: see :mod:`musetalk.preparation`) and returns its result; ``render`` renders one generation
 shard from those results and returns its encoded segment bytes and stats. Per-job settings that do not change the models (``bbox_shift``)
 travel with the job. Inputs arrive through the object store (or as paths every node can read, or as URIs
 each node stages once: ``cluster.storage``; a URI ``models.dir`` is synced per node likewise) and are
@@ -37,6 +37,7 @@ from cluster.memory import cpu_seconds, memory_mib, trim_heap
 from cluster.weights import local_models
 from musetalk.avatar import AvatarStore, EntrySource, detections_to_json, fetch, pack_chunk
 from musetalk.config import PipelineConfig
+from musetalk.device import ComputeIdentity
 from musetalk.pipeline import AudioFeatures, FramePipeline, PrepStats, ShardStats
 from musetalk.stages import on_stream
 from shards.plan import Plan, PrepUnit, Shard
@@ -175,10 +176,11 @@ class RenderWorker:
             self.load_seconds,
         )
 
-    def ready(self) -> str:
+    def ready(self) -> tuple[str, ComputeIdentity]:
+        """The worker's name and compute identity, once its models are loaded (or its loading error)."""
         if self._init_error is not None:
             raise self._init_error
-        return self.name
+        return self.name, self.pipeline.identity
 
     def info(self) -> dict:
         """Name, model loads and their seconds, units rendered (the driver charges loads to jobs); CPU

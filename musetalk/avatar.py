@@ -19,8 +19,6 @@ so a later render of the same video with any audio reuses them. Entries are writ
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import io
 import json
 import logging
@@ -28,16 +26,13 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from musetalk.audio import audio_span
 from musetalk.blending import Box
 from musetalk.config import PipelineConfig
-from musetalk.faces import Detection, crop_box, smooth_boxes
-from musetalk.parsing import parse_batch
+from musetalk.faces import Detection, crop_box, smooth_boxes, smoothing_window
 
 logger = logging.getLogger(__name__)
 
@@ -195,78 +190,9 @@ def boxes_from_detections(
 
     out = {}
     for s in frames:
-        a, b = max(0, s - r), min(source_frames, s + r + 1)
-        out[s] = smooth_boxes([raw_box(k) for k in range(a, b)], r)[s - a]
+        window = smoothing_window(s, r, source_frames)
+        out[s] = smooth_boxes([raw_box(k) for k in window], r)[s - window.start]
     return out
-
-
-# ---------------------------------------------------------------------------------------------- keys
-
-
-def weights_fingerprint(paths: Iterable[str | Path]) -> str:
-    """Identity of weight files that holds across machines: name, size and the first and last MiB of
-    each (cheap for gigabytes, and random test weights of equal size still differ). Each file is read
-    once per version (path, inode, size, mtime) in a process: a batch of jobs does not read it again."""
-    h = hashlib.sha256()
-    for p in paths:
-        st = os.stat(p)
-        h.update(_file_fingerprint(str(Path(p).resolve()), st.st_ino, st.st_size, st.st_mtime_ns).encode())
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=256)
-def _file_fingerprint(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256(f"{Path(path).name}:{size}".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(_FINGERPRINT_BYTES))
-        if size > _FINGERPRINT_BYTES:
-            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
-            h.update(f.read())
-    return h.hexdigest()
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def compute_settings(cfg: PipelineConfig, device_type: str) -> dict:
-    """How results are computed, beyond the weights: device type, dtype and CPU threads change rounding."""
-    return {
-        "device": device_type,
-        "dtype": cfg.dtype if device_type != "cpu" else "float32",
-        "threads": cfg.threads,
-    }
-
-
-def detect_key(cfg: PipelineConfig, device_type: str, weights: str) -> str:
-    """What raw detections depend on: detector, landmarks or not, detection size and batch, weights."""
-    f = cfg.face
-    return "d" + _digest(
-        {
-            "format": FORMAT,
-            "detector": f.detector,
-            "crop": f.crop,
-            "detect_max_side": f.detect_max_side,
-            "batch_size": f.batch_size,
-            "compute": compute_settings(cfg, device_type),
-            "weights": weights,
-        }
-    )
-
-
-def prepare_key(cfg: PipelineConfig, device_type: str, weights: str) -> str:
-    """What prepared entries depend on: every face and blend setting, the VAE and parser batches, weights."""
-    return "p" + _digest(
-        {
-            "format": FORMAT,
-            "face": asdict(cfg.face),
-            "blend": asdict(cfg.blend),
-            "batch_size": cfg.batch_size,
-            "parse_batch": parse_batch(device_type),
-            "compute": compute_settings(cfg, device_type),
-            "weights": weights,
-        }
-    )
 
 
 # ---------------------------------------------------------------------------------------------- store
@@ -342,62 +268,3 @@ class AvatarStore:
         finally:  # a failed write (a full disk) leaves nothing behind, not even the temporary file
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-
-
-# ---------------------------------------------------------------------------------------------- planning
-
-
-def block_ranges(frames: Iterable[int], block: int) -> list[tuple[int, int]]:
-    """Sorted distinct ``frames`` as ``[start, end)`` runs of consecutive frames, split at multiples of
-    ``block`` (so ranges, and the cache files named after them, line up across jobs on one video)."""
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    out: list[tuple[int, int]] = []
-    for s in sorted(set(frames)):
-        if out and out[-1][1] == s and s % block:
-            out[-1] = (out[-1][0], s + 1)
-        else:
-            out.append((s, s + 1))
-    return out
-
-
-class JobPrep:
-    """What a job must prepare (pure): the source frames its shards show, the detections their smoothed
-    boxes read (``smooth_radius`` frames each side, clipped to the video), the Whisper segments their
-    windows read; less what is already there (``have_detections``, ``have_entries``: source frames)."""
-
-    def __init__(
-        self,
-        plan,
-        chunk: int,
-        smooth_radius: int,
-        shards=None,
-        have_detections: Iterable[int] = (),
-        have_entries: Iterable[int] = (),
-    ) -> None:
-        shards = plan.shards if shards is None else shards
-        self.chunk = chunk
-        self.shown = sorted({plan.source_index(t) for s in shards for t in range(s.start, s.end)})
-        entries = set(have_entries)
-        self.entries_needed = [s for s in self.shown if s not in entries]
-        context = set()
-        n, r = plan.source_frames, smooth_radius
-        for s in self.entries_needed:
-            context.update(range(max(0, s - r), min(n, s + r + 1)))
-        detections = set(have_detections)
-        self.context = sorted(context)
-        self.detections_needed = [s for s in self.context if s not in detections]
-        self.shard_segments: dict[str, range] = {}  # shard name -> the Whisper segments its windows read
-        for s in shards:
-            span = audio_span(plan.total_samples, plan.fps, s.start, s.end)
-            self.shard_segments[s.name] = range(span.first_segment, span.end_segment)
-        self.segments = sorted({k for r in self.shard_segments.values() for k in r})
-
-    def detect_ranges(self) -> list[tuple[int, int]]:
-        return block_ranges(self.detections_needed, self.chunk)
-
-    def prepare_ranges(self) -> list[tuple[int, int]]:
-        return block_ranges(self.entries_needed, self.chunk)
-
-    def audio_segments(self) -> list[int]:
-        return list(self.segments)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from dataclasses import astuple, dataclass
+
 import torch
 
 from shards.errors import ConfigError
@@ -33,3 +36,44 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype != torch.float32:
         return torch.float32
     return dtype
+
+
+@dataclass(frozen=True)
+class ComputeIdentity:
+    """What the rounding of a worker's results depends on, beyond the weights and the settings: the
+    device type and model (a GPU's name; on a CPU, the architecture and the SIMD level torch dispatches
+    to), the dtype it computes in, its torch threads, and the torch and CUDA versions. Results are
+    bit-identical across workers of one identity (shard invariance is claimed per identity), so a job
+    never mixes identities, and every key of reusable work (resume, avatar cache) includes it."""
+
+    device: str  # cpu | cuda | mps
+    model: str
+    dtype: str
+    threads: int
+    torch: str
+    cuda: str = ""
+
+    def key(self) -> str:
+        """A stable text form, for hashing into keys."""
+        return "|".join(str(v) for v in astuple(self))
+
+    def __str__(self) -> str:
+        cuda = f", CUDA {self.cuda}" if self.cuda else ""
+        return f"{self.device} ({self.model}), {self.dtype}, {self.threads} threads, torch {self.torch}{cuda}"
+
+
+def compute_identity(device: torch.device, dtype: torch.dtype) -> ComputeIdentity:
+    """The identity of this process computing on ``device`` in ``dtype`` (call after the thread count
+    is set: it is read from torch)."""
+    if device.type == "cuda":
+        model = torch.cuda.get_device_name(device)
+    else:
+        model = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+    return ComputeIdentity(
+        device=device.type,
+        model=model,
+        dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        cuda=(torch.version.cuda or "") if device.type == "cuda" else "",
+    )

@@ -392,6 +392,12 @@ def _clipped(x1: int, y1: int, x2: int, y2: int, width: int, height: int) -> Box
     return (x1, y1, x2, y2)
 
 
+def smoothing_window(src: int, radius: int, source_frames: int) -> range:
+    """The source frames whose raw boxes source frame ``src``'s smoothed box reads: ``[src - radius,
+    src + radius]`` clipped to the video. The one definition of the smoothing context."""
+    return range(max(0, src - radius), min(source_frames, src + radius + 1))
+
+
 def smooth_boxes(boxes: Sequence[Box | None], radius: int) -> list[Box | None]:
     """Per-coordinate median of the non-None boxes in ``[i - radius, i + radius]``; None stays None.
 

@@ -31,16 +31,17 @@ from musetalk.audio import (
     load_whisper,
     positional_encoding,
 )
-from musetalk.avatar import Entry, JobPrep, boxes_from_detections
+from musetalk.avatar import Entry, boxes_from_detections
 from musetalk.blending import Blender, BlendMaterial, Box
 from musetalk.composite import DeviceCompositor, active_rect, paste_numpy
 from musetalk.config import PipelineConfig
-from musetalk.device import resolve_device, resolve_dtype
+from musetalk.device import compute_identity, resolve_device, resolve_dtype
 from musetalk.enhance import FaceEnhancer, load_gfpgan
 from musetalk.faces import Detection, FaceAnalyzer, crop_face, load_face_analyzer
 from musetalk.generation import LatentGenerator, load_unet, load_vae
 from musetalk.layout import ModelLayout
 from musetalk.parsing import load_face_parser
+from musetalk.preparation import PrepPlan
 from musetalk.stages import (
     END,
     Channel,
@@ -53,7 +54,7 @@ from musetalk.stages import (
 )
 from shards.decode import read_frames
 from shards.errors import WeightsError
-from shards.plan import Plan, Shard, plan_shards, shard_length_frames
+from shards.plan import Plan, Shard, ShardsConfig, plan_shards, shard_length_frames
 from shards.probe import VideoInfo, load_audio, probe_video
 from shards.segment import EncodeSettings, SegmentWriter
 from shards.stitch import concat_and_mux
@@ -248,6 +249,8 @@ class FramePipeline:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.models = models or load_models(cfg, self.tuning)
+        # what the rounding of this pipeline's results depends on (keys of reusable work include it)
+        self.identity = compute_identity(self.models.device, resolve_dtype(cfg.dtype, self.models.device))
         self._device_composite = self.tuning.device_composite(self.models.device)
         self._compositor = DeviceCompositor(self.models.device) if self._device_composite else None
 
@@ -403,25 +406,28 @@ class FramePipeline:
         return out, stats
 
     def prepare_job(
-        self, video: VideoInfo, samples: np.ndarray, plan: Plan, chunk: int = 64
+        self, video: VideoInfo, samples: np.ndarray, plan: Plan, chunk: int = ShardsConfig.prep_length
     ) -> tuple[dict[int, Entry], AudioFeatures, list[PrepStats]]:
-        """Every preparation a job needs, in this process: detections of the shown source frames and their
-        smoothing context, boxes, entries (``chunk`` source frames at a time), Whisper features."""
-        jp = JobPrep(plan, chunk, self.cfg.face.smooth_radius)
+        """Every preparation a job needs, in this process (:class:`musetalk.preparation.PrepPlan`):
+        detections of the shown source frames and their smoothing context, boxes, entries (``chunk``
+        source frames at a time), Whisper features."""
+        prep = PrepPlan(plan, plan.shards, chunk=chunk, smooth_radius=self.cfg.face.smooth_radius)
+        prep.start()
         stats: list[PrepStats] = []
-        detections: dict[int, Detection | None] = {}
-        for a, b in jp.detect_ranges():
-            found, st = self.detect_range(video, a, b)
-            detections.update(found)
+        for unit in prep.units_of("detect"):
+            found, st = self.detect_range(video, unit.start, unit.end)
+            prep.detected(unit, found)
             stats.append(st)
         entries: dict[int, Entry] = {}
         shape = (video.height, video.width)
-        for a, b in jp.prepare_ranges():
-            boxes = boxes_from_detections(detections, range(a, b), shape, self.cfg, plan.source_frames)
-            done, st = self.prepare_range(video, a, b, boxes)
+        for unit in prep.units_of("prepare"):
+            boxes = boxes_from_detections(
+                prep.detections, range(unit.start, unit.end), shape, self.cfg, plan.source_frames
+            )
+            done, st = self.prepare_range(video, unit.start, unit.end, boxes)
             entries.update((e.src, e) for e in done)
             stats.append(st)
-        segments, st = self.encode_audio(samples, jp.audio_segments())
+        segments, st = self.encode_audio(samples, [u.start for u in prep.units_of("audio")])
         stats.append(st)
         return entries, AudioFeatures(segments, plan.total_samples, plan.fps), stats
 
@@ -618,8 +624,6 @@ def plan_job(
     video: str | Path,
     audio: str | Path,
     *,
-    overlap: int,
-    smooth_radius: int,
     shard_frames: int | None = None,
     shard_seconds: float | None = None,
 ) -> tuple[VideoInfo, np.ndarray, Plan]:
@@ -633,8 +637,6 @@ def plan_job(
         sample_rate=SAMPLE_RATE,
         fps=info.fps,
         shard_frames=shard_length_frames(shard_frames, shard_seconds, info.fps),
-        overlap=overlap,
-        min_overlap=smooth_radius,
     )
     return info, samples, plan
 
@@ -654,19 +656,15 @@ def render_local(
     cfg: PipelineConfig,
     *,
     shard_frames: int = 250,
-    overlap: int | None = None,
     encode: EncodeSettings | None = None,
     pipeline: FramePipeline | None = None,
-    chunk: int = 64,
+    chunk: int = ShardsConfig.prep_length,
 ) -> LocalResult:
     """Render a whole job in this process (no Ray): probe, plan, prepare every shown source frame once,
-    render every shard, stitch, mux. The output does not depend on ``shard_frames``, ``overlap`` or
-    ``chunk`` (source frames per preparation unit)."""
+    render every shard, stitch, mux. The output does not depend on ``shard_frames`` or ``chunk`` (source
+    frames per preparation unit)."""
     encode = encode or EncodeSettings()
-    overlap = cfg.face.smooth_radius if overlap is None else overlap
-    info, samples, plan = plan_job(
-        video, audio, overlap=overlap, smooth_radius=cfg.face.smooth_radius, shard_frames=shard_frames
-    )
+    info, samples, plan = plan_job(video, audio, shard_frames=shard_frames)
     pipeline = pipeline or FramePipeline(cfg)
     entries, features, prep = pipeline.prepare_job(info, samples, plan, chunk)
     stats = []

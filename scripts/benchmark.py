@@ -51,6 +51,7 @@ from musetalk.pipeline import (
 from scripts.make_bench_media import ensure_bench_media
 from scripts.make_demo_media import SAMPLE_RATE, ensure_demo_media, speech_like
 from scripts.make_tiny_models import MARKER, ensure_tiny_models
+from shards.plan import ShardsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def run_pool(
     audio: Path,
     workers: int,
     shards: int,
-    prep_length: int = 64,
+    prep_length: int = ShardsConfig.prep_length,
     extra: list[str] = (),
 ) -> dict:
     """Render ``video`` + ``audio`` with the real driver on a fresh Ray pool of ``workers`` workers (on a
@@ -249,8 +250,7 @@ def run_pool(
     from cluster.driver import run_job
     from cluster.pool import warm_pools
 
-    overlap = cfg.face.smooth_radius
-    _, _, plan = plan_job(video, audio, overlap=overlap, smooth_radius=overlap, shard_frames=1)
+    _, _, plan = plan_job(video, audio, shard_frames=1)
     shard_frames = math.ceil(plan.output_frames / shards)
     gpu = resolve_device(cfg.device).type == "cuda"
     with tempfile.TemporaryDirectory(prefix="musetalk-bench-") as tmp:

@@ -2,10 +2,9 @@
 
 Output frame ``t`` (``0 <= t < output_frames``) shows source frame ``source_index(t)``: the video
 plays forward, then backward, then forward again (ping-pong) when the audio outlasts it, as
-upstream MuseTalk does. The output is split into shards of consecutive output frames; each shard
-also decodes ``overlap`` context source frames on each side of the source frames it shows, which
-feed temporal box smoothing. Context frames are decoded but never emitted, and every output frame
-belongs to exactly one shard, so the output does not depend on how the video was sharded.
+upstream MuseTalk does. The output is split into shards of consecutive output frames; every output
+frame belongs to exactly one shard, so the output does not depend on how the video was sharded (a
+shard reads only per-source-frame results of the preparation phase: ``musetalk.preparation``).
 """
 
 from __future__ import annotations
@@ -38,14 +37,24 @@ def output_frame_count(total_samples: int, sample_rate: int, fps: Fraction) -> i
 
 
 @dataclass(frozen=True)
+class ShardsConfig:
+    """How a job is cut into units (``shards.*``): ``length`` output frames per generation shard, or
+    ``seconds`` of output per shard (one of them, the other None); ``prep_length`` source frames per
+    preparation unit (detect, prepare) and avatar cache file. The one home of these defaults: the YAML
+    agrees with them (a test), and code that runs without Hydra uses them as they are."""
+
+    length: int | None = 100
+    seconds: float | None = None
+    prep_length: int = 64
+
+
+@dataclass(frozen=True)
 class Shard:
-    """One unit of work: output frames ``[start, end)`` and the source frames ``[src_start, src_end)`` to decode."""
+    """One generation unit: output frames ``[start, end)``."""
 
     index: int
     start: int
     end: int
-    src_start: int
-    src_end: int
 
     @property
     def frames(self) -> int:
@@ -85,7 +94,6 @@ class Plan:
     output_frames: int
     total_samples: int
     sample_rate: int
-    overlap: int
     shards: tuple[Shard, ...]
 
     @property
@@ -95,14 +103,16 @@ class Plan:
     def source_index(self, t: int) -> int:
         return source_index(t, self.source_frames)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+    def shown_frames(self, start: int, end: int) -> list[int]:
+        """The distinct source frames output frames ``[start, end)`` show, sorted."""
+        n = self.source_frames
+        if end - start >= 2 * n:  # a whole ping-pong period shows every frame
+            return list(range(n))
+        return sorted({source_index(t, n) for t in range(start, end)})
 
-    @classmethod
-    def from_json(cls, text: str) -> Plan:
-        data = json.loads(text)
-        data["shards"] = tuple(Shard(**s) for s in data["shards"])
-        return cls(**data)
+    def to_json(self) -> str:
+        """The plan as JSON (part of the resume key: the shard boundaries decide which segments exist)."""
+        return json.dumps(asdict(self), sort_keys=True)
 
 
 def shard_length_frames(length: int | None, seconds: float | None, fps: Fraction) -> int:
@@ -125,21 +135,10 @@ def plan_shards(
     sample_rate: int,
     fps: Fraction,
     shard_frames: int,
-    overlap: int,
-    min_overlap: int = 0,
 ) -> Plan:
-    """Split the output into shards of ``shard_frames`` output frames (the last one may be shorter).
-
-    ``overlap`` context source frames are added on each side of each shard's source frames, clipped to
-    the video; it must be at least ``min_overlap`` (the temporal smoothing radius), else ConfigError.
-    """
+    """Split the output into shards of ``shard_frames`` output frames (the last one may be shorter)."""
     if source_frames <= 0:
         raise InputError("the video has no frames; pass a video with at least one decodable frame")
-    if overlap < min_overlap:
-        raise ConfigError(
-            f"shards.overlap={overlap} is smaller than the {min_overlap} context frames box smoothing needs; "
-            f"set shards.overlap>={min_overlap}"
-        )
     if shard_frames <= 0:
         raise ConfigError(f"shards.length must be positive, got {shard_frames}")
     output_frames = output_frame_count(total_samples, sample_rate, fps)
@@ -147,19 +146,10 @@ def plan_shards(
         raise InputError(
             f"the audio is shorter than one video frame ({total_samples} samples at {sample_rate} Hz); pass a longer audio file"
         )
-    shards = []
-    for index, start in enumerate(range(0, output_frames, shard_frames)):
-        end = min(start + shard_frames, output_frames)
-        lo, hi = _source_extent(start, end, source_frames)
-        shards.append(
-            Shard(
-                index=index,
-                start=start,
-                end=end,
-                src_start=max(0, lo - overlap),
-                src_end=min(source_frames, hi + 1 + overlap),
-            )
-        )
+    shards = [
+        Shard(index=index, start=start, end=min(start + shard_frames, output_frames))
+        for index, start in enumerate(range(0, output_frames, shard_frames))
+    ]
     return Plan(
         fps_num=fps.numerator,
         fps_den=fps.denominator,
@@ -167,17 +157,8 @@ def plan_shards(
         output_frames=output_frames,
         total_samples=total_samples,
         sample_rate=sample_rate,
-        overlap=overlap,
         shards=tuple(shards),
     )
-
-
-def _source_extent(start: int, end: int, n: int) -> tuple[int, int]:
-    """Smallest and largest source frame shown by output frames ``[start, end)``."""
-    if end - start >= 2 * n:
-        return 0, n - 1
-    indices = [source_index(t, n) for t in range(start, end)]
-    return min(indices), max(indices)
 
 
 def dispatch_order(plan: Plan) -> list[Shard]:

@@ -45,7 +45,7 @@ def test_interface_names():
     job = job_from_config(cfg)
     assert job.pipeline.face.bbox_shift == -7
     assert job.pipeline.batch_size == 3 and job.pipeline.dtype == "float16"
-    assert (job.shard_length, job.prep_length) == (20, 32)
+    assert (job.shards.length, job.shards.prep_length) == (20, 32)
     assert job.encode.lossless and job.pipeline.enhance.upscale == 2
     assert job.cluster.workers == 3 and job.cluster.gpus_per_worker == 0.5
     assert job.pipeline.models_dir == "/somewhere"
@@ -109,7 +109,7 @@ def test_mistyped_values_are_named_not_tracebacks(override, needle):
 
 def test_numbers_are_accepted_where_floats_are_expected():
     job = job_from_config(_compose("+task=test", "shards.length=null", "shards.seconds=2", "blend.expand=2"))
-    assert job.shard_seconds == 2.0 and isinstance(job.shard_seconds, float)
+    assert job.shards.seconds == 2.0 and isinstance(job.shards.seconds, float)
     assert job.pipeline.blend.expand == 2.0
 
 

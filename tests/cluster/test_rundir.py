@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
 
 import pytest
 
-from cluster.rundir import RunDir, file_digest, job_key, output_lock
+from cluster.rundir import RunDir, output_lock
+from musetalk.device import ComputeIdentity
 from musetalk.pipeline import ShardStats
 from shards.errors import InputError
 from shards.plan import plan_shards
@@ -20,28 +20,8 @@ def plan():
     from fractions import Fraction
 
     return plan_shards(
-        source_frames=10, total_samples=16000, sample_rate=16000, fps=Fraction(25), shard_frames=10, overlap=2
+        source_frames=10, total_samples=16000, sample_rate=16000, fps=Fraction(25), shard_frames=10
     )
-
-
-def test_file_digest_is_sha256_of_the_contents(tmp_path):
-    f = tmp_path / "x.bin"
-    f.write_bytes(b"abc" * 1000)
-    assert file_digest(f) == hashlib.sha256(b"abc" * 1000).hexdigest()
-
-
-def test_job_key_changes_with_contents_settings_and_weights(tmp_path):
-    video, weights = tmp_path / "v.mp4", tmp_path / "w.pth"
-    video.write_bytes(b"video")
-    weights.write_bytes(b"weights")
-    base = job_key([video], {"a": 1}, [weights])
-    assert job_key([video], {"a": 1}, [weights]) == base
-    assert job_key([video], {"a": 2}, [weights]) != base
-    video.write_bytes(b"videO")
-    assert job_key([video], {"a": 1}, [weights]) != base
-    video.write_bytes(b"video")
-    weights.write_bytes(b"weights, retrained")
-    assert job_key([video], {"a": 1}, [weights]) != base
 
 
 def _try_lock(output, queue):
@@ -70,38 +50,70 @@ def test_second_render_of_one_output_is_refused(tmp_path):
     p.join(timeout=120)
 
 
+CPU1 = ComputeIdentity("cpu", "x86_64 AVX2", "float32", 1, "2.13.0")
+CPU2 = ComputeIdentity("cpu", "x86_64 AVX2", "float32", 2, "2.13.0")
+
+
 def _stats(i: int) -> ShardStats:
     return ShardStats(shard=i, frames=10, face_frames=3, decoded_frames=12, seconds={"generate": 1.5})
 
 
+def _open(out, key, plan, resume=True, identity=CPU1) -> RunDir:
+    run = RunDir.open(out, key, plan, resume=resume)
+    run.adopt(identity)
+    return run
+
+
+def test_nothing_is_written_before_the_first_segment(tmp_path, plan):
+    out = tmp_path / "out.mp4"
+    run = _open(out, "k1", plan)
+    assert not run.root.exists()
+    run.add(plan.shards[0], b"segment zero", _stats(0))
+    assert run.segment("shard_00000").read_bytes() == b"segment zero"
+
+
 def test_finished_segments_are_reused_under_the_same_key(tmp_path, plan):
     out = tmp_path / "out.mp4"
-    run = RunDir.open(out, "k1", plan, resume=True)
+    run = _open(out, "k1", plan)
     run.add(plan.shards[0], b"segment zero", _stats(0))
     (run.segments / "shard_00001.partial").write_bytes(b"half a segme")  # a write cut by a crash
 
-    again = RunDir.open(out, "k1", plan, resume=True)
+    again = _open(out, "k1", plan)
     assert again.has(plan.shards[0]) and not again.has(plan.shards[1])
     assert again.stats(plan.shards[0]) == _stats(0)
     assert again.segment("shard_00000").read_bytes() == b"segment zero"
     assert sorted(p.name for p in again.segments.iterdir()) == ["shard_00000.mkv"]
 
 
+def test_segments_of_another_compute_identity_are_dropped(tmp_path, plan):
+    out = tmp_path / "out.mp4"
+    _open(out, "k1", plan).add(plan.shards[0], b"one thread", _stats(0))
+    run = RunDir.open(out, "k1", plan, resume=True)
+    assert run.has(plan.shards[0])  # a job with nothing left to render stitches without a pool
+    run.adopt(CPU2)
+    assert run.done_count == 0 and not run.root.exists()
+    run.add(plan.shards[1], b"two threads", _stats(1))
+    assert json.loads((run.root / "manifest.json").read_text())["compute"] == CPU2.key()
+    assert _open(out, "k1", plan, identity=CPU2).has(plan.shards[1])
+
+
 @pytest.mark.parametrize(("key", "resume"), [("k2", True), ("k1", False)])
 def test_changed_key_or_fresh_run_starts_over(tmp_path, plan, key, resume):
     out = tmp_path / "out.mp4"
-    RunDir.open(out, "k1", plan, resume=True).add(plan.shards[0], b"old", _stats(0))
-    run = RunDir.open(out, key, plan, resume=resume)
-    assert run.done_count == 0 and list(run.segments.iterdir()) == []
+    _open(out, "k1", plan).add(plan.shards[0], b"old", _stats(0))
+    run = _open(out, key, plan, resume=resume)
+    assert run.done_count == 0 and not run.root.exists()
+    run.add(plan.shards[1], b"new", _stats(1))
     assert json.loads((run.root / "manifest.json").read_text())["key"] == key
+    assert [p.name for p in run.segments.iterdir()] == ["shard_00001.mkv"]
 
 
 def test_an_altered_segment_is_rendered_again(tmp_path, plan):
     out = tmp_path / "out.mp4"
-    run = RunDir.open(out, "k1", plan, resume=True)
+    run = _open(out, "k1", plan)
     run.add(plan.shards[0], b"segment zero", _stats(0))
     run.segment("shard_00000").write_bytes(b"segment 0ero")
-    assert RunDir.open(out, "k1", plan, resume=True).done_count == 0
+    assert _open(out, "k1", plan).done_count == 0
 
 
 def test_a_foreign_directory_at_the_run_path_is_never_deleted(tmp_path, plan):
@@ -116,7 +128,7 @@ def test_a_foreign_directory_at_the_run_path_is_never_deleted(tmp_path, plan):
 
 def test_remove_leaves_nothing(tmp_path, plan):
     out = tmp_path / "out.mp4"
-    run = RunDir.open(out, "k1", plan, resume=True)
+    run = _open(out, "k1", plan)
     run.add(plan.shards[0], b"x", _stats(0))
     run.remove()
     assert list(tmp_path.iterdir()) == []

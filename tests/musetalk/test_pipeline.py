@@ -102,7 +102,6 @@ def test_sharded_local_render_is_identical(box_pipeline, demo_media, tmp_path):
         encode=LOSSLESS,
         pipeline=box_pipeline,
         shard_frames=13,
-        overlap=3,
     )
     assert len(one.plan.shards) == 1 and len(many.plan.shards) == 4
     a, b = decode_all(one.output), decode_all(many.output)

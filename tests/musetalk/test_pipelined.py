@@ -47,7 +47,7 @@ def _audio(path: Path, seconds: float) -> Path:
 
 def _both(pipe, video, audio, tmp_path, shard_frames):
     """Render every shard with the pipelined and the serial renderer; return their frames and stats."""
-    info, samples, plan = plan_job(video, audio, overlap=2, smooth_radius=2, shard_frames=shard_frames)
+    info, samples, plan = plan_job(video, audio, shard_frames=shard_frames)
     entries, features, _ = pipe.prepare_job(info, samples, plan, chunk=16)
     stats = []
     for shard in plan.shards:
@@ -134,7 +134,7 @@ def test_an_error_in_any_thread_reaches_the_caller_and_cleans_up(
     pipe, demo_media, tmp_path, monkeypatch, where
 ):
     info, samples, plan = plan_job(
-        demo_media.video, _audio(tmp_path / "a.wav", 1.0), overlap=2, smooth_radius=2, shard_frames=25
+        demo_media.video, _audio(tmp_path / "a.wav", 1.0), shard_frames=25
     )
     _fail_in(where, monkeypatch, pipe)
     out = tmp_path / "out.mkv"
@@ -182,7 +182,7 @@ def test_preparation_lets_each_frame_go_once_it_is_cropped(pipe, demo_media, mon
     from musetalk.avatar import boxes_from_detections
     from musetalk.stages import PipelineTuning
 
-    info, _, plan = plan_job(demo_media.video, demo_media.audio, overlap=2, smooth_radius=2, shard_frames=25)
+    info, _, plan = plan_job(demo_media.video, demo_media.audio, shard_frames=25)
     found, _ = pipe.detect_range(info, 0, 24)
     boxes = boxes_from_detections(
         found, range(0, 20), (info.height, info.width), pipe.cfg, plan.source_frames
@@ -202,7 +202,7 @@ def test_generation_holds_no_frame_while_its_batch_fills(pipe, demo_media, tmp_p
     from musetalk.stages import PipelineTuning
 
     info, samples, plan = plan_job(
-        demo_media.video, _audio(tmp_path / "a.wav", 1.6), overlap=2, smooth_radius=2, shard_frames=40
+        demo_media.video, _audio(tmp_path / "a.wav", 1.6), shard_frames=40
     )
     entries, features, _ = pipe.prepare_job(info, samples, plan, chunk=16)
     shallow = FramePipeline(

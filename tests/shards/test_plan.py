@@ -4,7 +4,6 @@ import pytest
 
 from shards.errors import ConfigError, InputError
 from shards.plan import (
-    Plan,
     dispatch_order,
     output_frame_count,
     plan_shards,
@@ -39,15 +38,13 @@ def test_output_frame_count_exact(samples, rate, fps, frames):
     assert output_frame_count(samples, rate, fps) == frames
 
 
-def _plan(source_frames=50, seconds=4, fps=Fraction(25), shard_frames=30, overlap=2, min_overlap=2):
+def _plan(source_frames=50, seconds=4, fps=Fraction(25), shard_frames=30):
     return plan_shards(
         source_frames=source_frames,
         total_samples=16000 * seconds,
         sample_rate=16000,
         fps=fps,
         shard_frames=shard_frames,
-        overlap=overlap,
-        min_overlap=min_overlap,
     )
 
 
@@ -60,30 +57,22 @@ def test_every_output_frame_in_exactly_one_shard(shard_frames):
     assert [s.index for s in plan.shards] == list(range(len(plan.shards)))
 
 
-def test_context_covers_shown_frames_and_smoothing_window():
+def test_shown_frames_follow_ping_pong():
     # 100 output frames over a 50-frame video: 0..49 then 49..0.
-    plan = _plan(source_frames=50, shard_frames=30, overlap=3, min_overlap=3)
-    table = [(s.start, s.end, s.src_start, s.src_end) for s in plan.shards]
+    plan = _plan(source_frames=50, shard_frames=30)
+    table = [(s.start, s.end, plan.shown_frames(s.start, s.end)) for s in plan.shards]
     assert table == [
-        (0, 30, 0, 33),  # shows 0..29, +3 context after, clipped at 0
-        (30, 60, 27, 50),  # shows 30..49 and 49..40 -> 30..49, context 27.. clipped at 50
-        (60, 90, 7, 43),  # shows 39..10 -> 10..39
-        (90, 100, 0, 13),  # shows 9..0
+        (0, 30, list(range(0, 30))),
+        (30, 60, list(range(30, 50))),  # 30..49, then 49..40 again
+        (60, 90, list(range(10, 40))),  # 39..10
+        (90, 100, list(range(0, 10))),  # 9..0
     ]
-    for s in plan.shards:
-        for t in range(s.start, s.end):
-            src = plan.source_index(t)
-            assert max(0, src - 3) >= s.src_start and min(49, src + 3) < s.src_end
 
 
-def test_long_shard_over_short_video_decodes_whole_video():
-    plan = _plan(source_frames=5, shard_frames=100, overlap=2)
-    assert [(s.src_start, s.src_end) for s in plan.shards] == [(0, 5)]
-
-
-def test_overlap_below_smoothing_need_is_rejected():
-    with pytest.raises(ConfigError, match="shards.overlap=1 .* set shards.overlap>=2"):
-        _plan(overlap=1, min_overlap=2)
+def test_a_shard_longer_than_a_ping_pong_period_shows_every_frame():
+    plan = _plan(source_frames=5, shard_frames=100)
+    assert plan.shown_frames(0, 100) == [0, 1, 2, 3, 4]
+    assert plan.shown_frames(3, 8) == [2, 3, 4]  # 3, 4, 4, 3, 2
 
 
 def test_audio_shorter_than_a_frame_is_an_input_error():
@@ -94,14 +83,13 @@ def test_audio_shorter_than_a_frame_is_an_input_error():
             sample_rate=16000,
             fps=Fraction(25),
             shard_frames=10,
-            overlap=0,
         )
 
 
-def test_plan_json_round_trip_and_dispatch_order():
+def test_plan_json_names_every_shard_and_dispatch_order():
     plan = _plan(fps=Fraction(30000, 1001), shard_frames=40)
-    again = Plan.from_json(plan.to_json())
-    assert again == plan and again.fps == Fraction(30000, 1001)
+    assert plan.fps == Fraction(30000, 1001)
+    assert plan.to_json() != _plan(fps=Fraction(30000, 1001), shard_frames=41).to_json()
     order = dispatch_order(plan)
     assert [s.frames for s in order] == sorted((s.frames for s in plan.shards), reverse=True)
     assert order[-1] is plan.shards[-1]

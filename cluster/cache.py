@@ -1,0 +1,128 @@
+"""The avatar cache as one job uses it: opened in one place, keyed by :mod:`cluster.keys`, never fatal.
+
+The cache is an optimisation: a cache that cannot be read or written costs reuse, never the render, and
+nothing at its path is ever touched when it is not a usable directory. :meth:`AvatarCache.open` checks
+it once (a ``cache.dir`` that names a file, or a directory that cannot be created, turns the cache off
+for the job with one warning); later failures to read or write one file are logged and skipped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from pathlib import Path
+
+from cluster.config import CacheConfig
+from cluster.keys import content_digest, detect_key, prepare_key, weights_identity
+from musetalk.avatar import AvatarStore, ChunkReader, detections_from_json
+from musetalk.config import PipelineConfig
+from musetalk.device import ComputeIdentity
+from musetalk.faces import Detection
+from musetalk.preparation import PrepPlan
+from shards.plan import PrepUnit
+
+logger = logging.getLogger(__name__)
+
+
+class AvatarCache:
+    """One video's entries in the avatar cache under the keys of one pipeline and compute identity."""
+
+    def __init__(self, store: AvatarStore, video: str, detect: str, prepare: str, label: str) -> None:
+        self.store, self.video, self.detect, self.prepare = store, video, detect, prepare
+        self.label = label  # the job's name in log lines
+
+    @classmethod
+    def open(
+        cls, cfg: CacheConfig, video: Path, pipeline: PipelineConfig, identity: ComputeIdentity, label: str
+    ) -> AvatarCache | None:
+        """The cache for ``video``, or None when it is off or cannot be used (logged once)."""
+        if not cfg.enabled:
+            return None
+        try:
+            store = AvatarStore(cfg.dir)
+            if store.local:
+                if os.path.exists(store.path) and not os.path.isdir(store.path):
+                    raise NotADirectoryError(f"{store.path} exists and is not a directory")
+                os.makedirs(store.path, exist_ok=True)
+            weights = weights_identity(pipeline, preparation=True)
+            return cls(
+                store,
+                content_digest(video),
+                detect_key(pipeline, identity, weights),
+                prepare_key(pipeline, identity, weights),
+                label,
+            )
+        except (OSError, ValueError) as err:
+            logger.warning(
+                "avatar cache %s cannot be used (%s): rendering %s without it; set cache.dir to a "
+                "directory or URI, or cache.enabled=false",
+                cfg.dir,
+                err,
+                label,
+            )
+            return None
+
+    @property
+    def root(self) -> str:
+        return self.store.root
+
+    @property
+    def shared(self) -> tuple[str, str, str] | None:
+        """(root, video, prepare key) when every node reaches the cache (an object store): workers then
+        write and read prepared chunks there themselves. None for a local directory."""
+        return None if self.store.local else (self.store.root, self.video, self.prepare)
+
+    def _ranges(self, key: str) -> list[tuple[int, int]]:
+        try:
+            return self.store.ranges(self.video, key)
+        except OSError as err:
+            logger.warning("avatar cache %s: cannot list entries for %s: %s", self.root, self.label, err)
+            return []
+
+    def chunks(self, prep: PrepPlan) -> dict[tuple[int, int], bytes | str]:
+        """(start, end) -> the entry chunks holding frames ``prep`` shows: a local cache's bytes (an
+        unreadable file is skipped, so it is prepared and rewritten), a shared cache's URIs (only listed:
+        workers read them there, so no entry passes through the driver)."""
+        out: dict[tuple[int, int], bytes | str] = {}
+        for a, b in self._ranges(self.prepare):
+            if not prep.wanted(a, b):
+                continue
+            if not self.store.local:
+                out[(a, b)] = self.store.uri(self.video, self.prepare, a, b, "npz")
+                continue
+            try:
+                blob = self.store.read(self.video, self.prepare, a, b, "npz")
+                ChunkReader(blob)  # refuse a file we cannot read before any worker gets it
+            except (OSError, ValueError, KeyError) as err:
+                logger.warning(
+                    "avatar cache: skipping unreadable entries %d-%d of %s: %s", a, b, self.label, err
+                )
+                continue
+            out[(a, b)] = blob
+        return out
+
+    def detections(self, frames: list[int]) -> dict[int, Detection | None]:
+        """Raw detections the cache holds for sorted ``frames`` (only the files that hold some of them)."""
+        out: dict[int, Detection | None] = {}
+        if not frames:
+            return out
+        for a, b in self._ranges(self.detect):
+            i = bisect.bisect_left(frames, a)
+            if i >= len(frames) or frames[i] >= b:
+                continue
+            try:
+                out.update(detections_from_json(self.store.read(self.video, self.detect, a, b, "json")))
+            except (OSError, ValueError, KeyError) as err:
+                logger.warning(
+                    "avatar cache: skipping unreadable detections %d-%d of %s: %s", a, b, self.label, err
+                )
+        return out
+
+    def remember(self, unit: PrepUnit, data: bytes) -> None:
+        """Write a detect or prepare unit's result; a failed write is logged (it costs reuse only)."""
+        key, suffix = (self.detect, "json") if unit.kind == "detect" else (self.prepare, "npz")
+        try:
+            self.store.write(self.video, key, unit.start, unit.end, suffix, data)
+        except OSError as err:
+            logger.warning("avatar cache: could not write %s of %s: %s", unit.name, self.label, err)

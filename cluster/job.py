@@ -1,0 +1,441 @@
+"""One job on a pool: its plan, run directory, preparation, avatar cache, inputs, results and summary.
+
+The dispatch loop (:mod:`cluster.driver`) only sees units go out (:meth:`JobRun.submit`) and results come
+back (:meth:`JobRun.landed`, which returns the units they release); everything a job owns lives here:
+
+1. :meth:`JobRun.open`: stage URI inputs, take the output's lock, probe and plan (InputError on bad
+   inputs), find the finished segments of an interrupted render (:class:`cluster.rundir.RunDir`);
+2. :meth:`JobRun.start`, once the pool's compute identity is known: keep only segments computed with it,
+   open the avatar cache under keys that include it, plan the preparation
+   (:class:`musetalk.preparation.PrepPlan`) with what the cache holds, put the inputs in the object store;
+3. :meth:`JobRun.landed` for every unit: keep preparation results (driver-owned objects, so they outlive a
+   lost worker node) and write them to the cache; store segments in the run directory;
+4. :meth:`JobRun.finish`: stitch, mux, summary, QA sheet, publish; or report the job's error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import ray
+
+from cluster import storage
+from cluster.cache import AvatarCache
+from cluster.config import JobConfig
+from cluster.keys import resume_key
+from cluster.rundir import RunDir, output_lock
+from cluster.worker import JobInputs, ShardInputs, scratch_root
+from musetalk.avatar import boxes_from_detections, detections_from_json
+from musetalk.config import PipelineConfig
+from musetalk.device import ComputeIdentity
+from musetalk.pipeline import PrepStats, ShardStats, busy_seconds, plan_job, stage_totals
+from musetalk.preparation import PrepPlan
+from shards.errors import FarmError
+from shards.plan import PrepUnit, Shard, dispatch_order
+from shards.stitch import concat_and_mux
+
+logger = logging.getLogger(__name__)
+
+# Preparation works for at most this many generation shards per unit slot of the pool (workers x
+# cluster.max_in_flight) among those still to land: enough queued work to keep every slot busy, while the
+# entry chunks in the object store stay bounded however long the video (musetalk.preparation).
+PREP_LEAD = 2
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    output: str
+    frames: int
+    face_frames: int
+    shards: int
+    workers: int
+    seconds: float
+    fps: float
+    stage_seconds: dict[str, float]
+    worker_frames: dict[str, int]
+    retries: int
+    reused_shards: int
+    enhance_fallbacks: int
+    parsing_fallbacks: int
+    # Model loading, apart from rendering: ``seconds`` = ``load_seconds`` + ``render_seconds``.
+    load_seconds: float = 0.0  # waiting for the pool's workers to load their models (0 on a warm pool)
+    render_seconds: float = 0.0
+    render_fps: float = 0.0  # frames / render_seconds: throughput without model loading
+    model_loads: int = 0  # workers that loaded models for this job (0 when it ran on a warm pool)
+    pool: str = ""  # the pool's id: jobs with the same id shared loaded models
+    # The preparation phase: work done this run (each distinct source frame at most once) and reuse.
+    detections: int = 0  # source frames run through face detection
+    vae_encodes: int = 0  # face crops VAE-encoded
+    parsings: int = 0  # face crops run through face parsing
+    audio_segments: int = 0  # 30 s Whisper segments encoded
+    cache_hits: int = 0  # shown source frames whose entries came from the avatar cache
+    cache: str = ""  # the avatar cache's root, or "" when off
+    workers_start: int = 0  # the pool's size when the job started (``workers``: when it ended)
+    # Seconds some unit of the job ran, per worker (side-by-side units counted once), summed over workers:
+    # sum(stage_seconds) / busy_seconds is how much the stages overlapped.
+    busy_seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"output      {self.output}",
+            f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers"
+            + (
+                f" ({self.workers_start} at the start)" if self.workers_start not in (0, self.workers) else ""
+            ),
+            f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards, "
+            f"{self.reused_shards} reused from an interrupted run",
+            f"prepare     {self.detections} detections, {self.vae_encodes} VAE encodes, {self.parsings} parsings, "
+            f"{self.audio_segments} audio segments; {self.cache_hits} frames from the avatar cache"
+            + (f" ({self.cache})" if self.cache else " (off)"),
+            f"models      {self.model_loads} worker loads, {self.load_seconds:.1f} s waited; without loading "
+            f"{self.render_seconds:.1f} s, {self.render_fps:.2f} frames/s (pool {self.pool})",
+            "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
+            f"overlap     {sum(self.stage_seconds.values()):.1f} stage s in {self.busy_seconds:.1f} s of busy "
+            f"workers ({sum(self.stage_seconds.values()) / max(self.busy_seconds, 1e-9):.2f}x)",
+            "workers     "
+            + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
+        ]
+        if self.enhance_fallbacks or self.parsing_fallbacks:
+            out.append(
+                f"fallbacks   enhance {self.enhance_fallbacks} frames, face parsing {self.parsing_fallbacks} source frames"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """One job of a batch: its summary, or the error that ended it."""
+
+    job: JobConfig
+    summary: JobSummary | None = None
+    error: FarmError | None = None
+
+
+def pinned(job: JobConfig) -> PipelineConfig:
+    """The job's pipeline with its thread count fixed: every worker computes with the same count, so
+    results never depend on placement."""
+    p = job.pipeline
+    return replace(p, threads=p.threads or max(1, int(job.cluster.cpus_per_worker)))
+
+
+class JobRun:
+    """Driver-side state of one job on a pool, and its verbs."""
+
+    def __init__(self, index: int, cfg: JobConfig) -> None:
+        self.index = index
+        self.given = cfg  # the job as given (``cfg`` names staged local copies of URI inputs)
+        self.cfg = cfg
+        self.pipeline = pinned(cfg)
+        self.opened = time.perf_counter()
+        self._lock = ExitStack()
+        self.run: RunDir | None = None
+        self.todo: list[Shard] = []
+        self.prep: PrepPlan | None = None
+        self.cache: AvatarCache | None = None
+        self.inputs: JobInputs | None = None
+        self.prep_stats: list[PrepStats] = []
+        self.reused = 0
+        self.plan_seconds = 0.0
+        self.first_dispatch: float | None = None
+        self.loads, self.load_wait = 0, 0.0  # model loads charged to the job, and the wait for them
+        self.pool_id = ""
+        self.workers, self.workers_end = 0, None  # the pool's size when the job started and ended
+
+    @property
+    def label(self) -> str:
+        return self.cfg.output.name
+
+    # 1. Open ---------------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Stage URI inputs, take the output's lock, probe and plan, find resumable segments (InputError
+        on bad inputs; the lock is released again on any error). From here on ``cfg`` names local files."""
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        job = self.cfg = replace(
+            self.cfg,
+            video=storage.stage(self.cfg.video_uri) if self.cfg.video_uri else self.cfg.video,
+            audio=storage.stage(self.cfg.audio_uri) if self.cfg.audio_uri else self.cfg.audio,
+        )
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        self._lock.enter_context(output_lock(job.output))
+        self.info, self.samples, self.plan = plan_job(
+            job.video, job.audio, shard_frames=job.shards.length, shard_seconds=job.shards.seconds
+        )
+        plan = self.plan
+        logger.info(
+            "plan %s: %d output frames at %s fps from %d source frames, %d shards",
+            self.label,
+            plan.output_frames,
+            plan.fps,
+            plan.source_frames,
+            len(plan.shards),
+        )
+        key = resume_key([job.video, job.audio], plan, self.pipeline, job.encode)
+        self.run = RunDir.open(job.output, key, plan, resume=job.resume)
+        self._todo()
+        self.plan_seconds = time.perf_counter() - self.opened
+
+    def _todo(self) -> None:
+        self.reused = self.run.done_count
+        self.todo = [s for s in dispatch_order(self.plan) if not self.run.has(s)]
+
+    # 2. Start --------------------------------------------------------------------------------------
+    def start(
+        self, identity: ComputeIdentity, pool_id: str, workers: int, progress, videos: dict
+    ) -> list[PrepUnit | Shard]:
+        """The job's first units on a pool computing with ``identity`` (``workers`` slots now):
+        segments computed otherwise are dropped, the avatar cache is read, preparation is planned.
+        ``videos`` shares one object-store copy per video file among a batch's jobs."""
+        job = self.cfg
+        self.run.adopt(identity)
+        self._todo()
+        self.pool_id, self.workers = pool_id, workers
+        self.prep = PrepPlan(
+            self.plan,
+            self.todo,
+            chunk=job.shards.prep_length,
+            smooth_radius=self.pipeline.face.smooth_radius,
+            lead=PREP_LEAD * max(1, workers) * job.cluster.max_in_flight,
+        )
+        chunks, detections = {}, {}
+        self.cache = AvatarCache.open(job.cache, job.video, self.pipeline, identity, self.label)
+        if self.cache is not None:
+            # a local cache's bytes reach workers through Ray (driver-owned); a shared cache's URIs as they are
+            chunks = {
+                r: ray.put(c) if isinstance(c, bytes) else c for r, c in self.cache.chunks(self.prep).items()
+            }
+            detections = self.cache.detections(self.prep.detections_wanted(chunks))
+        units = self.prep.start(chunks, detections)
+        p = self.prep
+        logger.info(
+            "prepare %s: %d shown source frames, %d from the avatar cache; %d to detect, %d to prepare, "
+            "%d audio segments",
+            self.label,
+            len(p.shown),
+            p.cache_hits,
+            len(p.detections_needed),
+            len(p.entries_needed),
+            len(p.units_of("audio")),
+        )
+        self.inputs = self._job_inputs(progress, videos)
+        return [*units, *p.ready_shards()]
+
+    def _job_inputs(self, progress, videos: dict) -> JobInputs:
+        """How workers get the job's inputs. With ``cluster.inputs=uri`` workers get the input URIs (or
+        local paths) and stage them on their node."""
+        job, job_id = self.cfg, uuid.uuid4().hex[:12]
+        common = dict(
+            pipeline=self.pipeline, progress=progress, tag=f"{self.index}/", scratch=str(scratch_root(job_id))
+        )
+        if job.cluster.inputs == "object_store":
+            key = job.video.resolve()
+            if key not in videos:  # many jobs often dub the same presenter video
+                # an array, not bytes: a worker writes it to its scratch straight from the object store
+                videos[key] = ray.put(np.fromfile(job.video, dtype=np.uint8))
+            return JobInputs(
+                job_id,
+                job.video.suffix,
+                self.info,
+                video_ref=[videos[key]],
+                audio_ref=[ray.put(self.samples)],
+                **common,
+            )
+        return JobInputs(
+            job_id,
+            job.video.suffix,
+            self.info,
+            video_path=job.video_uri or str(job.video.resolve()),
+            audio_path=job.audio_uri or str(job.audio.resolve()),
+            **common,
+        )
+
+    # 3. Units --------------------------------------------------------------------------------------
+    def submit(self, actor, unit: PrepUnit | Shard):
+        """Start ``unit`` on ``actor``; returns the result's ref."""
+        if self.first_dispatch is None:
+            self.first_dispatch = time.perf_counter()
+        if isinstance(unit, Shard):
+            chunks, segments = self.prep.inputs_of(unit)
+            prepared = ShardInputs(
+                tuple((a, b, [h]) for a, b, h in chunks), tuple((k, [h]) for k, h in segments)
+            )
+            return actor.render.remote(self.inputs, self.plan, unit, self.cfg.encode, prepared)
+        if unit.kind != "prepare":
+            return actor.prepare.remote(self.inputs, unit)
+        boxes = boxes_from_detections(
+            self.prep.detections_for(unit),
+            range(unit.start, unit.end),
+            (self.info.height, self.info.width),
+            self.pipeline,
+            self.plan.source_frames,
+        )
+        shared = self.cache.shared if self.cache is not None else None
+        return actor.prepare.remote(self.inputs, unit, boxes, shared)
+
+    def landed(self, unit: PrepUnit | Shard, data, stats) -> list[PrepUnit | Shard]:
+        """A unit's result: keep it, and return the units it releases."""
+        prep = self.prep
+        if isinstance(unit, Shard):
+            self.run.add(unit, data, stats)
+            logger.info("%s of %s done on %s: %d frames", unit.name, self.label, stats.worker, stats.frames)
+            # the object store lets go of what only landed shards read; preparation moves ahead
+            return prep.landed(unit)
+        self.prep_stats.append(stats)
+        released: list = []
+        if unit.kind == "audio":
+            for k, features in data.items():
+                prep.add_segment(k, ray.put(features))
+        elif unit.kind == "detect":
+            if self.cache is not None:
+                self.cache.remember(unit, data.encode())
+            released = prep.detected(unit, detections_from_json(data))
+        elif isinstance(data, str):  # written to the shared cache by the worker: shards read it there
+            prep.add_chunk(unit.start, unit.end, data)
+        else:
+            if self.cache is not None:
+                self.cache.remember(unit, data)
+            # driver-owned on purpose: a lost worker node must not take prepared work with it
+            prep.add_chunk(unit.start, unit.end, ray.put(data))
+        return [*released, *prep.ready_shards()]
+
+    @property
+    def waiting(self) -> int:
+        """Generation shards preparation has not released yet."""
+        return self.prep.waiting if self.prep is not None else 0
+
+    # 4. Finish -------------------------------------------------------------------------------------
+    def charge(self, loads: int, wait: float = 0.0) -> None:
+        """Model loads (and the wait for them) charged to this job."""
+        self.loads += loads
+        self.load_wait += wait
+
+    def end(self) -> None:
+        """The job's units are all done: the object store and the workers' scratch let go of its data."""
+        if self.inputs is not None:
+            shutil.rmtree(scratch_root(self.inputs.job_id), ignore_errors=True)
+            self.inputs = replace(self.inputs, video_ref=None, audio_ref=None)
+        if self.prep is not None:
+            self.prep.release()
+
+    def finish(self, error: BaseException | None, retries: int) -> JobResult:
+        """Stitch a job whose units all landed, write its summary, release its lock; or its error
+        (raised when it is not a FarmError)."""
+        job, plan, run = self.cfg, self.plan, self.run
+        try:
+            if error is not None:
+                raise error
+            concat_and_mux(
+                [run.segment(s.name) for s in plan.shards],
+                job.audio,
+                job.output,
+                plan.fps,
+                plan.output_frames,
+            )
+            stats = [run.stats(s) for s in plan.shards]
+            summary = self._summary(stats, retries)
+            if job.output_uri:
+                summary = replace(summary, output=job.output_uri)  # not the local staging file
+            if job.summary:
+                path = job.output.with_suffix(".summary.json")
+                partial = path.with_name(f".{path.name}.partial")
+                partial.write_text(summary.to_json())
+                os.replace(partial, path)
+            if job.qa:
+                self._qa_sheet(stats)
+            if job.output_uri:
+                self._publish()
+            run.remove()  # last: a failed summary or upload is retried by the same command without rendering
+        except FarmError as err:
+            logger.error("job %s failed: %s", job.output, err)
+            return JobResult(self.given, error=err)
+        finally:
+            self.close()
+        return JobResult(self.given, summary=summary)
+
+    def close(self) -> None:
+        """Release the output's lock."""
+        self._lock.close()
+
+    def _publish(self) -> None:
+        """Upload a finished output to its URI, its QA sheet and summary first (so an output object always
+        has them beside it), each object whole or not at all; the local staging copies go once uploaded."""
+        job = self.cfg
+        sides = [".qa.png", ".summary.json", ".mp4"]  # the output last
+        files = [(job.output.with_suffix(side), storage.beside(job.output_uri, side)) for side in sides]
+        for path, uri in files:
+            if path.exists():
+                storage.publish(path, uri)
+        for path, _ in files:
+            path.unlink(missing_ok=True)
+        logger.info("output published to %s", job.output_uri)
+
+    def _qa_sheet(self, stats: list[ShardStats]) -> None:
+        """The job's QA sheet beside its output; a sheet that cannot be drawn is logged, the output stands."""
+        from cluster.qa import kinds_of, write_qa_sheet
+
+        path = self.cfg.output.with_suffix(".qa.png")
+        try:
+            write_qa_sheet(
+                path, self.cfg.output, self.info, self.plan, kinds_of(stats, self.plan.output_frames)
+            )
+        except (FarmError, OSError, ValueError) as err:
+            logger.warning("no QA sheet for %s: %s", self.cfg.output, err)
+
+    def _summary(self, stats: list[ShardStats], retries: int) -> JobSummary:
+        plan, prep = self.plan, self.prep_stats
+        stage = {k: round(v, 3) for k, v in stage_totals([*stats, *prep]).items()}
+        per_worker: dict[str, int] = {}
+        for s in stats:
+            per_worker[s.worker] = per_worker.get(s.worker, 0) + s.frames
+        # A job's time: planning, waiting for workers it made load, then first unit out to output landed
+        # (in a batch, time queued behind other jobs is not the job's).
+        now = time.perf_counter()
+        if self.first_dispatch:
+            seconds = self.plan_seconds + self.load_wait + now - self.first_dispatch
+        else:
+            seconds = now - self.opened
+        render_seconds = max(1e-9, seconds - self.load_wait)
+        return JobSummary(
+            output=str(self.cfg.output),
+            frames=plan.output_frames,
+            face_frames=sum(s.face_frames for s in stats),
+            shards=len(plan.shards),
+            workers=self.workers if self.workers_end is None else self.workers_end,
+            workers_start=self.workers,
+            seconds=round(seconds, 3),
+            fps=round(plan.output_frames / seconds, 3),
+            stage_seconds=stage,
+            worker_frames=per_worker,
+            retries=retries,
+            reused_shards=self.reused,
+            enhance_fallbacks=sum(s.enhance_fallbacks for s in stats),
+            parsing_fallbacks=sum(s.parsing_fallbacks for s in stats),
+            load_seconds=round(self.load_wait, 3),
+            render_seconds=round(render_seconds, 3),
+            render_fps=round(plan.output_frames / render_seconds, 3),
+            model_loads=self.loads,
+            pool=self.pool_id,
+            detections=sum(p.detections for p in prep),
+            vae_encodes=sum(p.vae_encodes for p in prep),
+            parsings=sum(p.parsings for p in prep),
+            audio_segments=sum(p.audio_segments for p in prep),
+            cache_hits=self.prep.cache_hits if self.prep is not None else 0,
+            cache=self.cache.root if self.cache is not None else "",
+            busy_seconds=round(busy_seconds([*stats, *prep]), 3),
+        )
