@@ -150,17 +150,26 @@ def test_config_keeps_uri_outputs_out_of_output_root(tiny_models, tmp_path):
     assert run_dir_path(job.output).parent == job.output.parent
 
 
-def test_resume_key_follows_remote_weights_without_downloading(tmp_path):
-    from cluster.rundir import job_key
+def test_weights_identity_follows_remote_weights_without_downloading(tiny_models, tmp_path):
+    from cluster.keys import weights_identity
+    from cluster.weights import weight_files
+    from musetalk.config import PipelineConfig
 
-    clip = tmp_path / "in.wav"
-    clip.write_bytes(b"audio")
-    weights = _memory(b"w" * 10, "unet.pth")
-    first = job_key([clip], {"a": 1}, [weights])
-    assert job_key([clip], {"a": 1}, [weights]) == first
-    with fsspec.open(weights, "wb") as f:
+    root = f"memory://t-{uuid.uuid4().hex}/models"
+    local = PipelineConfig(models_dir=str(tiny_models), tiny=True)
+    remote = PipelineConfig(models_dir=root, tiny=True)
+    for rel, _ in weight_files(local):
+        storage.publish(tiny_models / rel, f"{root}/{rel}")
+    for d in ("sd-vae", "whisper"):
+        for f in (tiny_models / d).iterdir():
+            storage.publish(f, f"{root}/{d}/{f.name}")
+    first = weights_identity(remote)
+    assert weights_identity(remote) == first
+    unet = next(rel for rel, what in weight_files(remote) if what == "MuseTalk UNet weights")
+    with fsspec.open(f"{root}/{unet}", "wb") as f:
         f.write(b"w" * 11)  # replaced: another size (and version)
-    assert job_key([clip], {"a": 1}, [weights]) != first
+    assert weights_identity(remote) != first
+    assert weights_identity(remote, preparation=True) == weights_identity(remote, preparation=True)
     assert not list(tmp_path.glob("**/unet.pth"))
 
 

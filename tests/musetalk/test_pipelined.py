@@ -133,9 +133,7 @@ def _fail_in(where: str, monkeypatch, pipe):
 def test_an_error_in_any_thread_reaches_the_caller_and_cleans_up(
     pipe, demo_media, tmp_path, monkeypatch, where
 ):
-    info, samples, plan = plan_job(
-        demo_media.video, _audio(tmp_path / "a.wav", 1.0), shard_frames=25
-    )
+    info, samples, plan = plan_job(demo_media.video, _audio(tmp_path / "a.wav", 1.0), shard_frames=25)
     _fail_in(where, monkeypatch, pipe)
     out = tmp_path / "out.mkv"
     with pytest.raises(ValueError, match=f"boom in {where}") as caught:
@@ -201,9 +199,7 @@ def test_generation_holds_no_frame_while_its_batch_fills(pipe, demo_media, tmp_p
     the few in the shallow queues and the one being composited, not the 8 the batch shows."""
     from musetalk.stages import PipelineTuning
 
-    info, samples, plan = plan_job(
-        demo_media.video, _audio(tmp_path / "a.wav", 1.6), shard_frames=40
-    )
+    info, samples, plan = plan_job(demo_media.video, _audio(tmp_path / "a.wav", 1.6), shard_frames=40)
     entries, features, _ = pipe.prepare_job(info, samples, plan, chunk=16)
     shallow = FramePipeline(
         replace(pipe.cfg, batch_size=8),
