@@ -21,7 +21,9 @@ from cluster import storage
 from cluster.config import CONF_DIR, DEMO_DIR, JobConfig, job_from_config
 from cluster.preflight import check_before_work, demo_to_build, gpu_problem, in_ray_job_copy
 from cluster.sweep import REJECTED
-from shards.errors import ConfigError, FarmError, InputError, Interrupted, WeightsError
+from musetalk.layout import ModelLayout
+from musetalk.testing.tiny_models import ensure_tiny_models
+from shards.errors import ConfigError, FarmError, InputError, Interrupted
 
 logger = logging.getLogger("cluster.render")
 
@@ -34,8 +36,10 @@ def prepare(job: JobConfig) -> None:
     and the generators refuse directories holding files they did not make.
     """
     if build := demo_to_build(job):
+        from musetalk.testing.demo_media import ensure_demo_media  # imports OpenCV and PyAV: only when needed
+
         logger.info("building the demo clip in %s", DEMO_DIR)
-        _script("make_demo_media").ensure_demo_media(DEMO_DIR)
+        ensure_demo_media(DEMO_DIR)
         for path in build:
             if not path.exists():
                 raise InputError(
@@ -47,28 +51,14 @@ def prepare(job: JobConfig) -> None:
         check_remote_weights(job.pipeline)  # workers fetch them per node; nothing is built or fetched here
         return
     if job.pipeline.tiny:
-        _script("make_tiny_models").ensure_tiny_models(Path(job.pipeline.models_dir))
+        ensure_tiny_models(Path(job.pipeline.models_dir))
     elif job.download:
-        root = job.pipeline.models_dir
-        if _script("download_models").main(["--dir", root]) != 0:
-            raise WeightsError(
-                f"fetching model weights into {root} failed (see the errors above); run the same command again to resume"
-            )
+        from musetalk.download import download  # imports huggingface_hub: only when fetching
+
+        download(ModelLayout.at(job.pipeline.models_dir))
     from musetalk.pipeline import check_weights  # imports torch: after the cheap refusals above
 
     check_weights(job.pipeline)
-
-
-def _script(name: str):
-    """Import a helper from scripts/ (run from the repository root, as the README does)."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"scripts.{name}")
-    except ModuleNotFoundError as err:
-        raise ConfigError(
-            f"cannot import scripts.{name} ({err}); run `python -m cluster.render` from the repository root"
-        ) from err
 
 
 def render(cfg: DictConfig) -> dict:

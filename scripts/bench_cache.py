@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 
 from cluster.config import compose_job
-from scripts.make_demo_media import ensure_demo_media, speech_like
+from musetalk.testing.demo_media import ensure_demo_media, speech_like
 
 logger = logging.getLogger(__name__)
 

@@ -48,9 +48,9 @@ from musetalk.pipeline import (
     render_local,
     stage_totals,
 )
+from musetalk.testing.demo_media import SAMPLE_RATE, ensure_demo_media, speech_like
+from musetalk.testing.tiny_models import MARKER, ensure_tiny_models
 from scripts.make_bench_media import ensure_bench_media
-from scripts.make_demo_media import SAMPLE_RATE, ensure_demo_media, speech_like
-from scripts.make_tiny_models import MARKER, ensure_tiny_models
 from shards.plan import ShardsConfig
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.make_demo_media import (
+from musetalk.testing.demo_media import (
     _FACE_CENTRE,
     SAMPLE_RATE,
     DemoMedia,
@@ -34,7 +34,7 @@ from scripts.make_demo_media import (
     camera_window,
     speech_like,
 )
-from scripts.owned import claim
+from musetalk.testing.owned import claim
 from shards.errors import FarmError
 from shards.segment import EncodeSettings, encode_segment
 

@@ -39,14 +39,14 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    from scripts.make_tiny_models import make_tiny_models
+    from musetalk.testing.tiny_models import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def demo_media(tmp_path_factory):
-    from scripts.make_demo_media import ensure_demo_media
+    from musetalk.testing.demo_media import ensure_demo_media
 
     return ensure_demo_media(tmp_path_factory.mktemp("media"))
 

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from cluster.driver import run_job
-from scripts.make_demo_media import speech_like
+from musetalk.testing.demo_media import speech_like
 from tests.helpers import assert_same_frames, decode_all, job_for
 
 

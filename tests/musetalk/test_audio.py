@@ -22,7 +22,7 @@ from musetalk.audio import (
     positional_encoding,
 )
 from musetalk.layout import ModelLayout
-from scripts.tiny_audio import write_tiny_whisper
+from musetalk.testing.tiny_audio import write_tiny_whisper
 from shards.errors import WeightsError
 
 NTSC = Fraction(30000, 1001)

@@ -26,7 +26,7 @@ from musetalk.blending import (
 from musetalk.config import BlendConfig
 from musetalk.layout import ModelLayout
 from musetalk.parsing import BiSeNet, FaceParser, load_face_parser
-from scripts.tiny_blend import write_tiny_face_parser
+from musetalk.testing.tiny_blend import write_tiny_face_parser
 from shards.errors import ConfigError
 
 CPU = torch.device("cpu")

@@ -19,7 +19,7 @@ from torch import nn
 import musetalk.enhance as enhance
 from musetalk.enhance import GFPGAN_V14_ARCH, FaceEnhancer, gfpgan_arch_class, load_gfpgan
 from musetalk.layout import ModelLayout
-from scripts.tiny_blend import TINY_GFPGAN_ARCH, write_tiny_gfpgan
+from musetalk.testing.tiny_blend import TINY_GFPGAN_ARCH, write_tiny_gfpgan
 from shards.errors import ConfigError, WeightsError
 
 CPU = torch.device("cpu")

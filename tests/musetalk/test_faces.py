@@ -28,7 +28,7 @@ from musetalk.faces import (
     smooth_boxes,
 )
 from musetalk.layout import ModelLayout
-from scripts.tiny_faces import write_tiny_face_models
+from musetalk.testing.tiny_faces import write_tiny_face_models
 from shards.errors import ConfigError, WeightsError
 
 CPU = torch.device("cpu")

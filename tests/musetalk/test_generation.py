@@ -17,7 +17,12 @@ from skimage import data
 
 from musetalk.generation import UNET_SCALE, LatentGenerator, load_unet, load_vae
 from musetalk.layout import ModelLayout
-from scripts.tiny_generation import FULL_UNET_CONFIG, tiny_unet_config, write_tiny_unet, write_tiny_vae
+from musetalk.testing.tiny_generation import (
+    FULL_UNET_CONFIG,
+    tiny_unet_config,
+    write_tiny_unet,
+    write_tiny_vae,
+)
 from shards.errors import WeightsError
 
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from musetalk.layout import ModelLayout
 from musetalk.parsing import N_CLASSES, BiSeNet, FaceParser, load_face_parser, parse_input
-from scripts.tiny_blend import write_tiny_face_parser
+from musetalk.testing.tiny_blend import write_tiny_face_parser
 from shards.errors import WeightsError
 
 CPU = torch.device("cpu")

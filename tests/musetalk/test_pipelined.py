@@ -18,8 +18,8 @@ import soundfile as sf
 import musetalk.pipeline as pipeline_module
 from musetalk.config import FaceConfig, PipelineConfig
 from musetalk.pipeline import FramePipeline, PrepStats, ShardStats, busy_seconds, plan_job
+from musetalk.testing.demo_media import speech_like
 from scripts.make_bench_media import SHORT_SECONDS, ensure_bench_media
-from scripts.make_demo_media import speech_like
 from shards.segment import EncodeSettings, SegmentWriter
 from tests.helpers import decode_all
 from tests.musetalk.serial_reference import render_shard_serial

@@ -12,17 +12,17 @@ import torch.nn as nn
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import WhisperModel
 
-import scripts.make_tiny_models as make_tiny
+import musetalk.testing.tiny_models as make_tiny
 from musetalk.audio import output_frame_count
 from musetalk.config import FaceConfig, PipelineConfig
 from musetalk.enhance import GFPGAN_V14_ARCH
 from musetalk.layout import ModelLayout
 from musetalk.pipeline import STAGES
-from scripts import tiny_blend
+from musetalk.testing import tiny_blend
+from musetalk.testing.tiny_audio import whisper_config
+from musetalk.testing.tiny_faces import tiny_fan
+from musetalk.testing.tiny_generation import unet_config, vae_config
 from scripts.benchmark import main, prepare_models, write_speech
-from scripts.tiny_audio import whisper_config
-from scripts.tiny_faces import tiny_fan
-from scripts.tiny_generation import unet_config, vae_config
 
 
 def _params(module: nn.Module) -> int:

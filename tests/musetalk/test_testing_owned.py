@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.owned import check_owned, claim, remove_owned
+from musetalk.testing.owned import check_owned, claim, remove_owned
 from shards.errors import ConfigError
 
 MARK = ".tool-made"
