@@ -205,3 +205,41 @@ def test_settings_that_do_nothing_are_refused(overrides, needle):
 )
 def test_the_same_settings_are_accepted_where_they_act(overrides):
     job_from_config(_compose("+task=test", *overrides))
+
+
+def test_the_yaml_agrees_with_the_typed_defaults(monkeypatch):
+    """The typed config's defaults are the one source (code that runs without Hydra uses them): the
+    shipped YAML, composed with its default groups, holds the same value for every field it names, and
+    names every scalar field of the groups it configures."""
+    from dataclasses import MISSING, fields
+
+    from omegaconf import OmegaConf
+
+    from cluster.config import CacheConfig, ClusterConfig
+    from musetalk.config import BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
+    from shards.plan import ShardsConfig
+    from shards.segment import EncodeSettings
+
+    monkeypatch.delenv("MUSETALK_CACHE_DIR", raising=False)
+    cfg = OmegaConf.to_container(_compose(), resolve=False)
+    groups = [
+        (FaceConfig, "face", {"bbox_shift"}),  # task.bbox_shift
+        (BlendConfig, "blend", set()),
+        (EnhanceConfig, "enhance", set()),
+        (PipelineConfig, "render", {"models_dir", "tiny", "face", "blend", "enhance"}),  # models.*, groups
+        (ClusterConfig, "cluster", set()),
+        (CacheConfig, "cache", set()),
+        (ShardsConfig, "shards", set()),
+        (EncodeSettings, "output", {"gop"}),  # gop: x264's default unless +output.gop is given
+    ]
+    for cls, group, elsewhere in groups:
+        node = cfg[group]
+        for f in fields(cls):
+            if f.name in elsewhere:
+                continue
+            assert f.name in node, f"{group}.{f.name} is missing from the YAML"
+            default = f.default if f.default is not MISSING else f.default_factory()
+            value = node[f.name]
+            if isinstance(value, str) and value.startswith("${oc.env:"):  # the default after the env var
+                value = value.split(",", 1)[1].rstrip("}").strip("'")
+            assert value == default, f"{group}.{f.name}: YAML {value!r}, typed default {default!r}"

@@ -122,3 +122,51 @@ def test_two_renders_of_one_output_never_mix(
     assert_same_frames(reference_frames, out)
     wait_for(lambda: _gone(first_tmp))
     assert scratch_under(first_tmp) == []
+
+
+def _interrupt_at_third_shard(args: list[str], out: Path, hold: Path) -> dict:
+    """Run until shards 0 and 1 are listed and the worker holds shard 2, then Ctrl-C; the manifest."""
+    for name in ("shard_00000", "shard_00001"):
+        (hold / f"release-{name}").touch()
+    tmp = cli_tmp()
+    proc = cli(*args, tmp=tmp, env={HOLD_ENV: str(hold)}, wait=False)
+    wait_for(
+        lambda: (
+            _manifest_shards(out) == ["shard_00000", "shard_00001"]
+            and "shard_00002" in {name for name, _ in held(hold)}
+        )
+    )
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr[-3000:]
+    wait_for(lambda: _gone(tmp))
+    for f in hold.iterdir():
+        f.unlink()
+    return json.loads((out.parent / f".{out.name}.run" / "manifest.json").read_text())
+
+
+def test_resume_reuses_segments_only_of_the_same_compute_identity(
+    tiny_models, demo_media, short_audio, tmp_path
+):
+    """``render.threads=null`` pins each worker's threads to ``cluster.cpus_per_worker``: a render resumed
+    with another value computes with another thread count (other rounding), so it starts over; resumed
+    with the same identity, it reuses the segments."""
+    out = tmp_path / "identity.mp4"
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    base = [
+        a for a in _args(tiny_models, demo_media, short_audio, out) if not a.startswith("render.threads=")
+    ]
+
+    one = _interrupt_at_third_shard([*base, "render.threads=null", "cluster.cpus_per_worker=1"], out, hold)
+    assert one["compute"].split("|")[3] == "1"
+
+    two = _interrupt_at_third_shard([*base, "render.threads=null", "cluster.cpus_per_worker=2"], out, hold)
+    assert two["compute"].split("|")[3] == "2"
+    for name in ("shard_00000", "shard_00001"):  # rendered again, not reused
+        assert two["shards"][name]["stats"]["started"] > one["shards"][name]["stats"]["started"]
+
+    again = cli(*base, "render.threads=null", "cluster.cpus_per_worker=2", tmp=cli_tmp())
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["reused_shards"] == 2 and summary["frames"] == 50
