@@ -57,7 +57,7 @@ from musetalk.config import PipelineConfig
 from musetalk.layout import ModelLayout
 from musetalk.pipeline import PrepStats, ShardStats, busy_seconds, plan_job, required_weights, stage_totals
 from shards.errors import FarmError, Interrupted
-from shards.plan import Plan, PrepUnit, Shard, dispatch_order
+from shards.plan import Plan, PrepUnit, Shard, UnitKind, dispatch_order
 from shards.probe import VideoInfo
 from shards.stitch import concat_and_mux
 
@@ -627,7 +627,7 @@ def _cached_detections(st: _Job, frames: list[int]) -> dict:
 
 def _submit(actor, st: _Job, unit):
     if isinstance(unit, PrepUnit):
-        if unit.kind != "prepare":
+        if unit.kind is not UnitKind.PREPARE:
             return actor.prepare.remote(st.inputs, unit)
         # A cache every node reaches (an object store): the worker writes the chunk there itself.
         shared = st.store is not None and not st.store.local
@@ -642,11 +642,11 @@ def _prepared(st: _Job, unit: PrepUnit, data, stats: PrepStats) -> list:
     it to the avatar cache, and return the units it releases."""
     st.prep_stats.append(stats)
     phases = st.phases
-    if unit.kind == "audio":
+    if unit.kind is UnitKind.AUDIO:
         for k, features in data.items():
             phases.add_segment(k, ray.put(features))
         return phases.ready_shards()
-    if unit.kind == "detect":
+    if unit.kind is UnitKind.DETECT:
         _remember(st, st.keys[1], unit, data.encode(), "json")
         return phases.detected(unit, detections_from_json(data)) + phases.ready_shards()
     if isinstance(data, str):  # written to the shared cache by the worker: shards read it there

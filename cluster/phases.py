@@ -27,7 +27,7 @@ import bisect
 from musetalk.avatar import JobPrep, boxes_from_detections
 from musetalk.config import PipelineConfig
 from musetalk.faces import Detection
-from shards.plan import Plan, PrepUnit, Shard
+from shards.plan import Plan, PrepUnit, Shard, UnitKind
 
 
 class JobPhases:
@@ -64,9 +64,9 @@ class JobPhases:
         )
         self.cache_hits = len(self.prep.shown) - len(self.prep.entries_needed)
         self._count = 0
-        self._detect = [self._unit("detect", a, b) for a, b in self.prep.detect_ranges()]
+        self._detect = [self._unit(UnitKind.DETECT, a, b) for a, b in self.prep.detect_ranges()]
         self._detecting = {u.name for u in self._detect}
-        self._audio = [self._unit("audio", k, k + 1) for k in self.prep.audio_segments()]
+        self._audio = [self._unit(UnitKind.AUDIO, k, k + 1) for k in self.prep.audio_segments()]
         self._waiting = list(todo)
         self._needs = {s.name: {plan.source_index(t) for t in range(s.start, s.end)} for s in todo}
         self._shown = {name: sorted(needs) for name, needs in self._needs.items()}
@@ -86,7 +86,7 @@ class JobPhases:
             for k in ks:
                 self._segment_readers.setdefault(k, set()).add(name)
 
-    def _unit(self, kind: str, start: int, end: int) -> PrepUnit:
+    def _unit(self, kind: UnitKind, start: int, end: int) -> PrepUnit:
         self._count += 1
         return PrepUnit(kind, self._count - 1, start, end)
 
@@ -96,7 +96,7 @@ class JobPhases:
         needed = self.prep.entries_needed
         position = {name: i for i, name in enumerate(self._order)}
         for a, b in self.prep.prepare_ranges():
-            unit = self._unit("prepare", a, b)
+            unit = self._unit(UnitKind.PREPARE, a, b)
             self._first[unit.name] = min((position[name] for name in self._readers(a, b)), default=0)
             frames = needed[bisect.bisect_left(needed, a) : bisect.bisect_left(needed, b)]
             reads = {k for s in frames for k in range(max(0, s - r), min(n, s + r + 1))}
