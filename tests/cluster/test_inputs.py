@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import wave
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -135,13 +136,19 @@ def test_units_materialise_only_what_they_read(tmp_path):
 
 
 def test_paths_every_node_reads_are_used_in_place(tmp_path):
-    video = tmp_path / "in.mp4"
+    video, audio = tmp_path / "in.mp4", tmp_path / "in.wav"
     video.write_bytes(b"v")
-    job = JobInputs("p", ".mp4", _info(), video_path=str(video), scratch=str(tmp_path / "musetalk-job-p"))
+    with wave.open(str(audio), "wb") as w:  # 0.1 s of 16 kHz mono silence
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(bytes(2 * 1600))
+    job = JobInputs(
+        "p", ".mp4", _info(), video_path=str(video), audio_path=str(audio), scratch=str(tmp_path / "s")
+    )
     inputs = WorkerInputs(Store().fetch, pid=1)
-    with inputs.use(job, video=True) as files:
+    with inputs.use(job, video=True, audio=True) as files:
         assert files.video.path == str(video)
-    assert not (tmp_path / "musetalk-job-p").exists()
+        assert files.samples.dtype == np.float32 and files.samples.shape == (1600,)
+    assert not (tmp_path / "s").exists()
 
 
 def test_eviction_keeps_running_jobs_and_drops_the_oldest_idle_ones_with_their_scratch(tmp_path):
