@@ -20,7 +20,7 @@ from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.faces import Detection
 from musetalk.preparation import PrepPlan
-from shards.plan import PrepUnit
+from shards.plan import PrepUnit, UnitKind
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class AvatarCache:
 
     def remember(self, unit: PrepUnit, data: bytes) -> None:
         """Write a detect or prepare unit's result; a failed write is logged (it costs reuse only)."""
-        key, suffix = (self.detect, "json") if unit.kind == "detect" else (self.prepare, "npz")
+        key, suffix = (self.detect, "json") if unit.kind is UnitKind.DETECT else (self.prepare, "npz")
         try:
             self.store.write(self.video, key, unit.start, unit.end, suffix, data)
         except OSError as err:

@@ -30,16 +30,16 @@ import ray
 from cluster import storage
 from cluster.cache import AvatarCache
 from cluster.config import JobConfig
+from cluster.inputs import JobInputs, ShardInputs, scratch_root
 from cluster.keys import resume_key
 from cluster.rundir import RunDir, output_lock
-from cluster.worker import JobInputs, ShardInputs, scratch_root
 from musetalk.avatar import boxes_from_detections, detections_from_json
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.pipeline import PrepStats, ShardStats, busy_seconds, plan_job, stage_totals
 from musetalk.preparation import PrepPlan
 from shards.errors import FarmError
-from shards.plan import PrepUnit, Shard, dispatch_order
+from shards.plan import PrepUnit, Shard, UnitKind, dispatch_order
 from shards.stitch import concat_and_mux
 
 logger = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class JobRun:
             p.cache_hits,
             len(p.detections_needed),
             len(p.entries_needed),
-            len(p.units_of("audio")),
+            len(p.units_of(UnitKind.AUDIO)),
         )
         self.inputs = self._job_inputs(progress, videos)
         return [*units, *p.ready_shards()]
@@ -276,7 +276,7 @@ class JobRun:
                 tuple((a, b, [h]) for a, b, h in chunks), tuple((k, [h]) for k, h in segments)
             )
             return actor.render.remote(self.inputs, self.plan, unit, self.cfg.encode, prepared)
-        if unit.kind != "prepare":
+        if unit.kind is not UnitKind.PREPARE:
             return actor.prepare.remote(self.inputs, unit)
         boxes = boxes_from_detections(
             self.prep.detections_for(unit),
@@ -298,10 +298,10 @@ class JobRun:
             return prep.landed(unit)
         self.prep_stats.append(stats)
         released: list = []
-        if unit.kind == "audio":
+        if unit.kind is UnitKind.AUDIO:
             for k, features in data.items():
                 prep.add_segment(k, ray.put(features))
-        elif unit.kind == "detect":
+        elif unit.kind is UnitKind.DETECT:
             if self.cache is not None:
                 self.cache.remember(unit, data.encode())
             released = prep.detected(unit, detections_from_json(data))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import time
 import uuid
 from dataclasses import replace
@@ -24,7 +23,7 @@ from cluster.config import ClusterConfig
 from cluster.preflight import gpu_problem
 from cluster.scheduler import Broker, pool_capacity, pool_gpus, workers_to_request, workers_wanted
 from cluster.session import joined, request_workers, worker_env
-from cluster.worker import HOLD_ENV, RenderWorker
+from cluster.worker import RenderWorker
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from shards.errors import ConfigError
@@ -222,8 +221,9 @@ class WarmPools:
 
     One pool at a time (a second would hold the GPUs the next one needs). The key is what the workers
     load (:func:`pool_key`), the pool's settings (GPUs and CPUs per worker, ``cluster.workers`` and
-    ``max_workers``; not its size, which follows the cluster), the test hold point and the Ray session (a
-    pool does not survive ``ray.shutdown()``).
+    ``max_workers``; not its size, which follows the cluster) and the Ray session (a pool does not survive
+    ``ray.shutdown()``). Only what changes results or placement: not a test's fault-injection point
+    (:mod:`cluster.faults`), which a test sets before the pool it holds starts.
     """
 
     def __init__(self) -> None:
@@ -248,7 +248,6 @@ class WarmPools:
             cluster.cpu_workers,
             cluster.workers,
             cluster.max_workers,
-            os.environ.get(HOLD_ENV),
             session,
         )
         if self.key is not None and self.key[-1] != session:

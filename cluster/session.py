@@ -8,8 +8,8 @@ import os
 
 import ray
 
+from cluster import faults
 from cluster.config import ClusterConfig
-from cluster.worker import HOLD_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +23,11 @@ MALLOC_ARENAS = 2
 
 def worker_env() -> dict[str, str]:
     """The environment every worker starts with: glibc malloc tuning (:data:`MALLOC_ARENAS`; every
-    ``MALLOC_*`` variable of the driver's environment travels too, and wins) and a test's hold point."""
+    ``MALLOC_*`` variable of the driver's environment travels too, and wins) and the fault-injection
+    points a test set (:mod:`cluster.faults`: they travel to workers on every node)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
-    hold = os.environ.get(HOLD_ENV)
-    if hold:  # a test's hold point travels to workers on every node
-        env[HOLD_ENV] = hold
-    return env
+    return {**env, **faults.env()}
 
 
 def connect(cfg: ClusterConfig) -> None:

@@ -3,14 +3,12 @@
 Models load once in ``__init__`` and serve every job the pool is given (a warm pool outlives a job: a
 batch, or the runs of a multirun sweep). A worker runs up to ``cluster.max_in_flight`` units at once, each
 in its own thread over the same models (a threaded actor): a preparation unit beside a generation shard
-keeps the device busy while the other unit decodes, builds masks, composites or encodes. ``prepare`` runs one unit of a job's preparation phase (detect,
-prepare or audio: see :mod:`musetalk.preparation`) and returns its result; ``render`` renders one generation
-shard from those results and returns its encoded segment bytes and stats. Per-job settings that do not change the models (``bbox_shift``)
-travel with the job. Inputs arrive through the object store (or as paths every node can read, or as URIs
-each node stages once: ``cluster.storage``; a URI ``models.dir`` is synced per node likewise) and are
-materialised once per job on the worker's node, under ``<tmp>/musetalk-job-<id>/<pid>/``: the driver
-removes the job's root on its node when the job ends, a worker removes its own directories when told to
-forget a job or when closed, and a worker starting on a node removes what dead workers left there.
+keeps the device busy while the other unit decodes, builds masks, composites or encodes. ``prepare`` runs
+one unit of a job's preparation phase (detect, prepare or audio: see :mod:`musetalk.preparation`) and returns its
+result; ``render`` renders one generation shard from those results and returns its encoded segment bytes
+and stats. Per-job settings that do not change the models (``bbox_shift``) travel with the job. A job's
+inputs, its scratch directories and the Whisper segments shards read are :mod:`cluster.inputs` (Ray-free:
+this actor hands it ``ray.get`` to resolve refs).
 """
 
 from __future__ import annotations
@@ -18,21 +16,17 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import shutil
 import socket
-import tempfile
 import threading
 import time
-from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
-import numpy as np
 import ray
 import torch
 
-from cluster import storage
+from cluster import faults
+from cluster.inputs import JobFiles, JobInputs, ShardInputs, WorkerInputs, sweep_dead_scratch
 from cluster.memory import cpu_seconds, memory_mib, trim_heap
 from cluster.weights import local_models
 from musetalk.avatar import AvatarStore, EntrySource, detections_to_json, fetch, pack_chunk
@@ -40,114 +34,28 @@ from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.pipeline import AudioFeatures, FramePipeline, PrepStats, ShardStats
 from musetalk.stages import on_stream
-from shards.plan import Plan, PrepUnit, Shard
-from shards.probe import VideoInfo, load_audio
+from shards.plan import Plan, PrepUnit, Shard, UnitKind
 from shards.segment import EncodeSettings
 
 logger = logging.getLogger(__name__)
-
-SCRATCH_PREFIX = "musetalk-job-"
-# Test hook: with this set to a directory, a worker about to render shard S creates ``held-S-<pid>`` there
-# and waits until ``release-S`` or ``release-all`` appears, so tests kill or interrupt at a known point.
-HOLD_ENV = "MUSETALK_HOLD_DIR"
-
-
-def scratch_root(job_id: str) -> Path:
-    """The node-local directory under which every worker of job ``job_id`` keeps its scratch."""
-    return Path(tempfile.gettempdir()) / f"{SCRATCH_PREFIX}{job_id}"
-
-
-def sweep_dead_scratch(tmp: Path | None = None) -> int:
-    """Remove scratch of workers on this node whose process is gone (killed mid-job); returns the count."""
-    removed = 0
-    for d in Path(tmp or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*/*"):
-        if d.name.isdigit() and not _alive(int(d.name)):
-            shutil.rmtree(d, ignore_errors=True)
-            removed += 1
-            try:
-                d.parent.rmdir()  # the job's root, once its last worker's scratch is gone
-            except OSError:
-                pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _hold(shard: Shard) -> None:
-    hold = os.environ.get(HOLD_ENV)
-    if not hold:
-        return
-    d = Path(hold)
-    (d / f"held-{shard.name}-{os.getpid()}").touch()
-    while not ((d / f"release-{shard.name}").exists() or (d / "release-all").exists()):
-        time.sleep(0.05)
-
-
-@dataclass(frozen=True)
-class JobInputs:
-    """How a worker gets a job's inputs: object-store refs (held in lists so Ray does not resolve them per call) or paths.
-
-    ``video`` is the driver's probe (probing decodes the whole stream, so workers never repeat it).
-    ``pipeline`` is the job's own settings: they may differ from the pool's only where the models do not
-    (see ``cluster.pool.pool_key``). ``progress`` is the driver's progress actor, ``tag`` this job's
-    prefix in it (units of several jobs share one counter); ``scratch`` is the job's scratch root.
-    """
-
-    job_id: str
-    video_suffix: str
-    video: VideoInfo
-    video_ref: list | None = None  # [ObjectRef to the video file's bytes, as a uint8 array]
-    audio_ref: list | None = None  # [ObjectRef to (N,) float32 16 kHz samples]
-    video_path: str | None = None
-    audio_path: str | None = None
-    pipeline: PipelineConfig | None = None
-    progress: object = None
-    tag: str = ""
-    scratch: str | None = None
-
-
-@dataclass(frozen=True)
-class ShardInputs:
-    """Where a generation unit finds what the preparation phase made: entry chunks as ``(start, end,
-    [ref])`` over source frames ``[start, end)``, and Whisper segments as ``(k, [ref])`` (refs in lists so
-    Ray does not resolve them per call: the worker fetches only the chunks holding its frames)."""
-
-    chunks: tuple = ()
-    segments: tuple = ()
-
-
-# Inputs of this many jobs stay materialised per worker (units of neighbouring jobs interleave).
-_KEEP_JOBS = 4
-# Whisper segments kept per worker for the next unit of the same job.
-_KEEP_SEGMENTS = 4
 
 
 class RenderWorker:
     """Holds the models; runs units in threads. Use via ``ray.remote(RenderWorker).options(...)``, with
     ``max_concurrency`` above the units the driver gives it at once (control calls need a thread too).
 
-    Shared state (job inputs, pipelines, Whisper segments, counters) is guarded by one lock, held only
-    for bookkeeping (never across a download or a model call); the models
-    are shared by the unit threads (torch modules run concurrently; the Haar cascade locks itself)."""
+    Job inputs and Whisper segments are :class:`cluster.inputs.WorkerInputs` (thread-safe); the rest of
+    the shared state (pipelines, counters) is guarded by one lock, held only for bookkeeping (never across
+    a download or a model call); the models are shared by the unit threads (torch modules run
+    concurrently; the Haar cascade locks itself)."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
         logging.basicConfig(level=logging.INFO)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{ray.get_runtime_context().get_node_id()[:8]}"
         self.cfg = cfg
-        self._jobs: dict[str, tuple[VideoInfo, np.ndarray, Path]] = {}  # job id -> inputs, scratch dir
+        self.inputs = WorkerInputs(fetch=ray.get)
         self._pipelines: dict[PipelineConfig, FramePipeline] = {}
-        self._segments: dict[tuple, torch.Tensor] = {}  # (job id, k) -> Whisper features
-        self._lock = threading.RLock()
-        self._busy: Counter[str] = Counter()  # job id -> units of it running now (never evicted)
-        self._gates: dict[str, threading.Lock] = {}  # job id -> held while its inputs are materialised
+        self._lock = threading.Lock()
         self._cpu_at_ready = 0.0
         self.loads = 0
         self.load_seconds = 0.0
@@ -209,81 +117,22 @@ class RenderWorker:
                 self._pipelines[cfg] = FramePipeline(cfg, models=self.pipeline.models)
             return self._pipelines[cfg]
 
-    def _scratch(self, job: JobInputs) -> Path:
-        return Path(job.scratch or scratch_root(job.job_id)) / str(os.getpid())
-
-    @contextmanager
-    def _job(self, job: JobInputs):
-        """The job's materialised inputs while one of its units runs (a running job is never evicted).
-
-        Materialising (writing the video out of the object store, or staging a URI) happens under the
-        job's own gate, not the worker's lock: a unit of another job goes on meanwhile."""
-        with self._lock:
-            self._busy[job.job_id] += 1
-            gate = self._gates.setdefault(job.job_id, threading.Lock())
-        try:
-            with gate:
-                inputs = self._inputs(job)
-            yield inputs
-        finally:
-            with self._lock:
-                self._busy[job.job_id] -= 1
-                if not self._busy[job.job_id]:
-                    del self._busy[job.job_id]
-
-    def _inputs(self, job: JobInputs) -> tuple[VideoInfo, np.ndarray, Path]:
-        """Materialise the job's inputs once (call with the job's gate held)."""
-        with self._lock:
-            if job.job_id in self._jobs:
-                return self._jobs[job.job_id]
-            evicted = []  # the oldest jobs with no unit running (checked under the lock that counts them)
-            for old in [j for j in self._jobs if j not in self._busy]:
-                if len(self._jobs) < _KEEP_JOBS:
-                    break
-                evicted.append(self._drop(old))
-        for scratch in evicted:
-            _remove_scratch(scratch)
-        tmp = self._scratch(job)
-        if job.video_ref is not None:
-            tmp.mkdir(parents=True, exist_ok=True)
-            video = tmp / f"{job.job_id}{job.video_suffix}"
-            with open(video, "wb") as f:  # from the object store's pages: no copy of the file on the heap
-                f.write(memoryview(ray.get(job.video_ref[0])))
-            samples = ray.get(job.audio_ref[0])
-        else:  # local paths every node can read, or URIs staged on this node (once per object version)
-            video = storage.stage(job.video_path)
-            samples = load_audio(storage.stage(job.audio_path))
-        with self._lock:
-            self._jobs[job.job_id] = (replace(job.video, path=str(video)), samples, tmp)
-            return self._jobs[job.job_id]
-
     def forget(self, job_id: str) -> None:
         """Drop a finished job's inputs and scratch directory."""
-        with self._lock:
-            scratch = self._drop(job_id)
-        if scratch is not None:
-            _remove_scratch(scratch)
+        self.inputs.forget(job_id)
 
-    def _drop(self, job_id: str) -> Path | None:
-        """Forget a job's inputs and Whisper segments (call with the lock held); its scratch dir to remove."""
-        entry = self._jobs.pop(job_id, None)
-        if job_id not in self._busy:
-            self._gates.pop(job_id, None)
-        for key in [k for k in self._segments if k[0] == job_id]:
-            del self._segments[key]
-        return None if entry is None else entry[2]
-
-    def _tracker(self, job: JobInputs, name: str):
-        """(progress, on_stage) callbacks into the driver's progress actor, or Nones."""
+    @contextmanager
+    def _tracked(self, job: JobInputs, name: str):
+        """(progress, on_stage) callbacks into the driver's progress actor (or Nones) while a unit runs."""
         tracker, key = job.progress, f"{job.tag}{name}"
         if tracker is None:
-            return None, None
+            yield None, None
+            return
         tracker.reset.remote(key)
-        return (lambda n: tracker.add.remote(key, n)), (lambda text: tracker.stage.remote(key, text))
-
-    def _untrack(self, job: JobInputs, name: str) -> None:
-        if job.progress is not None:
-            job.progress.done.remote(f"{job.tag}{name}")
+        try:
+            yield (lambda n: tracker.add.remote(key, n)), (lambda text: tracker.stage.remote(key, text))
+        finally:
+            tracker.done.remote(key)
 
     def prepare(
         self, job: JobInputs, unit: PrepUnit, boxes: dict | None = None, store: tuple | None = None
@@ -294,88 +143,81 @@ class RenderWorker:
 
         With ``store`` = (cache root URI, video hash, key), an avatar cache every node reaches, a chunk is
         written there by this worker and its URI returned instead of its bytes (shards then read it from
-        there, and it never passes through the driver)."""
+        there, and it never passes through the driver). Otherwise the result goes back by value: the
+        driver keeps its own copy on purpose (a lost node must not lose prepared work) and writes it to
+        its avatar cache."""
+        pipeline = self._pipeline(job.pipeline)
         try:
-            with self._job(job) as (info, samples, _), _own_stream(self.pipeline.models.device):
-                result, stats = self._prepare(job, info, samples, unit, boxes, store)
+            with (
+                self.inputs.use(job, video=unit.kind.reads_video, audio=unit.kind.reads_audio) as files,
+                _own_stream(self.pipeline.models.device),
+                self._tracked(job, unit.name) as (_, on_stage),
+            ):
+                result, stats = self._prepare(pipeline, files, unit, boxes, store, on_stage)
         finally:
             trim_heap()
         with self._lock:
             self.prep_units += 1
         return result, replace(stats, unit=unit.name, worker=self.name)
 
-    def _prepare(self, job, info, samples, unit, boxes, store) -> tuple[object, PrepStats]:
-        pipeline = self._pipeline(job.pipeline)
-        _, on_stage = self._tracker(job, unit.name)
-        try:
-            if unit.kind == "detect":
-                found, stats = pipeline.detect_range(info, unit.start, unit.end, on_stage)
-                result = detections_to_json(found)
-            elif unit.kind == "prepare":
-                entries, stats = pipeline.prepare_range(info, unit.start, unit.end, boxes, on_stage)
-                result = pack_chunk(entries)
-                if store is not None:
-                    result = _publish_chunk(store, unit, result)
-            elif unit.kind == "audio":
-                features, stats = pipeline.encode_audio(samples, list(range(unit.start, unit.end)))
-                result = {k: v.numpy() for k, v in features.items()}
-            else:
-                raise ValueError(f"unknown preparation unit kind {unit.kind!r}")
-        finally:
-            self._untrack(job, unit.name)
-        return result, stats
-
-    def _audio(self, job: JobInputs, prepared: ShardInputs, plan: Plan) -> AudioFeatures:
-        segments = {}
-        for k, ref in prepared.segments:
-            key = (job.job_id, k)
-            with self._lock:
-                segments[k] = self._segments.get(key)
-            if segments[k] is None:
-                segments[k] = torch.from_numpy(np.array(ray.get(ref[0])))  # a writable copy
-                with self._lock:
-                    while len(self._segments) >= _KEEP_SEGMENTS:
-                        del self._segments[next(iter(self._segments))]
-                    self._segments[key] = segments[k]
-        return AudioFeatures(segments, plan.total_samples, plan.fps)
+    @staticmethod
+    def _prepare(pipeline, files: JobFiles, unit, boxes, store, on_stage) -> tuple[object, PrepStats]:
+        match unit.kind:
+            case UnitKind.DETECT:
+                found, stats = pipeline.detect_range(files.video, unit.start, unit.end, on_stage)
+                return detections_to_json(found), stats
+            case UnitKind.PREPARE:
+                entries, stats = pipeline.prepare_range(files.video, unit.start, unit.end, boxes, on_stage)
+                chunk = pack_chunk(entries)
+                return (chunk if store is None else _publish_chunk(store, unit, chunk)), stats
+            case UnitKind.AUDIO:
+                features, stats = pipeline.encode_audio(files.samples, list(range(unit.start, unit.end)))
+                return {k: v.numpy() for k, v in features.items()}, stats
+        raise ValueError(f"unknown preparation unit kind {unit.kind!r}")  # PrepUnit admits none
 
     def render(
         self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings, prepared: ShardInputs
     ) -> tuple[bytes, ShardStats]:
-        """One generation unit: output frames ``[shard.start, shard.end)`` from the prepared entries."""
+        """One generation unit: output frames ``[shard.start, shard.end)`` from the prepared entries (the
+        job's video only: the audio it reads is the prepared Whisper segments). The segment goes back as
+        bytes: the driver writes it into the run directory."""
         try:
-            with self._job(job) as (info, _, tmp), _own_stream(self.pipeline.models.device):
-                return self._render(job, plan, shard, encode, prepared, info, tmp)
+            with self.inputs.use(job, video=True) as files, _own_stream(self.pipeline.models.device):
+                faults.hold(shard.name)
+                data, stats = self._render(job, plan, shard, encode, prepared, files)
         finally:
             trim_heap()
+        with self._lock:
+            self.units += 1
+        return data, replace(stats, worker=self.name)
 
-    def _render(self, job, plan, shard, encode, prepared, info, tmp) -> tuple[bytes, ShardStats]:
-        _hold(shard)
-        tmp.mkdir(parents=True, exist_ok=True)
-        out = tmp / f"{job.job_id}-{shard.name}.mkv"
-        progress, on_stage = self._tracker(job, shard.name)
+    def _render(self, job, plan, shard, encode, prepared, files: JobFiles) -> tuple[bytes, ShardStats]:
+        files.scratch.mkdir(parents=True, exist_ok=True)
+        out = files.scratch / f"{job.job_id}-{shard.name}.mkv"
         try:
-            stats = self._pipeline(job.pipeline).render_shard(
-                video=info,
-                plan=plan,
-                shard=shard,
-                out_path=out,
-                encode=encode,
-                entries=EntrySource([(a, b, ref[0]) for a, b, ref in prepared.chunks], _fetch_chunk),
-                audio=self._audio(job, prepared, plan),
-                progress=progress,
-                on_stage=on_stage,
-            )
-            with self._lock:
-                self.units += 1
-            return out.read_bytes(), replace(stats, worker=self.name)
+            with self._tracked(job, shard.name) as (progress, on_stage):
+                stats = self._pipeline(job.pipeline).render_shard(
+                    video=files.video,
+                    plan=plan,
+                    shard=shard,
+                    out_path=out,
+                    encode=encode,
+                    entries=EntrySource([(a, b, ref[0]) for a, b, ref in prepared.chunks], _fetch_chunk),
+                    audio=self._audio(job, prepared, plan),
+                    progress=progress,
+                    on_stage=on_stage,
+                )
+            return out.read_bytes(), stats
         finally:
             out.unlink(missing_ok=True)
-            self._untrack(job, shard.name)
+
+    def _audio(self, job: JobInputs, prepared: ShardInputs, plan: Plan) -> AudioFeatures:
+        arrays = self.inputs.segments(job.job_id, [(k, ref[0]) for k, ref in prepared.segments])
+        segments = {k: torch.from_numpy(a) for k, a in arrays.items()}
+        return AudioFeatures(segments, plan.total_samples, plan.fps)
 
     def close(self) -> None:
-        for job_id in list(self._jobs):
-            self.forget(job_id)
+        self.inputs.close()
 
 
 @contextmanager
@@ -408,11 +250,3 @@ def _publish_chunk(store: tuple, unit: PrepUnit, blob: bytes) -> bytes | str:
 def _fetch_chunk(handle) -> bytes:
     """A chunk's bytes from Ray's object store, or from the avatar cache by URI."""
     return fetch(handle) if isinstance(handle, str) else ray.get(handle)
-
-
-def _remove_scratch(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.parent.rmdir()
-    except OSError:
-        pass  # other workers of the job still use it (or it is gone): the driver removes it

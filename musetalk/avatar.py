@@ -33,6 +33,7 @@ import numpy as np
 from musetalk.blending import Box
 from musetalk.config import PipelineConfig
 from musetalk.faces import Detection, crop_box, smooth_boxes, smoothing_window
+from musetalk.lru import LRU
 
 logger = logging.getLogger(__name__)
 
@@ -114,21 +115,17 @@ class EntrySource:
     def __init__(self, chunks: Sequence[tuple[int, int, object]], fetch, keep: int = 4) -> None:
         self._chunks = list(chunks)
         self._fetch = fetch
-        self._keep = keep
-        self._open: dict[tuple[int, int], ChunkReader] = {}
+        self._open: LRU[tuple[int, int], ChunkReader] = LRU(keep)
         self.fetched = 0
 
     def __call__(self, src: int) -> Entry:
         for start, end, handle in self._chunks:
             if start <= src < end:
-                key = (start, end)
-                reader = self._open.pop(key, None)
+                reader = self._open.get((start, end))
                 if reader is None:
                     reader = ChunkReader(self._fetch(handle))
                     self.fetched += 1
-                    while len(self._open) >= self._keep:
-                        del self._open[next(iter(self._open))]
-                self._open[key] = reader  # most recently used last
+                    self._open.put((start, end), reader)
                 if src in reader:
                     return reader.get(src)
         raise KeyError(f"source frame {src} was never prepared")

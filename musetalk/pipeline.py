@@ -54,7 +54,7 @@ from musetalk.stages import (
 )
 from shards.decode import read_frames
 from shards.errors import WeightsError
-from shards.plan import Plan, Shard, ShardsConfig, plan_shards, shard_length_frames
+from shards.plan import Plan, Shard, ShardsConfig, UnitKind, plan_shards, shard_length_frames
 from shards.probe import VideoInfo, load_audio, probe_video
 from shards.segment import EncodeSettings, SegmentWriter
 from shards.stitch import concat_and_mux
@@ -414,20 +414,20 @@ class FramePipeline:
         prep = PrepPlan(plan, plan.shards, chunk=chunk, smooth_radius=self.cfg.face.smooth_radius)
         prep.start()
         stats: list[PrepStats] = []
-        for unit in prep.units_of("detect"):
+        for unit in prep.units_of(UnitKind.DETECT):
             found, st = self.detect_range(video, unit.start, unit.end)
             prep.detected(unit, found)
             stats.append(st)
         entries: dict[int, Entry] = {}
         shape = (video.height, video.width)
-        for unit in prep.units_of("prepare"):
+        for unit in prep.units_of(UnitKind.PREPARE):
             boxes = boxes_from_detections(
                 prep.detections, range(unit.start, unit.end), shape, self.cfg, plan.source_frames
             )
             done, st = self.prepare_range(video, unit.start, unit.end, boxes)
             entries.update((e.src, e) for e in done)
             stats.append(st)
-        segments, st = self.encode_audio(samples, [u.start for u in prep.units_of("audio")])
+        segments, st = self.encode_audio(samples, [u.start for u in prep.units_of(UnitKind.AUDIO)])
         stats.append(st)
         return entries, AudioFeatures(segments, plan.total_samples, plan.fps), stats
 

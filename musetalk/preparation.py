@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 from musetalk.audio import audio_span
 from musetalk.faces import Detection, smoothing_window
-from shards.plan import Plan, PrepUnit, Shard
+from shards.plan import Plan, PrepUnit, Shard, UnitKind
 
 
 def block_ranges(frames: Iterable[int], block: int) -> list[tuple[int, int]]:
@@ -114,9 +114,11 @@ class PrepPlan:
         self._covered = {s for a, b in (chunks or {}) for s in range(a, b)}
         self.entries_needed = [s for s in self.shown if s not in self._covered]
         self.detections_needed = [k for k in self.context(self.entries_needed) if k not in self.detections]
-        detect = [self._unit("detect", a, b) for a, b in block_ranges(self.detections_needed, self.chunk)]
+        detect = [
+            self._unit(UnitKind.DETECT, a, b) for a, b in block_ranges(self.detections_needed, self.chunk)
+        ]
         audio = [
-            self._unit("audio", k, k + 1)
+            self._unit(UnitKind.AUDIO, k, k + 1)
             for k in sorted({k for r in self.shard_segments.values() for k in r})
         ]
         self._detecting = {u.name for u in detect}
@@ -128,7 +130,7 @@ class PrepPlan:
         self._first: dict[str, int] = {}  # prepare unit -> position of the first shard it serves
         position = {name: i for i, name in enumerate(self._order)}
         for a, b in block_ranges(self.entries_needed, self.chunk):
-            unit = self._unit("prepare", a, b)
+            unit = self._unit(UnitKind.PREPARE, a, b)
             self._first[unit.name] = min((position[n] for n in self._readers(a, b)), default=0)
             missing = set(self.context(range(a, b))).difference(self.detections)
             if not missing:
@@ -151,11 +153,11 @@ class PrepPlan:
         """Shown source frames whose entries were already available when the plan started."""
         return len(self.shown) - len(self.entries_needed)
 
-    def units_of(self, kind: str) -> list[PrepUnit]:
+    def units_of(self, kind: UnitKind) -> list[PrepUnit]:
         """Every unit of ``kind`` the plan made (ready or not), in order."""
         return [u for u in self.units if u.kind == kind]
 
-    def _unit(self, kind: str, start: int, end: int) -> PrepUnit:
+    def _unit(self, kind: UnitKind, start: int, end: int) -> PrepUnit:
         unit = PrepUnit(kind, len(self.units), start, end)
         self.units.append(unit)
         return unit

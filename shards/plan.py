@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from fractions import Fraction
 
 from shards.errors import ConfigError, InputError
@@ -65,15 +66,36 @@ class Shard:
         return f"shard_{self.index:05d}"
 
 
+class UnitKind(StrEnum):
+    """What a preparation unit does (a ``str``: it compares equal to, prints and serialises as its value)."""
+
+    DETECT = "detect"  # raw boxes + landmarks of source frames
+    PREPARE = "prepare"  # crop latents + blend material of source frames, from smoothed boxes
+    AUDIO = "audio"  # Whisper features of 30 s audio segments
+
+    @property
+    def reads_video(self) -> bool:
+        """Whether a unit of this kind decodes the job's video (so a worker must materialise it)."""
+        return self is not UnitKind.AUDIO
+
+    @property
+    def reads_audio(self) -> bool:
+        """Whether a unit of this kind reads the job's audio samples."""
+        return self is UnitKind.AUDIO
+
+
 @dataclass(frozen=True)
 class PrepUnit:
     """One unit of a job's preparation phase: ``detect`` or ``prepare`` source frames ``[start, end)``, or
     encode Whisper segments ``[start, end)`` (``audio``). Its results feed the generation shards."""
 
-    kind: str
+    kind: UnitKind
     index: int
     start: int
     end: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", UnitKind(self.kind))  # a plain string is checked and converted
 
     @property
     def frames(self) -> int:

@@ -15,8 +15,8 @@ from ray.cluster_utils import Cluster
 from ray.experimental.internal_kv import _internal_kv_get
 
 from cluster.driver import run_job
+from cluster.faults import HOLD_ENV
 from cluster.pool import warm_pools
-from cluster.worker import HOLD_ENV
 from shards.errors import ConfigError
 from tests.helpers import assert_same_frames, held, job_for, wait_for
 

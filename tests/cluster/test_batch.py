@@ -233,7 +233,7 @@ def test_ctrl_c_during_a_batch_prints_what_finished(tiny_models, demo_media, tmp
     import sys
 
     from cluster.config import REPO_ROOT
-    from cluster.worker import HOLD_ENV
+    from cluster.faults import HOLD_ENV
     from tests.helpers import cli_tmp, error_lines, held, wait_for
 
     short = trimmed_audio(demo_media.audio, tmp_path / "short.wav", 0.4)  # 10 frames: 1 shard

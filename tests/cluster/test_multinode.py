@@ -10,7 +10,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster.driver import run_job
-from cluster.worker import HOLD_ENV
+from cluster.faults import HOLD_ENV
 from tests.helpers import assert_same_frames, held, job_for, wait_for
 
 

@@ -15,7 +15,8 @@ import pytest
 import ray
 
 from cluster.driver import run_job
-from cluster.worker import HOLD_ENV
+from cluster.faults import HOLD_ENV
+from cluster.pool import warm_pools
 from shards.errors import FarmError
 from tests.helpers import (
     assert_same_frames,
@@ -73,6 +74,7 @@ def _held_job(tiny_models, demo_media, short_audio, tmp_path, monkeypatch, name,
     """(hold dir, output, job) of the short job in 10-frame shards whose workers stop at HOLD_ENV."""
     hold = tmp_path / "hold"
     hold.mkdir()
+    warm_pools().discard(graceful=True)  # its workers started without the hold point (not in the pool key)
     monkeypatch.setenv(HOLD_ENV, str(hold))
     out = tmp_path / f"{name}.mp4"
     job = job_for(

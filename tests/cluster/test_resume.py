@@ -8,7 +8,7 @@ import json
 import signal
 from pathlib import Path
 
-from cluster.worker import HOLD_ENV
+from cluster.faults import HOLD_ENV
 from tests.helpers import (
     assert_same_frames,
     cli,

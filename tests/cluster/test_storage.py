@@ -16,8 +16,8 @@ import fsspec
 import pytest
 
 from cluster import storage
+from cluster.faults import HOLD_ENV
 from cluster.rundir import run_dir_path
-from cluster.worker import HOLD_ENV
 from shards.errors import StorageError
 from tests.helpers import assert_same_frames, cli, cli_tmp, error_lines, held, job_for, wait_for
 

@@ -2,8 +2,8 @@
 
 import os
 
+from cluster.faults import HOLD_ENV
 from cluster.session import MALLOC_ARENAS, worker_env
-from cluster.worker import HOLD_ENV
 
 
 def _clear(monkeypatch):

@@ -1,9 +1,12 @@
+import json
 from fractions import Fraction
 
 import pytest
 
 from shards.errors import ConfigError, InputError
 from shards.plan import (
+    PrepUnit,
+    UnitKind,
     dispatch_order,
     output_frame_count,
     plan_shards,
@@ -102,3 +105,13 @@ def test_shard_length_in_seconds_or_frames():
         shard_length_frames(10, 2.0, Fraction(25))
     with pytest.raises(ConfigError):
         shard_length_frames(0, None, Fraction(25))
+
+
+def test_unit_kinds_are_typed_and_still_compare_print_and_serialise_as_strings():
+    unit = PrepUnit("detect", 3, 0, 10)  # a plain string is converted
+    assert unit.kind is UnitKind.DETECT and unit.kind == "detect"
+    assert unit.name == "detect_00003" and json.dumps(unit.kind) == '"detect"'
+    assert [k.reads_video for k in UnitKind] == [True, True, False]
+    assert [k.reads_audio for k in UnitKind] == [False, False, True]
+    with pytest.raises(ValueError, match="'render'"):
+        PrepUnit("render", 0, 0, 1)
