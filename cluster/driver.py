@@ -137,15 +137,15 @@ def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, rep
     unstarted, in_flight, videos, ended = dict(runs), {}, {}, set()
     users = Counter(r.cfg.video.resolve() for r in runs.values())
     total = sum(r.plan.output_frames for r in runs.values())
-    done_before = sum(s.frames for r in runs.values() for s in r.plan.shards if r.run.has(s))
+    done_before = 0  # frames of segments kept from interrupted runs (known once each job started)
     bar = tqdm(total=total, unit="frame", desc="render", dynamic_ncols=True, mininterval=1.0)
-    bar.n = done_before
     try:
         while unstarted or not broker.finished:
             if unstarted and pool.identity is not None:
                 for i, run in unstarted.items():
                     broker.add_job(i, run.start(pool.identity, pool.id, len(pool.actors), progress, videos))
                     run.charge(*pool.take_loads())
+                    done_before += sum(s.frames for s in run.plan.shards if run.run.has(s))
                 unstarted = {}
             for a in broker.assignments():
                 in_flight[runs[a.job].submit(pool.actors[a.slot], a.shard)] = a
