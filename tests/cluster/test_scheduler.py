@@ -18,7 +18,7 @@ from shards.plan import Shard
 
 
 def shards(n: int) -> list[Shard]:
-    return [Shard(index=i, start=10 * i, end=10 * i + 10, src_start=0, src_end=10) for i in range(n)]
+    return [Shard(index=i, start=10 * i, end=10 * i + 10) for i in range(n)]
 
 
 def broker(n=4, slots=2, max_in_flight=1, max_attempts=3, timeout=60.0) -> Broker:

@@ -32,13 +32,15 @@ def render_shard_serial(
 ) -> int:
     """Render ``shard`` the old way; returns the number of frames written."""
     m, cfg = pipeline.models, pipeline.cfg
-    lo = shard.src_start
-    frames = list(read_frames(video, shard.src_start, shard.src_end))
+    shown = sorted({plan.source_index(t) for t in range(shard.start, shard.end)})
+    # the shown frames and the smoothing radius of context on each side, clipped to the video
+    r = cfg.face.smooth_radius
+    lo, hi = max(0, shown[0] - r), min(plan.source_frames, shown[-1] + 1 + r)
+    frames = list(read_frames(video, lo, hi))
     height, width = frames[0].shape[:2]
     detections = m.analyzer.detect(frames)
     raw = [crop_box(d, (height, width), cfg.face) for d in detections]
-    boxes = smooth_boxes(raw, cfg.face.smooth_radius)
-    shown = sorted({plan.source_index(t) for t in range(shard.start, shard.end)})
+    boxes = smooth_boxes(raw, r)
     face_src = [s for s in shown if boxes[s - lo] is not None]
     row = {s: i for i, s in enumerate(face_src)}
     latents = materials = None
