@@ -12,8 +12,10 @@ any audio over it. Here a job's preparation is split from its generation:
 Step 3's results are packed per chunk of consecutive source frames (:func:`pack_chunk`, an npz whose
 members are per frame, so a reader loads only the frames it shows: :class:`ChunkReader`). Step 1's are
 JSON. Both can be kept in an :class:`AvatarStore`: a directory or any fsspec URI (``s3://``, ``gs://``,
-``file://``), keyed by the video's content hash and by the settings and weights each step depends on,
-so a later render of the same video with any audio reuses them. Entries are written whole or not at all.
+``file://``), keyed by the video's content hash and by the settings, weights and compute identity each
+step depends on (:mod:`cluster.keys`), so a later render of the same video with any audio reuses them.
+Entries are written whole or not at all. Which frames a job detects and prepares, and when, is
+:mod:`musetalk.preparation`.
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ def _default_init_weights(
 
 def _real_basicsr_importable() -> bool:
     try:
-        importlib.import_module("basicsr.utils.registry")
-        importlib.import_module("basicsr.archs.arch_util")
+        import basicsr.archs.arch_util  # noqa: F401
+        import basicsr.utils.registry  # noqa: F401
     except (ImportError, RuntimeError, AttributeError) as err:
         log.debug("real basicsr not importable (%s); using the adapter's stand-ins", err)
         return False
