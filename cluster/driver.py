@@ -112,15 +112,13 @@ def _render(runs: list[JobRun], isolate: bool, report) -> None:
     try:
         pool = warm_pools().get(runs[0].pipeline, first.cluster, units=sum(len(r.todo) for r in runs))
         broker = Broker(
-            slots=len(pool.actors),
+            slots=pool.slots,  # one table: the broker reads and updates the pool's slots
             max_in_flight=first.cluster.max_in_flight,
             max_attempts=first.cluster.max_attempts,
             start_timeout_s=first.cluster.start_timeout_s,
             now=time.monotonic(),
             isolate_jobs=isolate,
         )
-        for i in pool.up:
-            broker.slot_up(i, time.monotonic())
         _dispatch(pool, broker, {r.index: r for r in runs}, progress, report)
         ok = True
     finally:
@@ -143,12 +141,12 @@ def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, rep
         while unstarted or not broker.finished:
             if unstarted and pool.identity is not None:
                 for i, run in unstarted.items():
-                    broker.add_job(i, run.start(pool.identity, pool.id, len(pool.actors), progress, videos))
+                    broker.add_job(i, run.start(pool.identity, pool.id, pool.size, progress, videos))
                     run.charge(*pool.take_loads())
                     done_before += sum(s.frames for s in run.plan.shards if run.run.has(s))
                 unstarted = {}
             for a in broker.assignments():
-                in_flight[runs[a.job].submit(pool.actors[a.slot], a.shard)] = a
+                in_flight[runs[a.job].submit(pool.actor(a.slot), a.shard)] = a
             ready, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
             frames, stages = ray.get(progress.snapshot.remote())
             bar.n = min(total, done_before + frames)
@@ -203,7 +201,7 @@ def _landed(pool: Pool, broker: Broker, run: JobRun, a, ref) -> None:
 def _came_up(pool: Pool, broker: Broker, ref) -> None:
     """A ready() ref resolved: the slot is up, its worker failed to start (the pool fails), it died, or
     it computes differently from the pool (refused: one job never mixes compute identities)."""
-    i = pool.starting.pop(ref)
+    i = pool.resolved(ref)
     try:
         name, identity = ray.get(ref)
     except RayTaskError as err:

@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.config import ClusterConfig
 from cluster.preflight import gpu_problem
-from cluster.scheduler import Broker, pool_capacity, pool_gpus, workers_to_request, workers_wanted
+from cluster.scheduler import Broker, Slot, pool_capacity, pool_gpus, workers_to_request, workers_wanted
 from cluster.session import joined, request_workers, worker_env
 from cluster.worker import RenderWorker
 from musetalk.config import PipelineConfig
@@ -43,9 +43,15 @@ def pool_key(pipeline: PipelineConfig) -> PipelineConfig:
     return replace(pipeline, face=replace(pipeline.face, bbox_shift=0, extra_margin=0, smooth_radius=0))
 
 
+# The actor class, defined once (Ray's pattern: not a new remote class per start).
+_RemoteWorker = ray.remote(RenderWorker)
+
+
 class Pool:
     """The Ray side of the worker slots: actors, their ready() refs, restarts and shutdown.
 
+    The slots are one table (:class:`cluster.scheduler.Slot`) that the broker of each run reads and
+    updates: the pool keeps each slot's actor and ready() ref there, the broker its state and load.
     Policy (what to retry, when to give up) lives in :class:`cluster.scheduler.Broker`; how many workers
     the pool wants lives in :mod:`cluster.scheduler` too (``pool_capacity``, ``workers_wanted``).
     """
@@ -55,15 +61,11 @@ class Pool:
     ) -> None:
         self.pipeline, self.cluster, self.gpus = pipeline, cluster, gpus
         self.id = uuid.uuid4().hex[:8]
-        self.actors: list = [None] * size
-        self.starting: dict = {}  # ready() ref -> slot
-        self.up: set[int] = set()
+        self.slots: list[Slot] = [Slot() for _ in range(size)]
         self.started = 0  # actors started (each loads the models once)
         self.charged = 0  # of which already reported in a job's summary
         self.created = time.monotonic()
         self.first_up: float | None = None
-        self.retired: set[int] = set()  # slots given up when the cluster shrank (actors[i] is None)
-        self.replacing: set[int] = set()  # slots whose lost worker was restarted and is not up yet
         self.requested: list[dict[str, float]] | None = None  # the last request to the autoscaler
         # How the pool's workers compute (the first worker up sets it; a worker that differs is refused)
         self.identity: ComputeIdentity | None = None
@@ -75,7 +77,15 @@ class Pool:
     @property
     def size(self) -> int:
         """Slots not retired (up or starting)."""
-        return len(self.actors) - len(self.retired)
+        return sum(not s.retired for s in self.slots)
+
+    @property
+    def starting(self) -> dict:
+        """ready() ref -> slot, for the workers still starting."""
+        return {s.ready: i for i, s in enumerate(self.slots) if s.ready is not None}
+
+    def actor(self, i: int):
+        return self.slots[i].actor
 
     def request(self, units: int) -> None:
         """Ask the autoscaler for the workers ``units`` left can use, when that changed."""
@@ -86,16 +96,14 @@ class Pool:
 
     def restart(self, i: int) -> None:
         """Replace slot ``i``'s lost worker; :meth:`rescale` retires the slot if the replacement finds no room."""
-        self.replacing.add(i)
+        self.slots[i].replacing = True
         self.start(i)
 
     def retire(self, i: int, broker: Broker) -> None:
-        """Give up slot ``i`` (the cluster has no room for it): kill its unplaced worker; never assign it."""
-        actor, self.actors[i] = self.actors[i], None
-        self.starting = {ref: j for ref, j in self.starting.items() if j != i}
-        self.up.discard(i)
-        self.replacing.discard(i)
-        self.retired.add(i)
+        """Give up slot ``i`` (the cluster has no room for it, or its worker computes otherwise): kill its
+        worker; the broker never assigns it again."""
+        slot = self.slots[i]
+        actor, slot.actor, slot.ready = slot.actor, None, None
         broker.retire(i)
         if actor is not None:
             ray.kill(actor)
@@ -125,7 +133,7 @@ class Pool:
         if self.cluster.workers is not None:
             return
         room = self.room()
-        for i in sorted(self.replacing, reverse=True):
+        for i in reversed([i for i, s in enumerate(self.slots) if s.replacing]):
             if self.size <= max(1, room):
                 break
             logger.info(
@@ -134,24 +142,12 @@ class Pool:
             self.retire(i, broker)
         want = workers_wanted(self.cluster, room, units)
         while self.size < want:
-            self.actors.append(None)
-            i = broker.add_slot()
-            if i != len(self.actors) - 1:
-                raise RuntimeError(f"pool and broker disagree on the slots: {i} vs {len(self.actors) - 1}")
-            self.start(i)
+            self.start(broker.add_slot())
             logger.info("the cluster has room for %d workers: the pool grows to %d", room, self.size)
 
     def compact(self) -> None:
-        """Drop retired slots (between jobs: a new Broker numbers the slots from 0)."""
-        if not self.retired:
-            return
-        keep = [i for i in range(len(self.actors)) if i not in self.retired]
-        new = {old: n for n, old in enumerate(keep)}
-        self.actors = [self.actors[i] for i in keep]
-        self.starting = {ref: new[i] for ref, i in self.starting.items()}
-        self.up = {new[i] for i in self.up}
-        self.replacing = {new[i] for i in self.replacing}
-        self.retired = set()
+        """Drop retired slots (between runs: each run's broker numbers the slots it is given from 0)."""
+        self.slots[:] = [s for s in self.slots if not s.retired]
 
     def start(self, i: int) -> None:
         c = self.cluster
@@ -164,10 +160,17 @@ class Pool:
             max_concurrency=c.max_in_flight + 1,
         )
         options["runtime_env"] = {"env_vars": worker_env()}  # merged with a Ray job's own runtime_env
-        self.up.discard(i)
-        self.actors[i] = ray.remote(RenderWorker).options(**options).remote(self.pipeline)
-        self.starting[self.actors[i].ready.remote()] = i
+        slot = self.slots[i]
+        slot.up = False
+        slot.actor = _RemoteWorker.options(**options).remote(self.pipeline)
+        slot.ready = slot.actor.ready.remote()
         self.started += 1
+
+    def resolved(self, ref) -> int:
+        """A starting worker's ready() ref resolved (up, failed or dead): its slot, no longer starting."""
+        i = self.starting[ref]
+        self.slots[i].ready = None
+        return i
 
     def came_up(self, i: int, identity: ComputeIdentity) -> bool:
         """Slot ``i``'s worker is up and computes with ``identity``; False when that is not the pool's
@@ -176,8 +179,7 @@ class Pool:
             self.identity = identity
         elif identity != self.identity:
             return False
-        self.up.add(i)
-        self.replacing.discard(i)
+        self.slots[i].replacing = False
         if self.first_up is None:
             self.first_up = time.monotonic()
         return True
@@ -189,29 +191,30 @@ class Pool:
         wait = (self.first_up or time.monotonic()) - self.created if first and loads else 0.0
         return loads, wait
 
+    def _live(self) -> list:
+        return [s.actor for s in self.slots if s.actor is not None]
+
     def forget(self, job_id: str) -> None:
         """Tell every worker to drop a finished job's inputs (no reply awaited)."""
-        for a in self.actors:
-            if a is not None:
-                a.forget.remote(job_id)
+        for actor in self._live():
+            actor.forget.remote(job_id)
 
     def worker_info(self) -> list[dict]:
         """Each live worker's own report: name, model loads, load seconds, units rendered."""
-        return ray.get([self.actors[i].info.remote() for i in sorted(self.up)])
+        return ray.get([s.actor.info.remote() for s in self.slots if s.up])
 
     def shutdown(self, *, graceful: bool) -> None:
         """Stop every actor; when ``graceful``, first let live ones delete their scratch (bounded wait)."""
+        live = self._live()
         if graceful:
-            live = [a for a in self.actors if a is not None]
             done, _ = ray.wait([a.close.remote() for a in live], num_returns=len(live), timeout=10)
             for ref in done:
                 try:
                     ray.get(ref)
                 except (RayActorError, RayTaskError) as err:
                     logger.warning("a worker could not clean up: %s", err)
-        for a in self.actors:
-            if a is not None:
-                ray.kill(a)
+        for actor in live:
+            ray.kill(actor)
         if self.requested:
             request_workers([])
 

@@ -88,12 +88,18 @@ class Failure(Enum):
 
 
 @dataclass
-class _Slot:
+class Slot:
+    """One worker slot: the one table of a pool's workers, which the pool (``cluster.pool``: its actor,
+    the ready() ref it waits on) and the broker (its state and load) both read and write."""
+
     up: bool = False
-    load: int = 0
+    load: int = 0  # units in flight on the slot's worker
     start_deaths: int = 0  # consecutive deaths while starting
     generation: int = 0  # bumped when the slot's worker is lost; older assignments no longer count
     retired: bool = False  # the pool shrank: never up, never assigned again
+    replacing: bool = False  # its lost worker was restarted and the replacement is not up yet
+    actor: object = None  # the pool's actor handle (opaque here)
+    ready: object = None  # the ready() ref of a starting worker (opaque here)
 
 
 @dataclass(frozen=True)
@@ -112,21 +118,25 @@ class Broker:
         self,
         shards: Iterable[Shard] = (),
         *,
-        slots: int,
+        slots: int | list[Slot],
         max_in_flight: int,
         max_attempts: int,
         start_timeout_s: float,
         now: float,
         isolate_jobs: bool = False,
     ) -> None:
-        if slots < 1 or max_in_flight < 1 or max_attempts < 1:
+        if isinstance(slots, int):
+            slots = [Slot() for _ in range(slots)]
+        if not slots or max_in_flight < 1 or max_attempts < 1:
             raise ValueError("slots, max_in_flight and max_attempts must be >= 1")
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
         self.start_timeout_s = start_timeout_s
         self.isolate_jobs = isolate_jobs
         self.pending: deque[tuple[int, Shard, int]] = deque()  # (job, shard, attempt)
-        self.slots = [_Slot() for _ in range(slots)]
+        self.slots = slots  # shared with the pool (a warm pool's table outlives a broker)
+        for slot in slots:  # a new broker starts with nothing in flight
+            slot.load = 0
         self.in_flight: dict[tuple[int, str], Assignment] = {}  # (job, unit name) -> assignment
         self.done: set[tuple[int, str]] = set()  # (job, unit name)
         self.retries = 0
@@ -163,14 +173,14 @@ class Broker:
 
     def add_slot(self) -> int:
         """A new slot (the pool grew); it takes units once ``slot_up`` reports its worker. Returns its index."""
-        self.slots.append(_Slot())
+        self.slots.append(Slot())
         return len(self.slots) - 1
 
     def retire(self, slot: int) -> None:
         """The pool shrank: ``slot`` is never assigned again. Units it still held come back through
         ``failed`` as usual (its generation is bumped, so they do not ask for a restart)."""
         s = self.slots[slot]
-        s.up, s.load, s.retired, s.generation = False, 0, True, s.generation + 1
+        s.up, s.load, s.retired, s.replacing, s.generation = False, 0, True, False, s.generation + 1
 
     @property
     def active_slots(self) -> int:
