@@ -20,6 +20,7 @@ from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.faces import Detection
 from musetalk.preparation import PrepPlan
+from shards.errors import StorageError
 from shards.plan import PrepUnit, UnitKind
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class AvatarCache:
                 prepare_key(pipeline, identity, weights),
                 label,
             )
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, StorageError) as err:
             logger.warning(
                 "avatar cache %s cannot be used (%s): rendering %s without it; set cache.dir to a "
                 "directory or URI, or cache.enabled=false",

@@ -53,16 +53,6 @@ def check_remote_weights(cfg: PipelineConfig) -> None:
         )
 
 
-def weight_ids(cfg: PipelineConfig) -> list[str]:
-    """The weight files for the resume key (``cluster.rundir.job_key``): local paths, or URIs (identified
-    there by size and ETag, without downloading)."""
-    if not storage.is_remote(cfg.models_dir):
-        from musetalk.pipeline import required_weights
-
-        return [str(p) for p, _ in required_weights(cfg)]
-    return [storage.join(cfg.models_dir, rel) for rel, _ in weight_files(cfg)]
-
-
 def local_models(cfg: PipelineConfig) -> PipelineConfig:
     """``cfg`` loading from this node: a URI ``models.dir`` is synced into the node-local staging
     directory first (once per node; later workers find the files there)."""
