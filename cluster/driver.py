@@ -47,15 +47,16 @@ from cluster.weights import weight_files, weight_ids
 from cluster.worker import JobInputs, ShardInputs, scratch_root
 from musetalk.avatar import (
     AvatarStore,
-    ChunkReader,
     detect_key,
-    detections_from_json,
     prepare_key,
     weights_fingerprint,
 )
 from musetalk.config import PipelineConfig
+from musetalk.entries import ChunkReader, detections_from_json
 from musetalk.layout import ModelLayout
-from musetalk.pipeline import PrepStats, ShardStats, busy_seconds, plan_job, required_weights, stage_totals
+from musetalk.local import plan_job
+from musetalk.models import required_weights
+from musetalk.stats import PrepStats, ShardStats, busy_seconds, stage_totals
 from shards.errors import FarmError, Interrupted
 from shards.plan import Plan, PrepUnit, Shard, dispatch_order
 from shards.probe import VideoInfo

@@ -54,7 +54,7 @@ def prepare(job: JobConfig) -> None:
             raise WeightsError(
                 f"fetching model weights into {root} failed (see the errors above); run the same command again to resume"
             )
-    from musetalk.pipeline import check_weights  # imports torch: after the cheap refusals above
+    from musetalk.models import check_weights  # imports torch: after the cheap refusals above
 
     check_weights(job.pipeline)
 

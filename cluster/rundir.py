@@ -23,14 +23,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cluster import storage
+from musetalk.stats import ShardStats
 from shards.errors import InputError
 from shards.plan import Plan, Shard
-
-if TYPE_CHECKING:  # the pipeline imports torch: keep this module cheap for the pre-flight checks
-    from musetalk.pipeline import ShardStats
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +183,6 @@ class RunDir:
         return shard.name in self._done
 
     def stats(self, shard: Shard) -> ShardStats:
-        from musetalk.pipeline import ShardStats
-
         return ShardStats(**self._done[shard.name]["stats"])
 
     @property

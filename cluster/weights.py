@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def weight_files(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """(POSIX path below ``models.dir``, description) of every file ``cfg`` loads: each required file,
     plus the whole directory of the models loaded as directories (VAE, Whisper) when the root is a URI."""
-    from musetalk.pipeline import required_weights  # imports torch: only when weights are checked
+    from musetalk.models import required_weights  # imports torch: only when weights are checked
 
     layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
     root = layout.root
@@ -57,7 +57,7 @@ def weight_ids(cfg: PipelineConfig) -> list[str]:
     """The weight files for the resume key (``cluster.rundir.job_key``): local paths, or URIs (identified
     there by size and ETag, without downloading)."""
     if not storage.is_remote(cfg.models_dir):
-        from musetalk.pipeline import required_weights
+        from musetalk.models import required_weights
 
         return [str(p) for p, _ in required_weights(cfg)]
     return [storage.join(cfg.models_dir, rel) for rel, _ in weight_files(cfg)]

@@ -35,10 +35,13 @@ import torch
 from cluster import storage
 from cluster.memory import cpu_seconds, memory_mib, trim_heap
 from cluster.weights import local_models
-from musetalk.avatar import AvatarStore, EntrySource, detections_to_json, fetch, pack_chunk
+from musetalk.audio import AudioFeatures
+from musetalk.avatar import AvatarStore, fetch
 from musetalk.config import PipelineConfig
-from musetalk.pipeline import AudioFeatures, FramePipeline, PrepStats, ShardStats
+from musetalk.entries import EntrySource, detections_to_json, pack_chunk
+from musetalk.pipeline import FramePipeline
 from musetalk.stages import on_stream
+from musetalk.stats import PrepStats, ShardStats
 from shards.plan import Plan, PrepUnit, Shard
 from shards.probe import VideoInfo, load_audio
 from shards.segment import EncodeSettings

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from cluster.rundir import RunDir, file_digest, job_key, output_lock
-from musetalk.pipeline import ShardStats
+from musetalk.stats import ShardStats
 from shards.errors import InputError
 from shards.plan import plan_shards
 

@@ -8,19 +8,16 @@ import numpy as np
 import pytest
 
 from cluster.phases import JobPhases
-from musetalk.avatar import (
-    AvatarStore,
+from musetalk.avatar import AvatarStore, JobPrep, block_ranges, fetch
+from musetalk.config import FaceConfig, PipelineConfig
+from musetalk.entries import (
     ChunkReader,
     Entry,
     EntrySource,
-    JobPrep,
-    block_ranges,
     detections_from_json,
     detections_to_json,
-    fetch,
     pack_chunk,
 )
-from musetalk.config import FaceConfig, PipelineConfig
 from musetalk.faces import Detection
 from shards.plan import plan_shards
 

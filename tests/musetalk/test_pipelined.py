@@ -17,7 +17,9 @@ import soundfile as sf
 
 import musetalk.pipeline as pipeline_module
 from musetalk.config import FaceConfig, PipelineConfig
-from musetalk.pipeline import FramePipeline, PrepStats, ShardStats, busy_seconds, plan_job
+from musetalk.local import plan_job
+from musetalk.pipeline import FramePipeline
+from musetalk.stats import PrepStats, ShardStats, busy_seconds
 from scripts.make_bench_media import SHORT_SECONDS, ensure_bench_media
 from scripts.make_demo_media import speech_like
 from shards.segment import EncodeSettings, SegmentWriter
