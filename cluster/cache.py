@@ -1,4 +1,6 @@
-"""The avatar cache as one job uses it: opened in one place, keyed by :mod:`cluster.keys`, never fatal.
+"""The avatar cache: per source frame, raw detections and prepared entries (:mod:`musetalk.entries`) of
+many videos, kept for later renders of the same video with any audio (:class:`AvatarStore`), and as one
+job uses it (:class:`AvatarCache`): opened in one place, keyed by :mod:`cluster.keys`, never fatal.
 
 The cache is an optimisation: a cache that cannot be read or written costs reuse, never the render, and
 nothing at its path is ever touched when it is not a usable directory. :meth:`AvatarCache.open` checks
@@ -9,21 +11,91 @@ for the job with one warning); later failures to read or write one file are logg
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
+import re
+import uuid
 from pathlib import Path
 
+from cluster import storage
 from cluster.config import CacheConfig
 from cluster.keys import content_digest, detect_key, prepare_key, weights_identity
-from musetalk.avatar import AvatarStore, ChunkReader, detections_from_json
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
+from musetalk.entries import ChunkReader, detections_from_json
 from musetalk.faces import Detection
 from musetalk.preparation import PrepPlan
 from shards.errors import StorageError
 from shards.plan import PrepUnit, UnitKind
 
 logger = logging.getLogger(__name__)
+
+
+_RANGE = re.compile(r"^(\d{6})-(\d{6})\.(json|npz)$")
+
+
+def chunk_name(start: int, end: int, suffix: str) -> str:
+    return f"{start:06d}-{end:06d}.{suffix}"
+
+
+class AvatarStore:
+    """Avatar entries of many videos under one root (a local directory or an fsspec URI, opened through
+    :mod:`cluster.storage`).
+
+    Layout: ``<root>/<video sha256>/<key>/<start>-<end>.{json,npz}``: detections (``d...`` keys) as JSON,
+    prepared entries (``p...`` keys) as npz, one file per range of source frames ``[start, end)``. A file
+    is written under a temporary name and renamed (or, on object stores, put in one request), so a
+    reader never sees half of one; unreadable files are skipped and logged, never trusted.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.fs, path = storage.open_fs(os.path.expanduser(root))
+        self.path = path.rstrip("/")
+        self.local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
+
+    def _dir(self, video: str, key: str) -> str:
+        return f"{self.path}/{video}/{key}"
+
+    def ranges(self, video: str, key: str) -> list[tuple[int, int]]:
+        """The ``[start, end)`` ranges stored under ``key`` for ``video``."""
+        d = self._dir(video, key)
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(d, detail=False)]
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            m = _RANGE.match(name)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2))))
+        return sorted(out)
+
+    def uri(self, video: str, key: str, start: int, end: int, suffix: str) -> str:
+        """The full URI of one file (with its protocol), for :func:`cluster.storage.cat` on any node."""
+        return self.fs.unstrip_protocol(f"{self._dir(video, key)}/{chunk_name(start, end, suffix)}")
+
+    def read(self, video: str, key: str, start: int, end: int, suffix: str) -> bytes:
+        return self.fs.cat_file(f"{self._dir(video, key)}/{chunk_name(start, end, suffix)}")
+
+    def write(self, video: str, key: str, start: int, end: int, suffix: str, data: bytes) -> None:
+        d = self._dir(video, key)
+        final = f"{d}/{chunk_name(start, end, suffix)}"
+        if not self.local:
+            self.fs.pipe_file(final, data)  # one PUT: the object appears whole or not at all
+            return
+        self.fs.makedirs(d, exist_ok=True)
+        tmp = f"{d}/.{uuid.uuid4().hex}.partial"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        finally:  # a failed write (a full disk) leaves nothing behind, not even the temporary file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 class AvatarCache:

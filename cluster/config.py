@@ -66,7 +66,7 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The avatar cache (``musetalk.avatar.AvatarStore``): per-source-frame preparation kept for later
+    """The avatar cache (``cluster.cache.AvatarStore``): per-source-frame preparation kept for later
     renders of the same video. ``dir`` is a directory (read and written by the driver) or an fsspec URI
     (prepared chunks written and read by the workers themselves)."""
 

@@ -33,11 +33,13 @@ from cluster.config import JobConfig
 from cluster.inputs import JobInputs, ShardInputs, scratch_root
 from cluster.keys import resume_key
 from cluster.rundir import RunDir, output_lock
-from musetalk.avatar import boxes_from_detections, detections_from_json
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
-from musetalk.pipeline import PrepStats, ShardStats, busy_seconds, plan_job, stage_totals
+from musetalk.entries import detections_from_json
+from musetalk.faces import boxes_from_detections
+from musetalk.local import plan_job
 from musetalk.preparation import PrepPlan
+from musetalk.stats import PrepStats, ShardStats, busy_seconds, stage_totals
 from shards.errors import FarmError
 from shards.plan import PrepUnit, Shard, UnitKind, dispatch_order
 from shards.stitch import concat_and_mux
@@ -282,7 +284,7 @@ class JobRun:
             self.prep.detections_for(unit),
             range(unit.start, unit.end),
             (self.info.height, self.info.width),
-            self.pipeline,
+            self.pipeline.face,
             self.plan.source_frames,
         )
         shared = self.cache.shared if self.cache is not None else None

@@ -56,7 +56,7 @@ def prepare(job: JobConfig) -> None:
         from musetalk.download import download  # imports huggingface_hub: only when fetching
 
         download(ModelLayout.at(job.pipeline.models_dir))
-    from musetalk.pipeline import check_weights  # imports torch: after the cheap refusals above
+    from musetalk.models import check_weights  # imports torch: after the cheap refusals above
 
     check_weights(job.pipeline)
 

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.keys import content_digest
+from musetalk.stats import ShardStats
 from shards.errors import InputError
 from shards.plan import Plan, Shard
 
-if TYPE_CHECKING:  # the pipeline imports torch: keep this module cheap for the pre-flight checks
+if TYPE_CHECKING:  # torch: keep this module cheap for the pre-flight checks
     from musetalk.device import ComputeIdentity
-    from musetalk.pipeline import ShardStats
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +168,6 @@ class RunDir:
         return shard.name in self._done
 
     def stats(self, shard: Shard) -> ShardStats:
-        from musetalk.pipeline import ShardStats
-
         return ShardStats(**self._done[shard.name]["stats"])
 
     @property

@@ -162,6 +162,13 @@ def identity(meta: dict) -> str:
     return f"{tag}:{meta.get('size')}:{mtime}"
 
 
+def cat(uri: str) -> bytes:
+    """The bytes of one object. The provider's own errors are raised as they are: a unit that cannot read
+    an object it was given is retried like any unexpected failure."""
+    fs, path = open_fs(uri)
+    return fs.cat_file(path)
+
+
 def exists(uri: str) -> bool:
     """Whether the object or file ``uri`` exists (StorageError for credentials, protocol, ...)."""
     fs, path = open_fs(uri)

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def weight_files(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """(POSIX path below ``models.dir``, description) of every file ``cfg`` loads: each required file,
     plus the whole directory of the models loaded as directories (VAE, Whisper) when the root is a URI."""
-    from musetalk.pipeline import required_weights  # imports torch: only when weights are checked
+    from musetalk.models import required_weights  # imports torch: only when weights are checked
 
     layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
     root = layout.root

@@ -25,15 +25,18 @@ from dataclasses import replace
 import ray
 import torch
 
-from cluster import faults
+from cluster import faults, storage
+from cluster.cache import AvatarStore
 from cluster.inputs import JobFiles, JobInputs, ShardInputs, WorkerInputs, sweep_dead_scratch
 from cluster.memory import cpu_seconds, memory_mib, trim_heap
 from cluster.weights import local_models
-from musetalk.avatar import AvatarStore, EntrySource, detections_to_json, fetch, pack_chunk
+from musetalk.audio import AudioFeatures
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
-from musetalk.pipeline import AudioFeatures, FramePipeline, PrepStats, ShardStats
+from musetalk.entries import EntrySource, detections_to_json, pack_chunk
+from musetalk.pipeline import FramePipeline
 from musetalk.stages import on_stream
+from musetalk.stats import PrepStats, ShardStats
 from shards.plan import Plan, PrepUnit, Shard, UnitKind
 from shards.segment import EncodeSettings
 
@@ -138,7 +141,7 @@ class RenderWorker:
         self, job: JobInputs, unit: PrepUnit, boxes: dict | None = None, store: tuple | None = None
     ) -> tuple[object, PrepStats]:
         """One preparation unit: ``detect`` -> detections JSON of source frames ``[start, end)``;
-        ``prepare`` -> their entry chunk (:func:`musetalk.avatar.pack_chunk`) from ``boxes``; ``audio``
+        ``prepare`` -> their entry chunk (:func:`musetalk.entries.pack_chunk`) from ``boxes``; ``audio``
         -> {k: (1500, L, D) float32 array} for Whisper segments ``[start, end)``.
 
         With ``store`` = (cache root URI, video hash, key), an avatar cache every node reaches, a chunk is
@@ -249,4 +252,4 @@ def _publish_chunk(store: tuple, unit: PrepUnit, blob: bytes) -> bytes | str:
 
 def _fetch_chunk(handle) -> bytes:
     """A chunk's bytes from Ray's object store, or from the avatar cache by URI."""
-    return fetch(handle) if isinstance(handle, str) else ray.get(handle)
+    return storage.cat(handle) if isinstance(handle, str) else ray.get(handle)

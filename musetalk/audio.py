@@ -8,14 +8,15 @@ and output frame ``f`` reads the 10 padded steps from ``floor(f * 50 / fps)``.
 
 Here fps is an exact :class:`~fractions.Fraction` and all index maths is integer maths. Because
 segments are aligned to absolute multiples of 30 s and never see each other, a shard encodes only
-the segments its windows touch (:func:`audio_span`) and gets bit-identical windows.
+the segments its windows touch (:func:`audio_span`) and gets bit-identical windows; a job's encoded
+segments are held in :class:`AudioFeatures`, which cuts each shard's windows out of them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -269,3 +270,29 @@ def positional_encoding(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected (B, T, D) tokens, got {tuple(x.shape)}")
     table = sinusoidal_table(x.shape[1], x.shape[2])
     return x + table.to(device=x.device, dtype=x.dtype)
+
+
+class AudioFeatures:
+    """Whisper features of the 30 s segments of a job's audio that some shards need, each encoded once.
+
+    ``segments``: segment k -> (1500, L, D) float32 CPU rows
+    (:meth:`musetalk.pipeline.FramePipeline.encode_audio`).
+    """
+
+    def __init__(self, segments: dict[int, torch.Tensor], total_samples: int, fps) -> None:
+        self.segments = segments
+        self.total_samples = total_samples
+        self.fps = fps
+
+    def for_shard(self, start: int, end: int) -> Callable[[list[int]], torch.Tensor]:
+        """A function from output frames in ``[start, end)`` to (n, 50, 384) UNet prompts."""
+        span = audio_span(self.total_samples, self.fps, start, end)
+        parts = [self.segments[k] for k in range(span.first_segment, span.end_segment)]
+        features = torch.cat(parts) if parts else torch.zeros(0, 1, 1)
+
+        def windows(ts: list[int]) -> torch.Tensor:
+            return positional_encoding(
+                frame_windows(features, span.first_step, span.total_steps, self.fps, ts)
+            )
+
+        return windows

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -426,3 +426,28 @@ def crop_face(frame: np.ndarray, box: Box) -> np.ndarray:
     if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
         raise ValueError(f"crop box {box} is empty or outside the {width}x{height} frame")
     return cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)
+
+
+def boxes_from_detections(
+    detections: Mapping[int, Detection | None],
+    frames: Iterable[int],
+    frame_shape: tuple[int, int],
+    cfg: FaceConfig,
+    source_frames: int,
+) -> dict[int, Box | None]:
+    """Smoothed crop boxes of source ``frames``: each reads the raw boxes of its
+    :func:`smoothing_window` (``detections`` must hold them), exactly as one pass over the whole video
+    would compute them, so a box is a pure function of its source frame."""
+    r = cfg.smooth_radius
+    raw: dict[int, Box | None] = {}
+
+    def raw_box(k: int) -> Box | None:
+        if k not in raw:
+            raw[k] = crop_box(detections[k], frame_shape, cfg)
+        return raw[k]
+
+    out = {}
+    for s in frames:
+        window = smoothing_window(s, r, source_frames)
+        out[s] = smooth_boxes([raw_box(k) for k in window], r)[s - window.start]
+    return out

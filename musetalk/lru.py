@@ -1,5 +1,5 @@
 """A small least-recently-used map: the one cache policy of the entry chunks a shard reads
-(:class:`musetalk.avatar.EntrySource`) and of a worker's job inputs and Whisper segments
+(:class:`musetalk.entries.EntrySource`) and of a worker's job inputs and Whisper segments
 (:mod:`cluster.inputs`). It lives at this floor so both ``musetalk`` and ``cluster`` can use it.
 
 Not thread-safe: a caller shared by threads holds its own lock around every call (the worker's

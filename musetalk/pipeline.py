@@ -1,7 +1,8 @@
-"""The per-frame MuseTalk 1.5 pipeline: one shard of source frames + audio in, one encoded segment out.
+"""The per-frame MuseTalk 1.5 pipeline: source frames and audio in, prepared entries and encoded segments out.
 
-Free of Ray and Hydra: the Ray worker, the tests and the benchmarks all call :class:`FramePipeline`;
-:func:`render_local` renders a whole job in one process. Stages (each timed separately):
+Free of Ray and Hydra: the Ray worker, the tests and the benchmarks all call :class:`FramePipeline` (a
+whole job in one process: :func:`musetalk.local.render_local`). Stages (each timed separately, see
+:mod:`musetalk.stats`):
 
 decode -> detect (+ landmarks) -> crop boxes, temporal smoothing -> VAE-encode crops (once per source
 frame) -> blend material (face parsing, once per source frame) -> Whisper features for the shard's
@@ -11,8 +12,6 @@ audio span -> per-frame windows -> UNet + VAE decode in fixed-size batches -> [G
 from __future__ import annotations
 
 import logging
-import math
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,25 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musetalk.audio import (
-    SAMPLE_RATE,
-    SEGMENT_SAMPLES,
-    WhisperAudioEncoder,
-    audio_span,
-    frame_windows,
-    load_whisper,
-    positional_encoding,
-)
-from musetalk.avatar import Entry, boxes_from_detections
-from musetalk.blending import Blender, BlendMaterial, Box
+from musetalk.audio import SEGMENT_SAMPLES, AudioFeatures
+from musetalk.blending import BlendMaterial, Box
 from musetalk.composite import DeviceCompositor, active_rect, paste_numpy
 from musetalk.config import PipelineConfig
-from musetalk.device import compute_identity, resolve_device, resolve_dtype
-from musetalk.enhance import FaceEnhancer, load_gfpgan
-from musetalk.faces import Detection, FaceAnalyzer, crop_face, load_face_analyzer
-from musetalk.generation import LatentGenerator, load_unet, load_vae
-from musetalk.layout import ModelLayout
-from musetalk.parsing import load_face_parser
+from musetalk.device import compute_identity, resolve_dtype
+from musetalk.entries import Entry
+from musetalk.faces import Detection, boxes_from_detections, crop_face
+from musetalk.models import Models, load_models
 from musetalk.preparation import PrepPlan
 from musetalk.stages import (
     END,
@@ -52,156 +40,13 @@ from musetalk.stages import (
     current_stream,
     on_stream,
 )
+from musetalk.stats import ENHANCE_FALLBACK, FACE, PARSING_FALLBACK, PASSTHROUGH, PrepStats, ShardStats
 from shards.decode import read_frames
-from shards.errors import WeightsError
-from shards.plan import Plan, Shard, ShardsConfig, UnitKind, plan_shards, shard_length_frames
-from shards.probe import VideoInfo, load_audio, probe_video
+from shards.plan import Plan, Shard, ShardsConfig, UnitKind
+from shards.probe import VideoInfo
 from shards.segment import EncodeSettings, SegmentWriter
-from shards.stitch import concat_and_mux
 
 logger = logging.getLogger(__name__)
-
-STAGES = (
-    "decode",
-    "detect",
-    "vae_encode",
-    "blend_prepare",
-    "audio",
-    "generate",
-    "enhance",
-    "blend",
-    "encode",
-)
-
-# ShardStats.frame_kinds, one character per output frame.
-FACE, PASSTHROUGH, PARSING_FALLBACK, ENHANCE_FALLBACK = "F", "P", "p", "e"
-
-
-@dataclass(frozen=True)
-class ShardStats:
-    """What one shard cost and produced; plain data (travels back from Ray workers as is, and is stored
-    as JSON in a resume manifest: ``ShardStats(**json.loads(json.dumps(asdict(stats))))`` round-trips).
-
-    ``seconds`` sums each stage over the worker's threads (stages overlap: the sum may exceed
-    ``wall_seconds``, the shard's own wall time). ``frame_kinds``: one character per output frame, in
-    order: ``F`` face rendered, ``P`` passthrough (no face), ``p`` face rendered with the parsing
-    fallback mask, ``e`` face rendered but GFPGAN fell back (``e`` wins over ``p``).
-    """
-
-    shard: int
-    frames: int
-    face_frames: int
-    decoded_frames: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    enhance_fallbacks: int = 0
-    parsing_fallbacks: int = 0
-    worker: str = ""
-    frame_kinds: str = ""
-    wall_seconds: float = 0.0
-    started: float = 0.0  # wall-clock (epoch) seconds when the shard started: busy intervals per worker
-
-    @property
-    def total_seconds(self) -> float:
-        return sum(self.seconds.values())
-
-
-def stage_totals(stats: list[ShardStats] | tuple[ShardStats, ...]) -> dict[str, float]:
-    """Seconds per stage summed over shards, in pipeline order."""
-    return {k: sum(s.seconds.get(k, 0.0) for s in stats) for k in STAGES}
-
-
-def busy_seconds(stats) -> float:
-    """Seconds some unit was running, per worker (units a worker runs side by side counted once), summed
-    over workers: the wall time the stage seconds of ``stats`` (ShardStats and PrepStats) were spent in."""
-    spans: dict[str, list[tuple[float, float]]] = {}
-    for st in stats:
-        spans.setdefault(st.worker, []).append((st.started, st.started + st.wall_seconds))
-    total = 0.0
-    for intervals in spans.values():
-        end = -math.inf
-        for a, b in sorted(intervals):
-            total += max(0.0, b - max(a, end))
-            end = max(end, b)
-    return total
-
-
-@dataclass
-class Models:
-    """Every loaded model the pipeline needs."""
-
-    analyzer: FaceAnalyzer
-    audio: WhisperAudioEncoder
-    generator: LatentGenerator
-    blender: Blender
-    enhancer: FaceEnhancer | None
-    device: torch.device
-
-
-def load_models(cfg: PipelineConfig, tuning: PipelineTuning | None = None) -> Models:
-    """Load every model named by ``cfg`` from ``cfg.models_dir`` (WeightsError names any missing file)."""
-    tuning = tuning or PipelineTuning()
-    layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    logger.info("loading models from %s on %s (%s)", layout.root, device, dtype)
-    analyzer = load_face_analyzer(layout, cfg.face, device)
-    audio = load_whisper(layout, device, dtype)
-    unet, vae = load_unet(layout, device, dtype), load_vae(layout, device, dtype)
-    if device.type == "cuda" and tuning.channels_last:  # GPU only, not measured: changes rounding
-        unet = unet.to(memory_format=torch.channels_last)
-        vae = vae.to(memory_format=torch.channels_last)
-    generator = LatentGenerator(unet, vae, device, dtype, cfg.batch_size)
-    if device.type == "cuda" and tuning.compile:  # GPU only, not measured: changes rounding
-        generator.unet = torch.compile(unet)
-    parser = load_face_parser(layout, device) if cfg.blend.parsing else None
-    blender = Blender(parser, cfg.blend)
-    enhancer = load_gfpgan(layout, device, cfg.enhance.upscale) if cfg.enhance.enabled else None
-    return Models(analyzer, audio, generator, blender, enhancer, device)
-
-
-@dataclass(frozen=True)
-class PrepStats:
-    """What one preparation unit cost and did (plain data, like :class:`ShardStats`).
-
-    ``detections``: source frames run through the face detector; ``vae_encodes``: face crops VAE-encoded;
-    ``parsings``: face crops run through face parsing; ``audio_segments``: 30 s Whisper segments encoded.
-    """
-
-    unit: str
-    frames: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-    detections: int = 0
-    vae_encodes: int = 0
-    parsings: int = 0
-    audio_segments: int = 0
-    worker: str = ""
-    wall_seconds: float = 0.0
-    started: float = 0.0  # wall-clock (epoch) seconds when the unit started
-
-
-class AudioFeatures:
-    """Whisper features of the 30 s segments of a job's audio that some shards need, each encoded once.
-
-    ``segments``: segment k -> (1500, L, D) float32 CPU rows (:meth:`FramePipeline.encode_audio`).
-    """
-
-    def __init__(self, segments: dict[int, torch.Tensor], total_samples: int, fps) -> None:
-        self.segments = segments
-        self.total_samples = total_samples
-        self.fps = fps
-
-    def for_shard(self, start: int, end: int) -> Callable[[list[int]], torch.Tensor]:
-        """A function from output frames in ``[start, end)`` to (n, 50, 384) UNet prompts."""
-        span = audio_span(self.total_samples, self.fps, start, end)
-        parts = [self.segments[k] for k in range(span.first_segment, span.end_segment)]
-        features = torch.cat(parts) if parts else torch.zeros(0, 1, 1)
-
-        def windows(ts: list[int]) -> torch.Tensor:
-            return positional_encoding(
-                frame_windows(features, span.first_step, span.total_steps, self.fps, ts)
-            )
-
-        return windows
 
 
 @dataclass(eq=False)
@@ -236,7 +81,7 @@ class FramePipeline:
 
     Three calls, each a bounded producer/consumer pipeline over its frames:
     :meth:`detect_range` (raw detections), :meth:`prepare_range` (latents and blend masks per source frame
-    from smoothed boxes, see :mod:`musetalk.avatar`), :meth:`encode_audio` (Whisper features per 30 s
+    from smoothed boxes, see :mod:`musetalk.entries`), :meth:`encode_audio` (Whisper features per 30 s
     segment), then :meth:`render_shard` (generation, compositing, encoding) reads their results.
     :meth:`prepare_job` runs the first two over a whole job in this process.
     """
@@ -422,7 +267,7 @@ class FramePipeline:
         shape = (video.height, video.width)
         for unit in prep.units_of(UnitKind.PREPARE):
             boxes = boxes_from_detections(
-                prep.detections, range(unit.start, unit.end), shape, self.cfg, plan.source_frames
+                prep.detections, range(unit.start, unit.end), shape, self.cfg.face, plan.source_frames
             )
             done, st = self.prepare_range(video, unit.start, unit.end, boxes)
             entries.update((e.src, e) for e in done)
@@ -618,105 +463,3 @@ class FramePipeline:
             writer.close()
         if ctx.progress is not None and written > reported:
             ctx.progress(written - reported)
-
-
-def plan_job(
-    video: str | Path,
-    audio: str | Path,
-    *,
-    shard_frames: int | None = None,
-    shard_seconds: float | None = None,
-) -> tuple[VideoInfo, np.ndarray, Plan]:
-    """Probe both inputs (InputError on bad ones), load the audio at 16 kHz and plan the shards
-    (``shard_frames`` output frames each, or ``shard_seconds`` of output)."""
-    info = probe_video(video)
-    samples = load_audio(audio, SAMPLE_RATE)  # probes first: InputError for a file without audio
-    plan = plan_shards(
-        source_frames=info.frame_count,
-        total_samples=len(samples),
-        sample_rate=SAMPLE_RATE,
-        fps=info.fps,
-        shard_frames=shard_length_frames(shard_frames, shard_seconds, info.fps),
-    )
-    return info, samples, plan
-
-
-@dataclass(frozen=True)
-class LocalResult:
-    output: Path
-    plan: Plan
-    stats: tuple[ShardStats, ...]
-    prep: tuple[PrepStats, ...] = ()
-
-
-def render_local(
-    video: str | Path,
-    audio: str | Path,
-    output: str | Path,
-    cfg: PipelineConfig,
-    *,
-    shard_frames: int = 250,
-    encode: EncodeSettings | None = None,
-    pipeline: FramePipeline | None = None,
-    chunk: int = ShardsConfig.prep_length,
-) -> LocalResult:
-    """Render a whole job in this process (no Ray): probe, plan, prepare every shown source frame once,
-    render every shard, stitch, mux. The output does not depend on ``shard_frames`` or ``chunk`` (source
-    frames per preparation unit)."""
-    encode = encode or EncodeSettings()
-    info, samples, plan = plan_job(video, audio, shard_frames=shard_frames)
-    pipeline = pipeline or FramePipeline(cfg)
-    entries, features, prep = pipeline.prepare_job(info, samples, plan, chunk)
-    stats = []
-    with tempfile.TemporaryDirectory(prefix="musetalk-local-") as tmp:
-        segments = []
-        for shard in plan.shards:
-            path = Path(tmp) / f"{shard.name}.mkv"
-            stats.append(
-                pipeline.render_shard(
-                    video=info,
-                    plan=plan,
-                    shard=shard,
-                    out_path=path,
-                    encode=encode,
-                    entries=entries.__getitem__,
-                    audio=features,
-                )
-            )
-            segments.append(path)
-        concat_and_mux(segments, Path(audio), Path(output), plan.fps, plan.output_frames)
-    return LocalResult(Path(output), plan, tuple(stats), tuple(prep))
-
-
-def required_weights(cfg: PipelineConfig) -> list[tuple[Path, str]]:
-    """Every weight file ``cfg`` needs, as (path, description); checked before any worker starts."""
-    layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
-    need = [
-        (layout.unet_config, "MuseTalk UNet config"),
-        (layout.unet_weights, "MuseTalk UNet weights"),
-        (layout.vae_dir / "config.json", "VAE config"),
-        (layout.whisper_dir / "config.json", "Whisper config"),
-        (layout.whisper_dir / "preprocessor_config.json", "Whisper feature extractor config"),
-    ]
-    if cfg.face.detector == "s3fd":
-        need.append((layout.s3fd, "S3FD face detector"))
-    if cfg.face.crop == "landmarks":
-        need.append((layout.fan, "FAN landmark network"))
-    if cfg.blend.parsing:
-        need += [
-            (layout.resnet18, "ResNet18 (face parsing backbone)"),
-            (layout.face_parse, "BiSeNet face parsing"),
-        ]
-    if cfg.enhance.enabled:
-        need.append((layout.gfpgan, "GFPGAN v1.4"))
-    return need
-
-
-def check_weights(cfg: PipelineConfig) -> None:
-    """Raise one WeightsError naming every missing file and the command that fetches them."""
-    layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
-    missing = [(p, what) for p, what in required_weights(cfg) if not p.exists()]
-    if missing:
-        names = ", ".join(f"{what} at {p}" for p, what in missing)
-        hint = layout.fetch_hint.format(root=layout.root)
-        raise WeightsError(f"missing model weights: {names}; fetch them with `{hint}`")

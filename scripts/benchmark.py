@@ -41,13 +41,10 @@ import transformers
 
 from musetalk.config import EnhanceConfig, FaceConfig, PipelineConfig
 from musetalk.device import resolve_device, resolve_dtype
-from musetalk.pipeline import (
-    FramePipeline,
-    check_weights,
-    plan_job,
-    render_local,
-    stage_totals,
-)
+from musetalk.local import plan_job, render_local
+from musetalk.models import check_weights
+from musetalk.pipeline import FramePipeline
+from musetalk.stats import stage_totals
 from musetalk.testing.demo_media import SAMPLE_RATE, ensure_demo_media, speech_like
 from musetalk.testing.tiny_models import MARKER, ensure_tiny_models
 from scripts.make_bench_media import ensure_bench_media

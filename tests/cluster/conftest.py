@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from musetalk.pipeline import render_local
+from musetalk.local import render_local
 from tests.helpers import decode_all, job_for, trimmed_audio
 
 

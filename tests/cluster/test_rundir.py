@@ -10,7 +10,7 @@ import pytest
 
 from cluster.rundir import RunDir, output_lock
 from musetalk.device import ComputeIdentity
-from musetalk.pipeline import ShardStats
+from musetalk.stats import ShardStats
 from shards.errors import InputError
 from shards.plan import plan_shards
 

@@ -10,7 +10,8 @@ import pytest
 from musetalk.blending import blend_square
 from musetalk.config import EnhanceConfig, FaceConfig, PipelineConfig
 from musetalk.faces import crop_box, smooth_boxes
-from musetalk.pipeline import FramePipeline, render_local
+from musetalk.local import render_local
+from musetalk.pipeline import FramePipeline
 from shards.plan import output_frame_count, source_index
 from shards.probe import load_audio, probe_video
 from shards.segment import EncodeSettings

@@ -17,7 +17,9 @@ import soundfile as sf
 
 import musetalk.pipeline as pipeline_module
 from musetalk.config import FaceConfig, PipelineConfig
-from musetalk.pipeline import FramePipeline, PrepStats, ShardStats, busy_seconds, plan_job
+from musetalk.local import plan_job
+from musetalk.pipeline import FramePipeline
+from musetalk.stats import PrepStats, ShardStats, busy_seconds
 from musetalk.testing.demo_media import speech_like
 from scripts.make_bench_media import SHORT_SECONDS, ensure_bench_media
 from shards.segment import EncodeSettings, SegmentWriter
@@ -177,13 +179,13 @@ def _frames_alive_at(monkeypatch, model, method: str) -> tuple[list, list[int]]:
 def test_preparation_lets_each_frame_go_once_it_is_cropped(pipe, demo_media, monkeypatch):
     """A prepare unit keeps only the small crops of the frames waiting for their batch: the decoded frames
     alive while a batch is encoded are the decode queue's, however large the batch."""
-    from musetalk.avatar import boxes_from_detections
+    from musetalk.faces import boxes_from_detections
     from musetalk.stages import PipelineTuning
 
     info, _, plan = plan_job(demo_media.video, demo_media.audio, shard_frames=25)
     found, _ = pipe.detect_range(info, 0, 24)
     boxes = boxes_from_detections(
-        found, range(0, 20), (info.height, info.width), pipe.cfg, plan.source_frames
+        found, range(0, 20), (info.height, info.width), pipe.cfg.face, plan.source_frames
     )
     assert sum(b is not None for b in boxes.values()) >= 2 * pipe.cfg.batch_size  # full batches
     shallow = FramePipeline(pipe.cfg, models=pipe.models, tuning=PipelineTuning(decode_depth=1))

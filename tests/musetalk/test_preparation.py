@@ -6,9 +6,8 @@ from fractions import Fraction
 
 import pytest
 
-from musetalk.avatar import boxes_from_detections
 from musetalk.config import FaceConfig, PipelineConfig
-from musetalk.faces import Detection
+from musetalk.faces import Detection, boxes_from_detections
 from musetalk.preparation import PrepPlan, block_ranges
 from shards.plan import plan_shards
 
@@ -108,7 +107,7 @@ def test_shards_are_released_as_their_chunks_and_segments_land():
     prepare = prep.detected(units[1], dict.fromkeys(range(5, 10), DET))
     assert _spans(prepare) == [("prepare", 0, 5), ("prepare", 5, 10)]
     boxes = boxes_from_detections(
-        prep.detections_for(prepare[0]), range(0, 5), (100, 100), RADIUS_1, plan.source_frames
+        prep.detections_for(prepare[0]), range(0, 5), (100, 100), RADIUS_1.face, plan.source_frames
     )
     assert boxes[0] == (10, 10, 60, 80)  # the detector box, extra_margin 10 below
     prep.add_segment(0, "seg0")

@@ -17,7 +17,7 @@ from musetalk.audio import output_frame_count
 from musetalk.config import FaceConfig, PipelineConfig
 from musetalk.enhance import GFPGAN_V14_ARCH
 from musetalk.layout import ModelLayout
-from musetalk.pipeline import STAGES
+from musetalk.stats import STAGES
 from musetalk.testing import tiny_blend
 from musetalk.testing.tiny_audio import whisper_config
 from musetalk.testing.tiny_faces import tiny_fan

@@ -320,7 +320,7 @@ def one_second_wav(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_renders_end_to_end(corpus, box_pipeline, one_second_wav, tmp_path, name):
-    from musetalk.pipeline import render_local
+    from musetalk.local import render_local
 
     case, path = corpus[name]
     out = tmp_path / "out.mp4"

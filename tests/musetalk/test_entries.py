@@ -1,18 +1,16 @@
-"""Avatar entries and their store: pure rules with hand-computed expectations."""
+"""Avatar entries and detections as bytes: pure rules with hand-computed expectations."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from musetalk.avatar import (
-    AvatarStore,
+from musetalk.entries import (
     ChunkReader,
     Entry,
     EntrySource,
     detections_from_json,
     detections_to_json,
-    fetch,
     pack_chunk,
 )
 from musetalk.faces import Detection
@@ -64,19 +62,6 @@ def test_detections_round_trip_exactly():
     assert np.array_equal(back[4].landmarks, marks) and back[4].landmarks.dtype == np.float32
 
 
-@pytest.mark.parametrize("root", ["local", "memory://avatars-test"])
-def test_store_lists_reads_and_writes_whole_files(root, tmp_path):
-    store = AvatarStore(str(tmp_path / "cache") if root == "local" else root)
-    assert store.ranges("v", "p1") == []
-    store.write("v", "p1", 64, 128, "npz", b"second")
-    store.write("v", "p1", 0, 64, "npz", b"first")
-    store.write("v", "d1", 0, 64, "json", b"{}")
-    assert store.ranges("v", "p1") == [(0, 64), (64, 128)]
-    assert store.read("v", "p1", 0, 64, "npz") == b"first"
-    if root == "local":
-        assert not list((tmp_path / "cache").rglob("*.partial")), "no temporary file is left"
-
-
 def test_entry_source_fetches_only_chunks_it_reads_and_holds_few():
     blobs = {k: pack_chunk([_entry(s, True) for s in range(k * 4, k * 4 + 4)]) for k in range(5)}
     fetched = []
@@ -93,28 +78,3 @@ def test_entry_source_fetches_only_chunks_it_reads_and_holds_few():
     assert fetched == [1, 2, 0, 4, 1]  # at most 2 held: chunk 1 was dropped and is fetched again
     with pytest.raises(KeyError, match="source frame 99"):
         source(99)
-
-
-def test_a_shared_store_serves_chunks_by_uri_to_any_process():
-    store = AvatarStore("memory://avatars-uri-test")
-    blob = pack_chunk([_entry(s, s % 3 != 0) for s in range(10, 14)])
-    store.write("v", "p1", 10, 14, "npz", blob)
-    uri = store.uri("v", "p1", 10, 14, "npz")
-    assert uri.startswith("memory://") and fetch(uri) == blob
-    source = EntrySource([(10, 14, uri)], fetch)
-    assert source(11).box is not None and source(12).box is None
-
-
-def test_a_failed_local_write_leaves_no_file_behind(tmp_path, monkeypatch):
-    import musetalk.avatar as avatar
-
-    store = AvatarStore(str(tmp_path / "cache"))
-
-    def full_disk(src, dst):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(avatar.os, "replace", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        store.write("v", "p1", 0, 64, "npz", b"entries")
-    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
-    assert store.ranges("v", "p1") == []

@@ -1,0 +1,96 @@
+"""The models a pipeline runs and the weight files they load.
+
+:func:`load_models` loads every model a :class:`~musetalk.config.PipelineConfig` names (once per worker);
+:func:`required_weights` lists the files it will read (paths from :class:`~musetalk.layout.ModelLayout`)
+and :func:`check_weights` refuses a job with any of them missing, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from musetalk.audio import WhisperAudioEncoder, load_whisper
+from musetalk.blending import Blender
+from musetalk.config import PipelineConfig
+from musetalk.device import resolve_device, resolve_dtype
+from musetalk.enhance import FaceEnhancer, load_gfpgan
+from musetalk.faces import FaceAnalyzer, load_face_analyzer
+from musetalk.generation import LatentGenerator, load_unet, load_vae
+from musetalk.layout import ModelLayout
+from musetalk.parsing import load_face_parser
+from musetalk.stages import PipelineTuning
+from shards.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    """Every loaded model the pipeline needs."""
+
+    analyzer: FaceAnalyzer
+    audio: WhisperAudioEncoder
+    generator: LatentGenerator
+    blender: Blender
+    enhancer: FaceEnhancer | None
+    device: torch.device
+
+
+def load_models(cfg: PipelineConfig, tuning: PipelineTuning | None = None) -> Models:
+    """Load every model named by ``cfg`` from ``cfg.models_dir`` (WeightsError names any missing file)."""
+    tuning = tuning or PipelineTuning()
+    layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    logger.info("loading models from %s on %s (%s)", layout.root, device, dtype)
+    analyzer = load_face_analyzer(layout, cfg.face, device)
+    audio = load_whisper(layout, device, dtype)
+    unet, vae = load_unet(layout, device, dtype), load_vae(layout, device, dtype)
+    if device.type == "cuda" and tuning.channels_last:  # GPU only, not measured: changes rounding
+        unet = unet.to(memory_format=torch.channels_last)
+        vae = vae.to(memory_format=torch.channels_last)
+    generator = LatentGenerator(unet, vae, device, dtype, cfg.batch_size)
+    if device.type == "cuda" and tuning.compile:  # GPU only, not measured: changes rounding
+        generator.unet = torch.compile(unet)
+    parser = load_face_parser(layout, device) if cfg.blend.parsing else None
+    blender = Blender(parser, cfg.blend)
+    enhancer = load_gfpgan(layout, device, cfg.enhance.upscale) if cfg.enhance.enabled else None
+    return Models(analyzer, audio, generator, blender, enhancer, device)
+
+
+def required_weights(cfg: PipelineConfig) -> list[tuple[Path, str]]:
+    """Every weight file ``cfg`` needs, as (path, description); checked before any worker starts."""
+    layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
+    need = [
+        (layout.unet_config, "MuseTalk UNet config"),
+        (layout.unet_weights, "MuseTalk UNet weights"),
+        (layout.vae_dir / "config.json", "VAE config"),
+        (layout.whisper_dir / "config.json", "Whisper config"),
+        (layout.whisper_dir / "preprocessor_config.json", "Whisper feature extractor config"),
+    ]
+    if cfg.face.detector == "s3fd":
+        need.append((layout.s3fd, "S3FD face detector"))
+    if cfg.face.crop == "landmarks":
+        need.append((layout.fan, "FAN landmark network"))
+    if cfg.blend.parsing:
+        need += [
+            (layout.resnet18, "ResNet18 (face parsing backbone)"),
+            (layout.face_parse, "BiSeNet face parsing"),
+        ]
+    if cfg.enhance.enabled:
+        need.append((layout.gfpgan, "GFPGAN v1.4"))
+    return need
+
+
+def check_weights(cfg: PipelineConfig) -> None:
+    """Raise one WeightsError naming every missing file and the command that fetches them."""
+    layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
+    missing = [(p, what) for p, what in required_weights(cfg) if not p.exists()]
+    if missing:
+        names = ", ".join(f"{what} at {p}" for p, what in missing)
+        hint = layout.fetch_hint.format(root=layout.root)
+        raise WeightsError(f"missing model weights: {names}; fetch them with `{hint}`")
