@@ -300,7 +300,9 @@ def run_batch(task_file: Path, output_dir: Path | None, overrides: list[str]) ->
     stopped: BaseException | None = None
     if jobs:
         from cluster.render import prepare  # weights are shared: fetched or checked once
+        from cluster.session import check_reachable
 
+        check_reachable(jobs[0][1].cluster)  # a cluster to join answers, or the batch stops here
         prepare(jobs[0][1])
         from cluster.driver import run_jobs  # imports the models' code: only once the batch is sound
 

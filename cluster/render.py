@@ -78,6 +78,7 @@ def render(cfg: DictConfig) -> dict:
     """
     job = job_from_config(cfg)
     check_before_work(job)
+    _check_cluster(job)
     prepare(job)
     from cluster.driver import run_job  # imports the models' code: only once the job is known to be sound
 
@@ -100,6 +101,13 @@ def check_cluster_gpus(job: JobConfig) -> None:
     gpus = ray.cluster_resources().get("GPU", 0)
     if problem := gpu_problem(job.cluster.require_gpus, gpus, can_grow=joined(job.cluster)):
         raise ConfigError(problem)
+
+
+def _check_cluster(job: JobConfig) -> None:
+    """A cluster to join must answer before anything is written (ClusterError names the address)."""
+    from cluster.session import check_reachable  # imports Ray: after the cheap refusals above
+
+    check_reachable(job.cluster)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
