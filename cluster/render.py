@@ -110,8 +110,21 @@ def _check_cluster(job: JobConfig) -> None:
     check_reachable(job.cluster)
 
 
+def main() -> None:
+    """``python -m cluster.render [-m] [overrides]``: Hydra's command line, with the overrides Hydra would
+    refuse (a misspelt or removed key, a value its grammar cannot read, a missing group option; for every
+    run of a ``-m`` sweep) reported first as one ``error:`` line, exit code 2."""
+    from cluster.overrides import check_command_line
+
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        _fail(err)
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = render(cfg)
@@ -140,7 +153,10 @@ def main(cfg: DictConfig) -> None:
 def _fail(err: FarmError) -> None:
     """One line on stderr and the error's exit code; a second Ctrl-C while exiting is ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logger.error("%s", err)
+    if (
+        logger.hasHandlers()
+    ):  # Hydra's log file; before Hydra runs, Python's last-resort handler would repeat it
+        logger.error("%s", err)
     print(f"error: {err}", file=sys.stderr)
     sys.exit(err.exit_code)
 
