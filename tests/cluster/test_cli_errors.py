@@ -224,3 +224,45 @@ def test_bad_input_fails_fast_with_one_line_and_touches_nothing(case, tiny_model
     # No scratch, no processes: the run stopped before Ray or any worker.
     assert list(scratch.iterdir()) == []
     assert _tagged(tag) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("render.bogus=1",), "render.bogus=1: render.bogus is not a known setting"),
+        (("shards.overlap=8",), "shards.overlap=8: shards.overlap was removed"),
+        (("render.batch_size=1,2",), "render.batch_size=1,2: a comma makes a sweep"),
+        (("cluster.address=127.0.0.1:9", "cluster.connect_timeout_s=3"), "cannot reach the Ray cluster at 127.0.0.1:9 (cluster.address)"),
+    ],
+    ids=["misspelt_key", "removed_key", "sweep", "cluster_unreachable"],
+)  # fmt: skip
+def test_batch_overrides_and_cluster_fail_with_one_line(args, needle, tiny_models, demo_media, tmp_path):
+    """``python -m cluster.batch`` composes through the same helper: one line, exit code 2, no results."""
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"task_0:\n  video_path: {demo_media.video}\n  audio_path: {demo_media.audio}\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    tag = f"test-cli-errors-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.batch",
+            str(tasks),
+            "models=tiny",
+            f"models.dir={tiny_models}",
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(scratch), "MUSETALK_TEST_TAG": tag},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch", "tasks.yaml"]  # no results/
+    assert list(scratch.iterdir()) == []
+    assert _tagged(tag) == []
