@@ -117,6 +117,11 @@ def target(cfg: ClusterConfig) -> Target | None:
         host, port = _host_port(address[len("ray://") :], RAY_CLIENT_PORT)
     else:
         host, port = _host_port(address, None)
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"{source}={address} is a dashboard URL (for ray job submit), not an address Ray can join: give "
+            "host:port (the GCS, e.g. head:6379), ray://host:port (Ray Client) or auto"
+        )
     if host is None or port is None:
         raise ClusterError(
             f"{source}={address} is not an address Ray can join: give host:port (the GCS, e.g. 10.0.0.5:6379), "
@@ -126,16 +131,33 @@ def target(cfg: ClusterConfig) -> Target | None:
 
 
 def check_reachable(cfg: ClusterConfig) -> Target | None:
-    """Probe the cluster the driver would join (a TCP connect to its GCS or Ray Client port, bounded by
-    ``cluster.connect_timeout_s``) and raise one-line ClusterError when nothing answers. Cheap, starts
-    nothing: the CLIs call it before any output or scratch is written. None for an embedded cluster."""
+    """Probe the cluster the driver would join and raise one-line ClusterError unless it answers as Ray
+    does, within ``cluster.connect_timeout_s``: a TCP connect to its GCS (or Ray Client server for
+    ``ray://``), then an HTTP/2 greeting, which Ray's gRPC servers answer at once with their settings (a
+    port that accepts and stays silent would hold ``ray.init`` in C++ for ~40 s, out of reach of any
+    timer). Cheap, starts nothing: the CLIs call it before any output or scratch is written. None for an
+    embedded cluster."""
     t = target(cfg)
     if t is None:
         return None
     timeout = cfg.connect_timeout_s
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((t.host, t.port), timeout=timeout):
-            pass
+        with socket.create_connection((t.host, t.port), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0") in (
+                "0",
+                "",
+            ):  # under TLS the greeting would need a handshake
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                reply = _grpc_greeting(sock, timeout)
+                if reply is not None:
+                    port = (
+                        "Ray Client port (usually 10001)"
+                        if t.address.startswith("ray://")
+                        else "GCS port (usually 6379)"
+                    )
+                    check = f"it is the {port} of a running cluster (ray status on the head)"
+                    raise ClusterError(f"cannot join {t.what}: the port {reply}; {t.fix(check)}")
     except TimeoutError:
         raise ClusterError(f"cannot reach {t.what}: no answer within {timeout:g} s; {t.fix()}") from None
     except socket.gaierror:
@@ -145,6 +167,43 @@ def check_reachable(cfg: ClusterConfig) -> Target | None:
     except OSError as err:
         raise ClusterError(f"cannot reach {t.what}: {err.strerror or err}; {t.fix()}") from None
     return t
+
+
+# HTTP/2's client connection preface and an empty SETTINGS frame: a gRPC server replies with its SETTINGS.
+_H2_GREETING = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_H2_SETTINGS = 4
+
+
+def _grpc_greeting(sock: socket.socket, timeout: float) -> str | None:
+    """None when the peer answers the HTTP/2 greeting with a SETTINGS frame, as gRPC servers do; else
+    what it did instead. The socket's timeout bounds the wait."""
+    sock.sendall(_H2_GREETING)
+    head = b""
+    try:
+        while len(head) < 9:  # a frame header: length (3), type (1), flags (1), stream (4)
+            chunk = sock.recv(9 - len(head))
+            if not chunk:
+                return (
+                    "accepts connections but closes them without a word (Ray's gRPC servers answer at once)"
+                )
+            head += chunk
+    except TimeoutError:
+        return (
+            f"accepts connections but says nothing within {timeout:g} s (Ray's gRPC servers answer at once)"
+        )
+    except ConnectionResetError:
+        return "accepts connections but resets them (Ray's gRPC servers answer at once)"
+    if head[3] != _H2_SETTINGS:
+        try:  # the rest of its first line, to name it
+            sock.settimeout(0.2)
+            head += sock.recv(120)
+        except OSError:
+            pass
+        text = head.split(b"\r", 1)[0].split(b"\n", 1)[0].decode("ascii", "replace")
+        return (
+            f"answers, but not as Ray's gRPC servers do (it said {text!r}: the dashboard or another service?)"
+        )
+    return None
 
 
 RAY_CLIENT_PORT = 10001  # ray://host without a port

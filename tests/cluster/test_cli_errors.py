@@ -92,7 +92,7 @@ CASES = [
     Case("ray_client_unreachable", ("cluster.address=ray://127.0.0.1:9", "cluster.connect_timeout_s=3"),
          "cannot reach the Ray Client server at 127.0.0.1:9 (cluster.address)"),
     Case("cluster_address_not_an_address", ("cluster.address=http://head:8265",),
-         "cluster.address=http://head:8265 is not an address Ray can join"),
+         "cluster.address=http://head:8265 is a dashboard URL (for ray job submit), not an address Ray can join"),
     Case("connect_timeout_zero", ("cluster.connect_timeout_s=0",), "cluster.connect_timeout_s must be > 0"),
     # Hydra's refusals of an override, as one line before Hydra runs (no four-line message, exit code 2).
     Case("misspelt_key", ("render.bogus=1",), "render.bogus=1: render.bogus is not a known setting (render has batch_size"),
