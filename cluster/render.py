@@ -153,9 +153,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 def _fail(err: FarmError) -> None:
     """One line on stderr and the error's exit code; a second Ctrl-C while exiting is ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if (
-        logger.hasHandlers()
-    ):  # Hydra's log file; before Hydra runs, Python's last-resort handler would repeat it
+    # Hydra's log file; before Hydra runs there is none, and Python's last-resort handler would repeat it.
+    if logger.hasHandlers():
         logger.error("%s", err)
     print(f"error: {err}", file=sys.stderr)
     sys.exit(err.exit_code)
