@@ -257,9 +257,11 @@ class _JoinTimeout(BaseException):
 
 @contextmanager
 def _bounded(seconds: float, t: Target, timeout: float) -> Iterator[None]:
-    """Bound ``ray.init``: in the main thread a timer interrupts it after ``seconds`` (at least 1) and any
-    failure to join becomes one-line ClusterError; the half-made connection is shut down. Ray's GCS
-    client retries a dead address for minutes, and a port that answers need not be Ray's."""
+    """Bound ``ray.init``: in the main thread a timer interrupts it after ``seconds`` (at least 1), and any
+    failure to join becomes one-line ClusterError; the half-made connection is shut down. Ray's GCS client
+    retries in Python between attempts, where the timer lands; a single blocking wait in C++ (~40 s
+    against a port that accepts and stays silent) is out of its reach, which is why
+    :func:`check_reachable` greets the port first."""
     main = threading.current_thread() is threading.main_thread()
     previous = None
     if main:
