@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from cluster.config import CONF_DIR, JobConfig, job_from_config
+from cluster.config import JobConfig, job_from_config
+from cluster.overrides import compose
 from cluster.preflight import check_before_work, same_file
 from cluster.sweep import cell, text_table
 from shards.errors import ConfigError, FarmError, Interrupted
@@ -277,14 +276,8 @@ def _compose(overrides: list[str]):
     ]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: inputs and outputs come from the task file, one per job")
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=["task.video=", "task.audio=", "task.output=x.mp4", *overrides])
-    except Exception as err:
-        if isinstance(err, OmegaConfBaseException) or type(err).__module__.startswith("hydra"):
-            raise ConfigError(f"invalid overrides: {str(err).splitlines()[0]}") from None
-        raise
-    return cfg
+    # An override Hydra refuses is one ConfigError line, as on cluster.render's command line.
+    return compose(["task.video=", "task.audio=", "task.output=x.mp4", *overrides])
 
 
 def run_batch(task_file: Path, output_dir: Path | None, overrides: list[str]) -> list[BatchRow]:
@@ -300,7 +293,9 @@ def run_batch(task_file: Path, output_dir: Path | None, overrides: list[str]) ->
     stopped: BaseException | None = None
     if jobs:
         from cluster.render import prepare  # weights are shared: fetched or checked once
+        from cluster.session import check_reachable
 
+        check_reachable(jobs[0][1].cluster)  # a cluster to join answers, or the batch stops here
         prepare(jobs[0][1])
         from cluster.driver import run_jobs  # imports the models' code: only once the batch is sound
 

@@ -58,6 +58,7 @@ class ClusterConfig:
     max_in_flight: int = 2
     max_attempts: int = 3
     start_timeout_s: float = 600.0
+    connect_timeout_s: float = 30.0
     inputs: str = "object_store"
     num_cpus: int | None = None
     require_gpus: bool = False
@@ -314,6 +315,8 @@ def cluster_problems(c: ClusterConfig, device: str) -> list[str]:
         out.append(f"cluster.cpus_per_worker must be > 0, got {c.cpus_per_worker}")
     if c.start_timeout_s <= 0:
         out.append(f"cluster.start_timeout_s must be > 0, got {c.start_timeout_s}")
+    if c.connect_timeout_s <= 0:
+        out.append(f"cluster.connect_timeout_s must be > 0, got {c.connect_timeout_s}")
     if c.num_cpus is not None and c.num_cpus < 1:
         out.append(f"cluster.num_cpus must be >= 1 or null, got {c.num_cpus}")
     index = re.fullmatch(r"cuda:(\d+)", device)

@@ -68,6 +68,7 @@ def render(cfg: DictConfig) -> dict:
     """
     job = job_from_config(cfg)
     check_before_work(job)
+    _check_cluster(job)
     prepare(job)
     from cluster.driver import run_job  # imports the models' code: only once the job is known to be sound
 
@@ -92,8 +93,28 @@ def check_cluster_gpus(job: JobConfig) -> None:
         raise ConfigError(problem)
 
 
+def _check_cluster(job: JobConfig) -> None:
+    """A cluster to join must answer before anything is written (ClusterError names the address)."""
+    from cluster.session import check_reachable  # imports Ray: after the cheap refusals above
+
+    check_reachable(job.cluster)
+
+
+def main() -> None:
+    """``python -m cluster.render [-m] [overrides]``: Hydra's command line, with the overrides Hydra would
+    refuse (a misspelt or removed key, a value its grammar cannot read, a missing group option; for every
+    run of a ``-m`` sweep) reported first as one ``error:`` line, exit code 2."""
+    from cluster.overrides import check_command_line
+
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        _fail(err)
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = render(cfg)
@@ -122,7 +143,9 @@ def main(cfg: DictConfig) -> None:
 def _fail(err: FarmError) -> None:
     """One line on stderr and the error's exit code; a second Ctrl-C while exiting is ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logger.error("%s", err)
+    # Hydra's log file; before Hydra runs there is none, and Python's last-resort handler would repeat it.
+    if logger.hasHandlers():
+        logger.error("%s", err)
     print(f"error: {err}", file=sys.stderr)
     sys.exit(err.exit_code)
 

@@ -62,3 +62,10 @@ class StorageError(FarmError):
     protocol whose fsspec package is not installed); the message names the URI and the fix."""
 
     exit_code = 2
+
+
+class ClusterError(FarmError):
+    """The Ray cluster to join could not be reached or joined in time; the message names the address,
+    where it came from (``cluster.address`` or ``RAY_ADDRESS``) and what to check."""
+
+    exit_code = 2

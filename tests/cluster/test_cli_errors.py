@@ -5,7 +5,7 @@ code; exactly one stderr line starting ``error: `` that names the problem; no fi
 existing output byte-identical); the inputs and the user's files byte-identical; no scratch left (worker
 temp dirs, the ``.<output>.run`` directory, write probes); and no process left that the run started.
 
-Every case fails before Ray starts: the subprocess gets its own TMPDIR and an environment tag, and after it
+Every case fails before Ray starts (a cluster to join is only probed): the subprocess gets its own TMPDIR and an environment tag, and after it
 exits no process carrying the tag may remain (Ray's raylet, GCS and workers inherit the environment).
 
 Unwritable output, honestly as root (which ignores mode bits): ``/sys`` is a directory in which even root
@@ -41,6 +41,8 @@ class Case:
     output: str = "{tmp}/out/out.mp4"
     existing_output: bool = False  # write an output first: it must survive byte-identical
     extra_files: dict[str, str] = field(default_factory=dict)  # path template -> content, made before
+    flags: tuple[str, ...] = ()  # Hydra flags, before the overrides (-m)
+    env: dict[str, str] = field(default_factory=dict)  # the subprocess's environment, added
 
 
 CASES = [
@@ -81,6 +83,39 @@ CASES = [
     Case("blend_expand", ("blend.expand=0.5",), "blend.expand must be >= 1"),
     Case("face_margin", ("face.extra_margin=-3",), "face.extra_margin must be >= 0"),
     Case("output_preset", ("output.preset=fastest",), "output.preset must be one of"),
+    # An unreachable cluster: one line naming the address and where it came from, before anything is
+    # written (the address is probed first; a small connect_timeout_s only bounds a silent address).
+    Case("cluster_address_unreachable", ("cluster.address=127.0.0.1:9", "cluster.connect_timeout_s=3"),
+         "cannot reach the Ray cluster at 127.0.0.1:9 (cluster.address): connection refused; check that the cluster is running"),
+    Case("ray_address_env_unreachable", ("cluster.address=", "cluster.connect_timeout_s=3"),
+         "cannot reach the Ray cluster at 127.0.0.1:9 (RAY_ADDRESS): connection refused", env={"RAY_ADDRESS": "127.0.0.1:9"}),
+    Case("ray_client_unreachable", ("cluster.address=ray://127.0.0.1:9", "cluster.connect_timeout_s=3"),
+         "cannot reach the Ray Client server at 127.0.0.1:9 (cluster.address)"),
+    Case("cluster_address_not_an_address", ("cluster.address=http://head:8265",),
+         "cluster.address=http://head:8265 is a dashboard URL (for ray job submit), not an address Ray can join"),
+    Case("connect_timeout_zero", ("cluster.connect_timeout_s=0",), "cluster.connect_timeout_s must be > 0"),
+    # Hydra's refusals of an override, as one line before Hydra runs (no four-line message, exit code 2).
+    Case("misspelt_key", ("render.bogus=1",), "render.bogus=1: render.bogus is not a known setting (render has batch_size"),
+    Case("misspelt_key_close_match", ("render.bacth_size=3",), "did you mean render.batch_size?"),
+    Case("key_in_other_group", ("render.smooth_radius=3",), "did you mean face.smooth_radius?"),
+    Case("removed_key", ("shards.overlap=8",), "shards.overlap=8: shards.overlap was removed: box smoothing context is face.smooth_radius"),
+    Case("group_option_missing", ("models=bogus",), "models=bogus: models has no option 'bogus' (options: musetalk_v15, tiny)"),
+    Case("append_existing_key", ("+render.batch_size=3",), "render.batch_size is already in the config"),
+    # A path with a space reaches the job whole when it is one argv element (here: a missing file) ...
+    Case("path_with_space_one_element", ("task.video={tmp}/in/my clip.mp4",), "task.video not found: {tmp}/in/my clip.mp4"),
+    # ... and split by the shell, the error shows the quoting that works.
+    Case("path_with_space_split", ("task.video={tmp}/in/my", "clip.mp4"),
+         "'clip.mp4' is not an override (key=value): it looks like the rest of task.video={tmp}/in/my split at a space; "
+         "quote a value with spaces for Hydra inside the shell's quotes: task.video=\"'{tmp}/in/my clip.mp4'\""),
+    Case("path_hydra_cannot_read", ("task.video={tmp}/in/my clip (1).mp4",),
+         "Hydra cannot read this value (mismatched input ' (' expecting <EOF>); quote it for Hydra inside the shell's quotes: "
+         "task.video=\"'{tmp}/in/my clip (1).mp4'\""),
+    Case("comma_without_multirun", ("task.video={tmp}/in/a,b.mp4",), "a comma makes a sweep"),
+    # A -m sweep: every run's overrides are checked before the sweep starts.
+    Case("sweep_bad_key", ("render.batch_size=1,2", "render.bogus=3", "hydra.sweep.dir={tmp}/hydra/sweep"),
+         "render.bogus=3: render.bogus is not a known setting", flags=("-m",)),
+    Case("sweep_bad_group_option", ("models=tiny,bogus", "hydra.sweep.dir={tmp}/hydra/sweep"),
+         "models has no option 'bogus'", flags=("-m",)),
     pytest.param(
         Case("device_cuda_absent", ("render.device=cuda",), "render.device=cuda but this machine has no CUDA GPU"),
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU"),
@@ -158,6 +193,7 @@ def test_bad_input_fails_fast_with_one_line_and_touches_nothing(case, tiny_model
             sys.executable,
             "-m",
             "cluster.render",
+            *case.flags,
             "+task=test",  # make_demo stays true: it must build nothing outside media/
             "models=tiny",
             f"models.dir={tiny_models}",
@@ -171,19 +207,62 @@ def test_bad_input_fails_fast_with_one_line_and_touches_nothing(case, tiny_model
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "TMPDIR": str(scratch), "MUSETALK_TEST_TAG": tag},
+        env={**os.environ, "TMPDIR": str(scratch), "MUSETALK_TEST_TAG": tag, **case.env},
     )
 
     assert proc.returncode == case.code, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert case.needle.format(**paths) in errors[0], errors[0]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert "HYDRA_FULL_ERROR" not in proc.stderr + proc.stdout, proc.stderr[-3000:]  # Hydra's own report
     # Nothing written, nothing replaced, nothing deleted (an output that existed is among the snapshot's files).
     assert _snapshot(tmp_path) == before
     assert (out.exists(), run_dir.exists()) == existed
     assert _snapshot(tiny_models) == models_before
     assert (_snapshot(DEMO_DIR) if DEMO_DIR.exists() else None) == demo_before
     # No scratch, no processes: the run stopped before Ray or any worker.
+    assert list(scratch.iterdir()) == []
+    assert _tagged(tag) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("render.bogus=1",), "render.bogus=1: render.bogus is not a known setting"),
+        (("shards.overlap=8",), "shards.overlap=8: shards.overlap was removed"),
+        (("render.batch_size=1,2",), "render.batch_size=1,2: a comma makes a sweep"),
+        (("cluster.address=127.0.0.1:9", "cluster.connect_timeout_s=3"), "cannot reach the Ray cluster at 127.0.0.1:9 (cluster.address)"),
+    ],
+    ids=["misspelt_key", "removed_key", "sweep", "cluster_unreachable"],
+)  # fmt: skip
+def test_batch_overrides_and_cluster_fail_with_one_line(args, needle, tiny_models, demo_media, tmp_path):
+    """``python -m cluster.batch`` composes through the same helper: one line, exit code 2, no results."""
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"task_0:\n  video_path: {demo_media.video}\n  audio_path: {demo_media.audio}\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    tag = f"test-cli-errors-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.batch",
+            str(tasks),
+            "models=tiny",
+            f"models.dir={tiny_models}",
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(scratch), "MUSETALK_TEST_TAG": tag},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch", "tasks.yaml"]  # no results/
     assert list(scratch.iterdir()) == []
     assert _tagged(tag) == []

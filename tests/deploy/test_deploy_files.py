@@ -101,6 +101,13 @@ def test_rayjob_passes_the_crd_schema():
         (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "maxReplicas"), "8"),
         (("spec", "rayClusterSpec", "headGroupSpec", "rayStartParams", "num-gpus"), 0),
         (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "template", "spec", "containers"), []),
+        (("spec", "rayClusterSpec", "enableInTreeAutoscaling"), "true"),
+        (("spec", "rayClusterSpec", "autoscalerOptions", "upscalingMode"), "Fast"),
+        (("spec", "rayClusterSpec", "autoscalerOptions", "idleTimeoutSeconds"), "300"),
+        (("spec", "rayClusterSpec", "autoscalerOptions", "idleTimeoutSeconds"), -1),
+        (("spec", "rayClusterSpec", "autoscalerOptions", "imagePullPolicy"), "Sometimes"),
+        (("spec", "rayClusterSpec", "autoscalerOptions", "idleTimeout"), 300),  # not a field
+        (("spec", "rayClusterSpec", "autoscalerOptions", "resources", "limits", "cpu"), "one"),
     ],
 )
 def test_rayjob_schema_rejects_what_kuberay_rejects(path, value):
@@ -127,6 +134,23 @@ def test_rayjob_gpu_workers_and_versions():
     for kind in ("requests", "limits"):
         assert str(container["resources"][kind]["nvidia.com/gpu"]) == "1"
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_rayjob_gpu_group_scales_through_the_autoscaler():
+    """A worker group whose size may change (minReplicas < maxReplicas) needs KubeRay's in-tree autoscaler:
+    without it, the driver's request_resources reaches nobody and the group stays at `replicas`."""
+    cluster = _yaml("rayjob.yaml")["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] < group["maxReplicas"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    options = cluster["autoscalerOptions"]
+    assert options["upscalingMode"] in ("Default", "Aggressive")  # a batch asks for its GPU pods at once
+    assert isinstance(options["idleTimeoutSeconds"], int) and options["idleTimeoutSeconds"] >= 60
+    assert {"requests", "limits"} <= set(options["resources"])
+    # The README says how to watch this group grow: its label selector and the autoscaler's logs.
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"ray.io/group={group['groupName']}" in readme
+    assert "-c autoscaler" in readme
 
 
 def test_rayjob_entrypoint_is_a_valid_render():
