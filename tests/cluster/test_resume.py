@@ -59,22 +59,8 @@ def test_sigint_keeps_finished_shards_and_rerun_resumes_identically(
     out = tmp_path / "resumed.mp4"
     hold = tmp_path / "hold"
     hold.mkdir()
-    for name in ("shard_00000", "shard_00001"):
-        (hold / f"release-{name}").touch()
     tmp = cli_tmp()
-    proc = cli(
-        *_args(tiny_models, demo_media, short_audio, out), tmp=tmp, env={HOLD_ENV: str(hold)}, wait=False
-    )
-    # Two shards finish; the worker then blocks inside the third (and the fourth beside it, with
-    # cluster.max_in_flight=2): a known point mid-job.
-    wait_for(
-        lambda: (
-            _manifest_shards(out) == ["shard_00000", "shard_00001"]
-            and "shard_00002" in {name for name, _ in held(hold)}
-        )
-    )
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=600)
+    proc, stderr = _interrupt_at_third_shard(_args(tiny_models, demo_media, short_audio, out), out, hold, tmp)
 
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
@@ -124,11 +110,11 @@ def test_two_renders_of_one_output_never_mix(
     assert scratch_under(first_tmp) == []
 
 
-def _interrupt_at_third_shard(args: list[str], out: Path, hold: Path) -> dict:
-    """Run until shards 0 and 1 are listed and the worker holds shard 2, then Ctrl-C; the manifest."""
+def _interrupt_at_third_shard(args: list[str], out: Path, hold: Path, tmp: Path):
+    """Run until shards 0 and 1 are listed and the worker blocks inside the third (and the fourth beside
+    it, with cluster.max_in_flight=2): a known point mid-job; then Ctrl-C. Returns (process, stderr)."""
     for name in ("shard_00000", "shard_00001"):
         (hold / f"release-{name}").touch()
-    tmp = cli_tmp()
     proc = cli(*args, tmp=tmp, env={HOLD_ENV: str(hold)}, wait=False)
     wait_for(
         lambda: (
@@ -138,6 +124,13 @@ def _interrupt_at_third_shard(args: list[str], out: Path, hold: Path) -> dict:
     )
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=600)
+    return proc, stderr
+
+
+def _interrupted_manifest(args: list[str], out: Path, hold: Path) -> dict:
+    """The run directory's manifest after an interrupt at the third shard (processes gone, hold reset)."""
+    tmp = cli_tmp()
+    proc, stderr = _interrupt_at_third_shard(args, out, hold, tmp)
     assert proc.returncode == 130, stderr[-3000:]
     wait_for(lambda: _gone(tmp))
     for f in hold.iterdir():
@@ -158,10 +151,10 @@ def test_resume_reuses_segments_only_of_the_same_compute_identity(
         a for a in _args(tiny_models, demo_media, short_audio, out) if not a.startswith("render.threads=")
     ]
 
-    one = _interrupt_at_third_shard([*base, "render.threads=null", "cluster.cpus_per_worker=1"], out, hold)
+    one = _interrupted_manifest([*base, "render.threads=null", "cluster.cpus_per_worker=1"], out, hold)
     assert one["compute"].split("|")[3] == "1"
 
-    two = _interrupt_at_third_shard([*base, "render.threads=null", "cluster.cpus_per_worker=2"], out, hold)
+    two = _interrupted_manifest([*base, "render.threads=null", "cluster.cpus_per_worker=2"], out, hold)
     assert two["compute"].split("|")[3] == "2"
     for name in ("shard_00000", "shard_00001"):  # rendered again, not reused
         assert two["shards"][name]["stats"]["started"] > one["shards"][name]["stats"]["started"]
