@@ -293,9 +293,14 @@ class ShardCropper:
 
 @dataclass(frozen=True)
 class ShardSync:
-    """A shard's sync data: lip embeddings ``lips`` (M, 1024) of its inner ``windows`` (M,), and its edge
-    crops ``edge_crops`` (E, 224, 224, 3) uint8 BGR of samples ``edge_ks`` (E,)."""
+    """A shard's sync data, all a job's scores need of it (kept beside its segment for a resumed render):
+    its samples ``[k_lo, k_hi)`` and which have a face (``faces``, bool (k_hi - k_lo,)); its ``inner``
+    windows (M,) and their lip embeddings ``lips`` (M, E) float32; its edge crops ``edge_crops``
+    (N, 224, 224, 3) uint8 BGR of samples ``edge_ks`` (N,)."""
 
+    k_lo: int
+    k_hi: int
+    faces: np.ndarray
     windows: np.ndarray
     lips: np.ndarray
     edge_ks: np.ndarray
@@ -303,13 +308,31 @@ class ShardSync:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, windows=self.windows, lips=self.lips, edge_ks=self.edge_ks, edge_crops=self.edge_crops)
+        np.savez(
+            buf,
+            span=np.array([self.k_lo, self.k_hi]),
+            faces=self.faces,
+            windows=self.windows,
+            lips=self.lips,
+            edge_ks=self.edge_ks,
+            edge_crops=self.edge_crops,
+        )
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ShardSync:
         with np.load(io.BytesIO(data)) as z:
-            return cls(z["windows"], z["lips"], z["edge_ks"], z["edge_crops"])
+            k_lo, k_hi = (int(v) for v in z["span"])
+            return cls(k_lo, k_hi, z["faces"], z["windows"], z["lips"], z["edge_ks"], z["edge_crops"])
+
+
+@dataclass(frozen=True)
+class SyncedSegment:
+    """What a worker returns for a shard when the job is scored: the segment's bytes and its
+    :class:`ShardSync` as bytes."""
+
+    segment: bytes
+    sync: bytes
 
 
 def window_stack(crops: dict[int, np.ndarray], k: int) -> np.ndarray | None:
@@ -320,14 +343,18 @@ def window_stack(crops: dict[int, np.ndarray], k: int) -> np.ndarray | None:
 
 
 def shard_sync(plan: ShardSyncPlan, crops: dict[int, np.ndarray], lips) -> ShardSync:
-    """A shard's :class:`ShardSync` from its crops; ``lips`` maps (N, 5, 224, 224, 3) windows to (N, 1024)."""
+    """A shard's :class:`ShardSync` from its crops; ``lips`` maps (N, 5, 224, 224, 3) windows to (N, E)."""
     ks = [k for k in plan.inner if window_stack(crops, k) is not None]
-    stacks = np.stack([window_stack(crops, k) for k in ks]) if ks else np.zeros((0, WINDOW, 224, 224, 3))
-    emb = lips(stacks) if ks else np.zeros((0, 1024), np.float32)
+    emb = np.asarray(lips(np.stack([window_stack(crops, k) for k in ks])), np.float32) if ks else None
     edge = [k for k in plan.edges() if k in crops]
-    edge_crops = np.stack([crops[k] for k in edge]) if edge else np.zeros((0, 224, 224, 3), np.uint8)
     return ShardSync(
-        np.asarray(ks, np.int64), np.asarray(emb, np.float32), np.asarray(edge, np.int64), edge_crops
+        plan.k_lo,
+        plan.k_hi,
+        np.array([k in crops for k in range(plan.k_lo, plan.k_hi)], bool),
+        np.asarray(ks, np.int64),
+        emb if emb is not None else np.zeros((0, 1), np.float32),
+        np.asarray(edge, np.int64),
+        np.stack([crops[k] for k in edge]) if edge else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8),
     )
 
 
@@ -339,26 +366,22 @@ class JobScores:
     seconds: list[SyncScores | None]
 
 
-def job_scores(
-    plan: SyncPlan, shards: list[tuple[ShardSyncPlan, ShardSync]], lips, audio_embeddings: np.ndarray
-) -> JobScores:
+def job_scores(plan: SyncPlan, shards: list[ShardSync], lips, audio_embeddings: np.ndarray) -> JobScores:
     """Merge the shards' inner windows with the windows across shard edges (embedded here with ``lips``
     from the edge crops) and score them against ``audio_embeddings`` (n_windows, 1024)."""
     found: dict[int, np.ndarray] = {}
     edge: dict[int, np.ndarray] = {}
-    inner_of: set[int] = set()
     with_face: set[int] = set()
-    for sp, sync in shards:
-        inner_of.update(sp.inner)
+    inside: set[int] = set()  # windows whose 5 samples all lie in one shard: that shard embedded them
+    for sync in shards:
+        inside.update(range(sync.k_lo, sync.k_hi - WINDOW + 1))
         for k, v in zip(sync.windows.tolist(), sync.lips, strict=True):
             found[k] = v
         for k, c in zip(sync.edge_ks.tolist(), sync.edge_crops, strict=True):
             edge[k] = c
-        with_face.update(k for k, r in zip(range(sp.k_lo, sp.k_hi), sp.rects, strict=True) if r is not None)
+        with_face.update(k for k, f in zip(range(sync.k_lo, sync.k_hi), sync.faces, strict=True) if f)
     across = [
-        k
-        for k in range(plan.n_windows)
-        if k not in inner_of and all(k + i in with_face for i in range(WINDOW))
+        k for k in range(plan.n_windows) if k not in inside and all(k + i in with_face for i in range(WINDOW))
     ]
     ks = [k for k in across if window_stack(edge, k) is not None]
     if ks:

@@ -144,7 +144,7 @@ def test_job_scores_do_not_depend_on_sharding():
             for t in range(a, b):  # the compositor's callback, every output frame of the shard
                 cropper(t, video[t])
             sync = ShardSync.from_bytes(shard_sync(sp, cropper.crops, _lips).to_bytes())
-            parts.append((sp, sync))
+            parts.append(sync)
         return job_scores(plan, parts, _lips, audio)
 
     whole, split, tiny = run([0, frames]), run([0, 7, 9, 30, 33, frames]), run(list(range(0, frames + 1, 2)))
