@@ -32,7 +32,7 @@ from cluster.config import JobConfig, job_from_config
 from cluster.overrides import compose
 from cluster.preflight import check_before_work, same_file
 from cluster.sweep import cell, text_table
-from shards.errors import ConfigError, FarmError, Interrupted
+from shards.errors import ConfigError, FarmError, Flagged, Interrupted
 
 logger = logging.getLogger("cluster.batch")
 
@@ -63,12 +63,15 @@ class TaskFile:
 @dataclass(frozen=True)
 class BatchRow:
     job: str
-    status: str  # ok | failed | interrupted
+    status: str  # ok | flagged (by the quality gate, with qa.fail_on_flag) | failed | interrupted
     output: str
     frames: int | None = None
     fps: float | None = None
     seconds: float | None = None
     error: str = ""
+    sync: float | None = None  # lip-sync confidence (LSE-C; cluster/syncjob.py)
+    offset: int | None = None  # audio-video offset, 25 fps frames
+    flags: str = ""  # the quality gate's reasons (a flagged job's output is written all the same)
 
 
 def load_tasks(path: Path) -> TaskFile:
@@ -305,7 +308,18 @@ def run_batch(task_file: Path, output_dir: Path | None, overrides: list[str]) ->
             name = names[id(r.job)]
             if r.summary is not None:
                 s = r.summary
-                rows[name] = BatchRow(name, "ok", s.output, s.frames, s.render_fps, s.seconds)
+                status = "flagged" if s.flagged and r.job.gate.fail_on_flag else "ok"
+                rows[name] = BatchRow(
+                    name,
+                    status,
+                    s.output,
+                    s.frames,
+                    s.render_fps,
+                    s.seconds,
+                    sync=s.sync_confidence,
+                    offset=s.sync_offset,
+                    flags="; ".join(s.flags),
+                )
                 logger.info("%s done: %s", name, s.output)
             else:
                 rows[name] = BatchRow(name, "failed", str(r.job.output), error=str(r.error))
@@ -342,8 +356,9 @@ class BatchInterrupted(Interrupted):
 
 
 def format_rows(rows: list[BatchRow]) -> str:
-    """The closing table: job, status, frames, fps (without model loading), seconds, error."""
-    cols = ["job", "status", "frames", "fps", "seconds", "output", "error"]
+    """The closing table: job, status, frames, fps (without model loading), seconds, lip-sync confidence,
+    offset, the quality gate's flags, output, error."""
+    cols = ["job", "status", "frames", "fps", "seconds", "sync", "offset", "flags", "output", "error"]
     return text_table(cols, [[cell(getattr(r, c)) for c in cols] for r in rows])
 
 
@@ -368,10 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     except FarmError as err:
         return _fail(err)
     print(format_rows(rows))
-    failed = [r for r in rows if r.status != "ok"]
+    failed = [r for r in rows if r.status not in ("ok", "flagged")]
     if failed:
         print(f"error: {len(failed)} of {len(rows)} jobs failed (see the table)", file=sys.stderr)
         return 1
+    flagged = [r for r in rows if r.status == "flagged"]
+    if flagged:  # qa.fail_on_flag: the outputs are written, the run says they need a look
+        return _fail(
+            Flagged(f"{len(flagged)} of {len(rows)} jobs flagged by the quality gate (see the table)")
+        )
     return 0
 
 

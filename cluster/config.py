@@ -76,6 +76,25 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class QaConfig:
+    """Unattended quality control (:mod:`cluster.syncjob`): lip-sync scores (SyncNet on the frames
+    before encoding) and the gate that flags a job. Defaults flag only clearly bad jobs:
+
+    - ``min_sync_confidence`` 3.0: LatentSync (ByteDance, 2024) drops training clips below SyncNet
+      confidence 3 as out of sync;
+    - ``max_offset_frames`` 4 (25 fps frames, 160 ms): past ITU-R BT.1359's acceptability limits for sound
+      ahead of picture (90 ms) and close to the one for sound behind it (185 ms);
+    - ``min_face_share`` 0.1: our own guard for "the detector hardly found a face" (no literature value).
+    A flagged job's output is still written; ``fail_on_flag`` makes the run exit with code 6."""
+
+    sync: bool = True
+    min_sync_confidence: float = 3.0
+    max_offset_frames: int = 4
+    min_face_share: float = 0.1
+    fail_on_flag: bool = False
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """One render job, fully resolved and validated."""
 
@@ -98,6 +117,7 @@ class JobConfig:
     audio_uri: str | None = None
     output_uri: str | None = None
     cache: CacheConfig = CacheConfig()
+    gate: QaConfig = QaConfig()  # the ``qa`` group (``qa`` above is output.qa, the QA sheet)
 
 
 def compose_job(overrides: list[str]) -> JobConfig:
@@ -185,6 +205,8 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     shards = typed(ShardsConfig, "shards", node("shards"))
     shards_typed = len(problems) == before
     cache = typed(CacheConfig, "cache", node("cache")) if "cache" in cfg else CacheConfig()
+    gate = typed(QaConfig, "qa", node("qa")) if "qa" in cfg else QaConfig()
+    problems += qa_problems(gate)
     problems += pipeline_problems(pipeline)
     problems += noop_problems(pipeline, encode)
     problems += cluster_problems(cluster, pipeline.device)
@@ -230,7 +252,22 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         cluster=cluster,
         qa=qa,
         cache=cache,
+        gate=gate,
     )
+
+
+def qa_problems(qa: QaConfig) -> list[str]:
+    """What is wrong with the ``qa`` group's values."""
+    problems = []
+    if qa.min_sync_confidence < 0:
+        problems.append(f"qa.min_sync_confidence must be >= 0, got {qa.min_sync_confidence}")
+    if not 0 <= qa.max_offset_frames <= 15:
+        problems.append(
+            f"qa.max_offset_frames must be in 0..15 (SyncNet looks 15 frames either way), got {qa.max_offset_frames}"
+        )
+    if not 0 <= qa.min_face_share <= 1:
+        problems.append(f"qa.min_face_share must be in 0..1, got {qa.min_face_share}")
+    return problems
 
 
 def _source(value: str) -> tuple[Path, str | None]:

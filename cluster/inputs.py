@@ -107,6 +107,7 @@ class ShardInputs:
 
     chunks: tuple = ()
     segments: tuple = ()
+    sync: object = None  # a musetalk.syncscore.ShardSyncPlan when the job is lip-sync scored
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import shutil
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import ray
@@ -33,6 +33,7 @@ from cluster.config import JobConfig
 from cluster.inputs import JobInputs, ShardInputs, scratch_root
 from cluster.keys import resume_key
 from cluster.rundir import RunDir, output_lock
+from cluster.syncjob import JobSync, SyncResult, gate
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.entries import detections_from_json
@@ -40,6 +41,7 @@ from musetalk.faces import boxes_from_detections
 from musetalk.local import plan_job
 from musetalk.preparation import PrepPlan
 from musetalk.stats import PrepStats, ShardStats, busy_seconds, stage_totals
+from musetalk.syncscore import SyncedSegment
 from shards.errors import FarmError
 from shards.plan import PrepUnit, Shard, UnitKind, dispatch_order
 from shards.stitch import concat_and_mux
@@ -84,6 +86,18 @@ class JobSummary:
     # Seconds some unit of the job ran, per worker (side-by-side units counted once), summed over workers:
     # sum(stage_seconds) / busy_seconds is how much the stages overlapped.
     busy_seconds: float = 0.0
+    # Lip sync (cluster/syncjob.py: SyncNet on the frames before encoding; None when not scored) and the
+    # quality gate (qa.*): a flagged job's output is written all the same.
+    sync_confidence: float | None = None  # LSE-C, higher is better
+    sync_distance: float | None = None  # LSE-D, lower is better
+    sync_offset: int | None = None  # 25 fps frames; positive: the picture lags the sound
+    sync_windows: int = 0  # 5-frame windows scored
+    sync_confidence_per_second: list = field(default_factory=list)
+    sync_distance_per_second: list = field(default_factory=list)
+    sync_offset_per_second: list = field(default_factory=list)
+    face_share: float = 0.0  # output frames rendered with a face / output frames
+    flagged: bool = False
+    flags: list = field(default_factory=list)  # the reasons, one per threshold missed
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -108,6 +122,18 @@ class JobSummary:
             "workers     "
             + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
         ]
+        if self.sync_confidence is not None or self.flagged:
+            out.append(
+                "lip sync    "
+                + (
+                    f"confidence {self.sync_confidence:.2f}, distance {self.sync_distance:.2f}, offset "
+                    f"{self.sync_offset} frames over {self.sync_windows} windows; "
+                    if self.sync_confidence is not None
+                    else "not scored; "
+                )
+                + f"face share {self.face_share:.0%}"
+                + (f"; FLAGGED: {'; '.join(self.flags)}" if self.flagged else "")
+            )
         if self.enhance_fallbacks or self.parsing_fallbacks:
             out.append(
                 f"fallbacks   enhance {self.enhance_fallbacks} frames, face parsing {self.parsing_fallbacks} source frames"
@@ -153,6 +179,7 @@ class JobRun:
         self.loads, self.load_wait = 0, 0.0  # model loads charged to the job, and the wait for them
         self.pool_id = ""
         self.workers, self.workers_end = 0, None  # the pool's size when the job started and ended
+        self.sync: JobSync | None = None  # lip-sync scoring (qa.sync)
 
     @property
     def label(self) -> str:
@@ -188,6 +215,8 @@ class JobRun:
             plan.source_frames,
             len(plan.shards),
         )
+        if job.gate.sync:
+            self.sync = JobSync(plan, self.pipeline, self.samples)
         key = resume_key([job.video, job.audio], plan, self.pipeline, job.encode)
         self.run = RunDir.open(job.output, key, plan, resume=job.resume)
         self._todo()
@@ -195,7 +224,9 @@ class JobRun:
 
     def _todo(self) -> None:
         self.reused = self.run.done_count
-        self.todo = [s for s in dispatch_order(self.plan) if not self.run.has(s)]
+        # a scored job reuses a segment only with its sync data (a resumed render scores every frame)
+        synced = (lambda s: True) if self.sync is None else (lambda s: self.run.side(s.name).is_file())
+        self.todo = [s for s in dispatch_order(self.plan) if not (self.run.has(s) and synced(s))]
 
     # 2. Start --------------------------------------------------------------------------------------
     def start(
@@ -214,6 +245,7 @@ class JobRun:
             chunk=job.shards.prep_length,
             smooth_radius=self.pipeline.face.smooth_radius,
             lead=PREP_LEAD * max(1, workers) * job.cluster.max_in_flight,
+            also_detect=self.sync.source_frames(self.todo) if self.sync is not None else (),
         )
         chunks, detections = {}, {}
         self.cache = AvatarCache.open(job.cache, job.video, self.pipeline, identity, self.label)
@@ -236,7 +268,11 @@ class JobRun:
             len(p.units_of(UnitKind.AUDIO)),
         )
         self.inputs = self._job_inputs(progress, videos)
-        return [*units, *p.ready_shards()]
+        return self._hold([*units, *p.ready_shards()])
+
+    def _hold(self, units: list) -> list:
+        """Scored jobs hold a shard back until the detections its lip-sync crops read are in."""
+        return units if self.sync is None else self.sync.hold(units, self.prep.detections)
 
     def _job_inputs(self, progress, videos: dict) -> JobInputs:
         """How workers get the job's inputs. With ``cluster.inputs=uri`` workers get the input URIs (or
@@ -275,7 +311,9 @@ class JobRun:
         if isinstance(unit, Shard):
             chunks, segments = self.prep.inputs_of(unit)
             prepared = ShardInputs(
-                tuple((a, b, [h]) for a, b, h in chunks), tuple((k, [h]) for k, h in segments)
+                tuple((a, b, [h]) for a, b, h in chunks),
+                tuple((k, [h]) for k, h in segments),
+                sync=self.sync.shard_plan(unit, self.prep.detections) if self.sync is not None else None,
             )
             return actor.render.remote(self.inputs, self.plan, unit, self.cfg.encode, prepared)
         if unit.kind is not UnitKind.PREPARE:
@@ -294,10 +332,13 @@ class JobRun:
         """A unit's result: keep it, and return the units it releases."""
         prep = self.prep
         if isinstance(unit, Shard):
+            if isinstance(data, SyncedSegment):  # its sync data first: a listed segment has it
+                self.run.put_side(unit, data.sync)
+                data = data.segment
             self.run.add(unit, data, stats)
             logger.info("%s of %s done on %s: %d frames", unit.name, self.label, stats.worker, stats.frames)
             # the object store lets go of what only landed shards read; preparation moves ahead
-            return prep.landed(unit)
+            return self._hold(prep.landed(unit))
         self.prep_stats.append(stats)
         released: list = []
         if unit.kind is UnitKind.AUDIO:
@@ -314,12 +355,13 @@ class JobRun:
                 self.cache.remember(unit, data)
             # driver-owned on purpose: a lost worker node must not take prepared work with it
             prep.add_chunk(unit.start, unit.end, ray.put(data))
-        return [*released, *prep.ready_shards()]
+        return self._hold([*released, *prep.ready_shards()])
 
     @property
     def waiting(self) -> int:
         """Generation shards preparation has not released yet."""
-        return self.prep.waiting if self.prep is not None else 0
+        held = self.sync.held if self.sync is not None else 0
+        return (self.prep.waiting if self.prep is not None else 0) + held
 
     # 4. Finish -------------------------------------------------------------------------------------
     def charge(self, loads: int, wait: float = 0.0) -> None:
@@ -351,6 +393,7 @@ class JobRun:
             )
             stats = [run.stats(s) for s in plan.shards]
             summary = self._summary(stats, retries)
+            summary = replace(summary, **asdict(self._gate(summary)))
             if job.output_uri:
                 summary = replace(summary, output=job.output_uri)  # not the local staging file
             if job.summary:
@@ -359,7 +402,7 @@ class JobRun:
                 partial.write_text(summary.to_json())
                 os.replace(partial, path)
             if job.qa:
-                self._qa_sheet(stats)
+                self._qa_sheet(stats, summary.sync_confidence_per_second)
             if job.output_uri:
                 self._publish()
             run.remove()  # last: a failed summary or upload is retried by the same command without rendering
@@ -387,14 +430,25 @@ class JobRun:
             path.unlink(missing_ok=True)
         logger.info("output published to %s", job.output_uri)
 
-    def _qa_sheet(self, stats: list[ShardStats]) -> None:
+    def _gate(self, summary: JobSummary) -> SyncResult:
+        """The job's lip-sync scores (qa.sync) and the quality gate's verdict."""
+        share = round(summary.face_frames / max(1, summary.frames), 4)
+        result = (
+            self.sync.result(self.run, summary.face_frames) if self.sync else SyncResult(face_share=share)
+        )
+        result = gate(result, self.cfg.gate)
+        if result.flagged:
+            logger.warning("job %s flagged by the quality gate: %s", self.cfg.output, "; ".join(result.flags))
+        return result
+
+    def _qa_sheet(self, stats: list[ShardStats], sync: list | None = None) -> None:
         """The job's QA sheet beside its output; a sheet that cannot be drawn is logged, the output stands."""
         from cluster.qa import kinds_of, write_qa_sheet
 
         path = self.cfg.output.with_suffix(".qa.png")
         try:
             write_qa_sheet(
-                path, self.cfg.output, self.info, self.plan, kinds_of(stats, self.plan.output_frames)
+                path, self.cfg.output, self.info, self.plan, kinds_of(stats, self.plan.output_frames), sync
             )
         except (FarmError, OSError, ValueError) as err:
             logger.warning("no QA sheet for %s: %s", self.cfg.output, err)

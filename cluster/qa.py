@@ -1,7 +1,8 @@
 """A QA sheet per job: ``<output>.qa.png`` beside the summary, for a look before anyone watches the video.
 
 Top: a timeline strip over every output frame, coloured by what happened to it (``KINDS``). Below: a
-few sampled output frames, each as source | output. The kinds come from the workers' stats
+few sampled output frames, each as source | output. With lip-sync scores (``qa.sync``), a curve of the
+per-second SyncNet confidence sits under the timeline. The kinds come from the workers' stats
 (``ShardStats.frame_kinds``: one character per output frame); a pipeline that does not report them yet
 gives an empty string, and the strip is then drawn in the "unknown" colour with a note saying so.
 """
@@ -26,6 +27,8 @@ KINDS: dict[str, tuple[tuple[int, int, int], str]] = {
 }
 UNKNOWN = ((255, 200, 220), "unknown")
 STRIP_H = 28
+CURVE_H = 48
+CURVE_COLOUR = (180, 90, 30)
 _TEXT = 22
 
 
@@ -55,13 +58,49 @@ def sample_frames(frames: int, kinds: str, count: int = 4) -> list[int]:
     return sorted(set(picks))
 
 
+def sync_curve(values: list[float | None], width: int, height: int = CURVE_H) -> np.ndarray:
+    """(height, width, 3) uint8 BGR: per-second lip-sync confidence under the timeline (second ``s`` spans
+    columns ``s * width / len(values)`` onwards), scaled to the largest value (at least 1); seconds
+    without a score are left blank."""
+    img = np.full((height, width, 3), 255, np.uint8)
+    cv2.line(img, (0, height - 1), (width - 1, height - 1), (200, 200, 200), 1)
+    known = [v for v in values if v is not None]
+    if not known:
+        return img
+    top = max(1.0, max(known))
+    points = []
+    for s, v in enumerate(values):
+        if v is None:
+            points.append(None)
+            continue
+        x = int((s + 0.5) * width / len(values))
+        points.append((x, int(round((height - 3) * (1 - v / top))) + 1))
+    for a, b in zip(points, points[1:], strict=False):
+        if a is not None and b is not None:
+            cv2.line(img, a, b, CURVE_COLOUR, 2, cv2.LINE_AA)
+    for p in points:
+        if p is not None:
+            cv2.circle(img, p, 2, CURVE_COLOUR, -1)
+    return img
+
+
 def draw_sheet(
-    kinds: str, frames: int, pairs: list[tuple[int, np.ndarray, np.ndarray]], width: int = 960
+    kinds: str,
+    frames: int,
+    pairs: list[tuple[int, np.ndarray, np.ndarray]],
+    width: int = 960,
+    sync: list[float | None] | None = None,
 ) -> np.ndarray:
-    """The sheet as (H, width, 3) uint8 BGR: title line, timeline strip, legend, then the (output frame,
-    source (h, w, 3) BGR, output (h, w, 3) BGR) pairs two to a row, each as source | output."""
+    """The sheet as (H, width, 3) uint8 BGR: title line, timeline strip, [the per-second lip-sync
+    confidence curve when ``sync`` is given], legend, then the (output frame, source (h, w, 3) BGR,
+    output (h, w, 3) BGR) pairs two to a row, each as source | output."""
     rows = [_line(f"{frames} output frames" + ("" if kinds else ": frame kinds unavailable"), width)]
     rows.append(timeline(kinds, frames, width))
+    if sync:
+        rows.append(sync_curve(sync, width))
+        known = [v for v in sync if v is not None]
+        peak = f"max {max(known):.2f}" if known else "no second scored"
+        rows.append(_line(f"lip-sync confidence per second (SyncNet, frames before encoding; {peak})", width))
     rows.append(_legend(kinds, width))
     cell = width // 2
     for i in range(0, len(pairs), 2):
@@ -79,8 +118,11 @@ def draw_sheet(
     return np.vstack(rows)
 
 
-def write_qa_sheet(path: Path, output: Path, source: VideoInfo, plan: Plan, kinds: str) -> Path:
-    """Decode the sampled frames of ``output`` and their source frames, draw the sheet, write a PNG."""
+def write_qa_sheet(
+    path: Path, output: Path, source: VideoInfo, plan: Plan, kinds: str, sync: list | None = None
+) -> Path:
+    """Decode the sampled frames of ``output`` and their source frames, draw the sheet (with the per-second
+    lip-sync confidence ``sync``, when given), write a PNG."""
     out_info = probe_video(output)
     pairs = []
     for t in sample_frames(plan.output_frames, kinds):
@@ -88,7 +130,7 @@ def write_qa_sheet(path: Path, output: Path, source: VideoInfo, plan: Plan, kind
         src = next(iter(read_frames(source, s, s + 1)))
         out = next(iter(read_frames(out_info, t, t + 1)))
         pairs.append((t, src, out))
-    if not cv2.imwrite(str(path), draw_sheet(kinds, plan.output_frames, pairs)):
+    if not cv2.imwrite(str(path), draw_sheet(kinds, plan.output_frames, pairs, sync=sync)):
         raise OSError(f"could not write {path}")
     return path
 

@@ -23,7 +23,7 @@ from cluster.preflight import check_before_work, demo_to_build, gpu_problem, in_
 from cluster.sweep import REJECTED
 from musetalk.layout import ModelLayout
 from musetalk.testing.tiny_models import ensure_tiny_models
-from shards.errors import ConfigError, FarmError, InputError, Interrupted
+from shards.errors import ConfigError, FarmError, Flagged, InputError, Interrupted
 
 logger = logging.getLogger("cluster.render")
 
@@ -59,6 +59,9 @@ def prepare(job: JobConfig) -> None:
     from musetalk.models import check_weights  # imports torch: after the cheap refusals above
 
     check_weights(job.pipeline)
+    if job.gate.sync:  # the lip-sync scorer: fail before rendering, not after (qa.sync=false needs none)
+        layout = ModelLayout.at(job.pipeline.models_dir, tiny=job.pipeline.tiny)
+        layout.require(layout.syncnet, "SyncNet weights for qa.sync (or set qa.sync=false)")
 
 
 def render(cfg: DictConfig) -> dict:
@@ -77,7 +80,8 @@ def render(cfg: DictConfig) -> dict:
     summary = run_job(job)
     for line in summary.lines():
         print(line)
-    return json.loads(summary.to_json())
+    # fail_on_flag travels with the metrics: a sweep's table lists a flagged run as failing the gate
+    return {**json.loads(summary.to_json()), "fail_on_flag": job.gate.fail_on_flag}
 
 
 def check_cluster_gpus(job: JobConfig) -> None:
@@ -132,6 +136,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     except FarmError as err:
         _fail(err)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    if summary["flagged"] and summary["fail_on_flag"]:
+        flagged = Flagged(f"{summary['output']} flagged by the quality gate: {'; '.join(summary['flags'])}")
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            _fail(flagged)  # the output, its summary and QA sheet are written
+        logger.error("%s", flagged)  # a sweep goes on; its table lists the run as flagged
     if in_ray_job_copy(out_dir):
         logger.warning(
             "metrics.json and Hydra's logs are in %s, inside Ray's temporary copy of the working directory; "

@@ -1,7 +1,8 @@
 """The run directory of one output: a lock, finished segments and a manifest, for resume.
 
 Beside ``<dir>/<name>.mp4`` live ``<dir>/.<name>.mp4.lock`` (held while a render of that output runs) and
-``<dir>/.<name>.mp4.run/`` holding ``manifest.json`` and ``segments/<shard>.mkv``. The directory is created
+``<dir>/.<name>.mp4.run/`` holding ``manifest.json`` and ``segments/<shard>.mkv`` (with
+``segments/<shard>.sync.npz``, its lip-sync data, when the job is scored). The directory is created
 when the first segment lands (a render that fails before leaves nothing beside the output). A segment is
 listed in the manifest only after it was written whole (temporary name, then rename), so a crash or
 Ctrl-C never leaves a listed segment half-written. The manifest carries the resume key
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 # Everything a run directory can hold (a crash right after creating it may leave it without a manifest).
+SIDE = ".sync.npz"  # a segment's lip-sync data beside it
 _OURS = {"segments", "manifest.json", "manifest.json.partial", "plan.json"}  # plan.json: older versions
 
 
@@ -157,12 +159,25 @@ class RunDir:
                 logger.warning("segment %s is missing or altered; rendering it again", seg)
                 del self._done[name]
         for f in self.segments.iterdir() if self.segments.is_dir() else ():
-            if f.name.removesuffix(".mkv") not in self._done:
+            if f.name.removesuffix(".mkv").removesuffix(SIDE) not in self._done:
                 f.unlink()
         self._write_manifest()
 
     def segment(self, name: str) -> Path:
         return self.segments / f"{name}.mkv"
+
+    def side(self, name: str) -> Path:
+        """A segment's lip-sync data (:class:`musetalk.syncscore.ShardSync`), beside it."""
+        return self.segments / f"{name}{SIDE}"
+
+    def put_side(self, shard: Shard, data: bytes) -> None:
+        """Store a segment's lip-sync data whole (before :meth:`add` lists the segment), so a resumed
+        render still scores every frame."""
+        self.segments.mkdir(parents=True, exist_ok=True)
+        final = self.side(shard.name)
+        tmp = final.with_name(final.name + ".partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
 
     def has(self, shard: Shard) -> bool:
         return shard.name in self._done

@@ -4,7 +4,8 @@ Runs of a sweep render on one warm pool while the models stay the same (``cluste
 table separates model loading (``load_s``, ``loads``) from rendering: ``fps`` is end to end, ``render_fps``
 without loading. A run whose settings were refused (a setting that does nothing, see
 ``cluster.config.noop_problems``) is listed as ``rejected`` with its reason; the sweep goes on and exits
-non-zero at the end.
+non-zero at the end. With ``qa.fail_on_flag``, a run the quality gate flagged is listed as ``flagged``
+and the sweep exits with code 6 (``shards.errors.Flagged``) when no run failed outright.
 """
 
 from __future__ import annotations
@@ -19,11 +20,26 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from shards.errors import Flagged
+
 logger = logging.getLogger(__name__)
 
 # Where a run that was refused leaves its reason (``cluster.render`` writes it in multirun mode).
 REJECTED = "rejected.json"
-_HEAD = ["run", "status", "frames", "fps", "render_fps", "seconds", "load_s", "loads", "retries"]
+_HEAD = [
+    "run",
+    "status",
+    "frames",
+    "fps",
+    "render_fps",
+    "seconds",
+    "load_s",
+    "loads",
+    "retries",
+    "sync",
+    "offset",
+    "flags",
+]
 
 
 def sweep_table(sweep_dir: Path) -> list[dict]:
@@ -52,9 +68,12 @@ def sweep_table(sweep_dir: Path) -> list[dict]:
                 loads=m.get("model_loads"),
                 retries=m.get("retries"),
                 pool=m.get("pool", ""),
+                sync=m.get("sync_confidence"),  # lip-sync confidence (cluster/syncjob.py)
+                offset=m.get("sync_offset"),
+                flags="; ".join(m.get("flags", [])),
             )
             row.update({f"{k}_s": v for k, v in m["stage_seconds"].items()})
-            row["status"] = "ok"
+            row["status"] = "flagged" if m.get("flagged") and m.get("fail_on_flag") else "ok"
         elif (run / REJECTED).exists():
             row["status"] = "rejected"
             row["error"] = json.loads((run / REJECTED).read_text())["error"]
@@ -185,9 +204,13 @@ class SweepSummary(Callback):
         (sweep_dir / "sweep_summary.txt").write_text(table + "\n")
         plot(rows, sweep_dir / "sweep_summary.png")
         print(f"\nsweep summary ({sweep_dir}):\n{table}\nplot: {sweep_dir / 'sweep_summary.png'}")
-        refused = [r for r in rows if r["status"] != "ok"]
+        refused = [r for r in rows if r["status"] not in ("ok", "flagged")]
         if refused:
             print(
                 f"error: {len(refused)} of {len(rows)} runs did not render (see the table)", file=sys.stderr
             )
             sys.exit(2)
+        flagged = [r for r in rows if r["status"] == "flagged"]
+        if flagged:  # qa.fail_on_flag: every output is written; the sweep says some need a look
+            print(f"error: {len(flagged)} of {len(rows)} runs flagged by the quality gate", file=sys.stderr)
+            sys.exit(Flagged.exit_code)

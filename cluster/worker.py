@@ -34,9 +34,12 @@ from musetalk.audio import AudioFeatures
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.entries import EntrySource, detections_to_json, pack_chunk
+from musetalk.layout import ModelLayout
 from musetalk.pipeline import FramePipeline
 from musetalk.stages import on_stream
 from musetalk.stats import PrepStats, ShardStats
+from musetalk.syncnet import SyncScorer, load_syncnet
+from musetalk.syncscore import ShardCropper, SyncedSegment, shard_sync
 from shards.plan import Plan, PrepUnit, Shard, UnitKind
 from shards.segment import EncodeSettings
 
@@ -64,6 +67,7 @@ class RenderWorker:
         self.load_seconds = 0.0
         self.units = 0  # generation shards rendered
         self.prep_units = 0  # preparation units (detect, prepare, audio)
+        self._sync_scorer: SyncScorer | None = None
         sweep_dead_scratch()
         # A failure while loading (missing weights, a device this node lacks, ...) is kept and raised by
         # ready(), so the driver fails the job with the reason at once instead of restarting workers.
@@ -180,10 +184,11 @@ class RenderWorker:
 
     def render(
         self, job: JobInputs, plan: Plan, shard: Shard, encode: EncodeSettings, prepared: ShardInputs
-    ) -> tuple[bytes, ShardStats]:
+    ) -> tuple[object, ShardStats]:
         """One generation unit: output frames ``[shard.start, shard.end)`` from the prepared entries (the
         job's video only: the audio it reads is the prepared Whisper segments). The segment goes back as
-        bytes: the driver writes it into the run directory."""
+        bytes: the driver writes it into the run directory. When the job is lip-sync scored
+        (``prepared.sync``), a :class:`musetalk.syncscore.SyncedSegment` with the shard's sync data."""
         try:
             with self.inputs.use(job, video=True) as files, _own_stream(self.pipeline.models.device):
                 faults.hold(shard.name)
@@ -194,9 +199,10 @@ class RenderWorker:
             self.units += 1
         return data, replace(stats, worker=self.name)
 
-    def _render(self, job, plan, shard, encode, prepared, files: JobFiles) -> tuple[bytes, ShardStats]:
+    def _render(self, job, plan, shard, encode, prepared, files: JobFiles) -> tuple[object, ShardStats]:
         files.scratch.mkdir(parents=True, exist_ok=True)
         out = files.scratch / f"{job.job_id}-{shard.name}.mkv"
+        cropper = ShardCropper(prepared.sync) if prepared.sync is not None else None
         try:
             with self._tracked(job, shard.name) as (progress, on_stage):
                 stats = self._pipeline(job.pipeline).render_shard(
@@ -209,7 +215,11 @@ class RenderWorker:
                     audio=self._audio(job, prepared, plan),
                     progress=progress,
                     on_stage=on_stage,
+                    on_frame=cropper,
                 )
+            if cropper is not None:  # lip-sync data of the frames before encoding (musetalk.syncscore)
+                sync = shard_sync(prepared.sync, cropper.crops, self._scorer().lips)
+                return SyncedSegment(out.read_bytes(), sync.to_bytes()), stats
             return out.read_bytes(), stats
         finally:
             out.unlink(missing_ok=True)
@@ -218,6 +228,16 @@ class RenderWorker:
         arrays = self.inputs.segments(job.job_id, [(k, ref[0]) for k, ref in prepared.segments])
         segments = {k: torch.from_numpy(a) for k, a in arrays.items()}
         return AudioFeatures(segments, plan.total_samples, plan.fps)
+
+    def _scorer(self) -> SyncScorer:
+        """The lip-sync scorer, loaded on the first scored shard (rendering never needs it)."""
+        with self._lock:
+            if self._sync_scorer is None:
+                p = self.pipeline
+                self._sync_scorer = load_syncnet(
+                    ModelLayout.at(p.cfg.models_dir, p.cfg.tiny), p.models.device
+                )
+            return self._sync_scorer
 
     def close(self) -> None:
         self.inputs.close()

@@ -27,7 +27,7 @@ from shards.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("unet", "vae", "whisper", "face_parse", "face_alignment", "gfpgan")
+GROUPS = ("unet", "vae", "whisper", "face_parse", "face_alignment", "gfpgan", "syncnet")
 MUSETALK_REPO = "TMElyralab/MuseTalk"
 VAE_REPO = "stabilityai/sd-vae-ft-mse"
 WHISPER_REPO = "openai/whisper-tiny"
@@ -37,6 +37,8 @@ FACE_PARSE_REPO = "ManyOtherFunctions/face-parse-bisent"
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-5c106cde.pth"
 FAN_BASE_URL = "https://www.adrianbulat.com/downloads/python-fan/"  # as in face_alignment's own source
 GFPGAN_URL = "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth"
+# joonson/syncnet_python's download_model.sh; no checksum is published (size and hash unchecked).
+SYNCNET_URL = "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.")
 _CHUNK = 1 << 20
 
@@ -162,6 +164,7 @@ def all_downloads(layout: ModelLayout) -> list[Download]:
             size=348_632_874,
             sha256="e2cd4703ab14f4d01fd1383a8a8b266f9a5833dacee8e6a79d3bf21a1b6be5ad",
         ),
+        _url("syncnet", SYNCNET_URL, layout.syncnet),
     ]
 
 

@@ -79,6 +79,11 @@ class ModelLayout:
     def gfpgan(self) -> Path:
         return self.root / "gfpgan" / "GFPGANv1.4.pth"
 
+    # SyncNet (joonson/syncnet_python), the lip-sync scorer of qa.sync: a plain state dict.
+    @property
+    def syncnet(self) -> Path:
+        return self.root / "syncnet" / "syncnet_v2.model"
+
     def require(self, path: Path, what: str) -> Path:
         """Return ``path`` if it exists, else raise a WeightsError that says how to fetch it."""
         if not path.exists():

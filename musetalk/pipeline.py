@@ -74,6 +74,7 @@ class ShardContext:
     progress: Callable[[int], None] | None
     on_stage: Callable[[str], None] | None
     kinds: list[str] = field(default_factory=list)
+    on_frame: Callable[[int, np.ndarray], None] | None = None  # each finished frame, before encoding
 
 
 class FramePipeline:
@@ -289,12 +290,15 @@ class FramePipeline:
         audio: AudioFeatures,
         progress: Callable[[int], None] | None = None,
         on_stage: Callable[[str], None] | None = None,
+        on_frame: Callable[[int, np.ndarray], None] | None = None,
     ) -> ShardStats:
         """Render output frames ``[shard.start, shard.end)`` into a video-only segment at ``out_path``.
 
         ``entries(src)`` gives the prepared entry of each source frame the shard shows; ``audio`` holds
         the Whisper segments its windows read. ``progress(n)`` is called per batch of ``n`` frames written,
-        ``on_stage(text)`` once rendering starts.
+        ``on_stage(text)`` once rendering starts. ``on_frame(t, frame)`` sees every finished output frame
+        ((H, W, 3) uint8 BGR, read-only, before encoding) on the compositing thread: the lip-sync scorer's
+        crops (:class:`musetalk.syncscore.ShardCropper`); it changes nothing in the output.
 
         Threads (bounded channels between them, depths from :class:`PipelineTuning`):
         1. decode: the source frames the shard shows, in order -> ``decoded``;
@@ -309,6 +313,7 @@ class FramePipeline:
         """
         started, wall = time.time(), time.perf_counter()
         ctx = self._context(video, plan, shard, entries, audio, progress, on_stage)  # 0.
+        ctx.on_frame = on_frame
         lo, hi = min(ctx.shown), max(ctx.shown) + 1
         with ThreadGroup(shard.name) as group:
             decoded = self._decoded(group, ctx.clock, video, lo, hi)  # 1.
@@ -423,6 +428,8 @@ class FramePipeline:
                 del store[e.src]
             if g.face is None:
                 ctx.kinds.append(PASSTHROUGH)
+                if ctx.on_frame is not None:
+                    ctx.on_frame(g.t, frame)
                 finished.put(frame)
                 continue
             material = BlendMaterial(square=e.square, mask=e.mask, parsed=e.parsed)
@@ -432,6 +439,8 @@ class FramePipeline:
             ctx.kinds.append(
                 ENHANCE_FALLBACK if g.enhance_failed else PARSING_FALLBACK if parsing_fell else FACE
             )
+            if ctx.on_frame is not None:
+                ctx.on_frame(g.t, frame)
             finished.put(frame)
         if next(incoming, None) is not None or store:
             raise RuntimeError(f"{ctx.shard.name}: decoded frames left over")

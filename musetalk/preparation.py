@@ -64,9 +64,13 @@ class PrepPlan:
         chunk: int,
         smooth_radius: int,
         lead: int | None = None,
+        also_detect: Iterable[int] = (),
     ) -> None:
-        """``lead``: prepare only for the first ``lead`` shards still to land (None: everything at once)."""
+        """``lead``: prepare only for the first ``lead`` shards still to land (None: everything at once).
+        ``also_detect``: source frames whose raw detections are wanted besides the boxes' (the lip-sync
+        crops, :mod:`cluster.syncjob`)."""
         self.plan, self.chunk, self.radius, self._lead = plan, chunk, smooth_radius, lead
+        self._also = sorted(set(also_detect))
         self._order = [s.name for s in shards]
         self._shown = {s.name: plan.shown_frames(s.start, s.end) for s in shards}
         self.shown: list[int] = sorted({f for frames in self._shown.values() for f in frames})
@@ -96,7 +100,7 @@ class PrepPlan:
     def detections_wanted(self, covered: Iterable[tuple[int, int]] = ()) -> list[int]:
         """Raw detections the frames still to prepare read, given entry chunks ``covered`` already in."""
         have = {s for a, b in covered for s in range(a, b)}
-        return self.context(s for s in self.shown if s not in have)
+        return sorted({*self.context(s for s in self.shown if s not in have), *self._also})
 
     # Start -----------------------------------------------------------------------------------------
     def start(
@@ -113,7 +117,8 @@ class PrepPlan:
         self.detections = dict(detections or {})
         self._covered = {s for a, b in (chunks or {}) for s in range(a, b)}
         self.entries_needed = [s for s in self.shown if s not in self._covered]
-        self.detections_needed = [k for k in self.context(self.entries_needed) if k not in self.detections]
+        wanted = sorted({*self.context(self.entries_needed), *self._also})
+        self.detections_needed = [k for k in wanted if k not in self.detections]
         detect = [
             self._unit(UnitKind.DETECT, a, b) for a, b in block_ranges(self.detections_needed, self.chunk)
         ]

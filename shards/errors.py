@@ -51,6 +51,13 @@ class RenderError(FarmError):
     exit_code = 5
 
 
+class Flagged(FarmError):
+    """``qa.fail_on_flag``: a job (or some job of a batch or sweep) was flagged by the quality gate; its
+    output was written all the same."""
+
+    exit_code = 6
+
+
 class Interrupted(FarmError):
     """The user stopped a render (Ctrl-C / SIGINT); finished work is kept for resume."""
 

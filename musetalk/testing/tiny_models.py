@@ -20,7 +20,7 @@ from musetalk.testing.owned import check_owned, remove_owned
 logger = logging.getLogger(__name__)
 
 # Bump when the stand-ins change shape, so stale directories are rebuilt.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 MARKER = ".tiny-models"  # in every directory this tool makes; it replaces no directory without it
 TOOL = "make_tiny_models"  # the command line's name, in refusals
 FIX = "point models.dir (or --dir) at a new or empty directory"
@@ -44,6 +44,7 @@ def make_tiny_models(root: Path, seed: int = 0, full_size: bool = False) -> Path
     from musetalk.testing.tiny_blend import write_tiny_blend_models
     from musetalk.testing.tiny_faces import write_tiny_face_models
     from musetalk.testing.tiny_generation import write_tiny_unet, write_tiny_vae
+    from musetalk.testing.tiny_syncnet import write_tiny_syncnet
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
@@ -56,6 +57,7 @@ def make_tiny_models(root: Path, seed: int = 0, full_size: bool = False) -> Path
             write_tiny_whisper,
             write_tiny_face_models,
             write_tiny_blend_models,
+            write_tiny_syncnet,
         ):
             logger.info("writing %s%s", write.__name__.removeprefix("write_"), " (full size)" * full_size)
             write(layout, seed, full_size=full_size)

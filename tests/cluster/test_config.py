@@ -218,7 +218,7 @@ def test_the_yaml_agrees_with_the_typed_defaults(monkeypatch):
 
     from omegaconf import OmegaConf
 
-    from cluster.config import CacheConfig, ClusterConfig
+    from cluster.config import CacheConfig, ClusterConfig, QaConfig
     from musetalk.config import BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
     from shards.plan import ShardsConfig
     from shards.segment import EncodeSettings
@@ -232,6 +232,7 @@ def test_the_yaml_agrees_with_the_typed_defaults(monkeypatch):
         (PipelineConfig, "render", {"models_dir", "tiny", "face", "blend", "enhance"}),  # models.*, groups
         (ClusterConfig, "cluster", set()),
         (CacheConfig, "cache", set()),
+        (QaConfig, "qa", set()),
         (ShardsConfig, "shards", set()),
         (EncodeSettings, "output", {"gop"}),  # gop: x264's default unless +output.gop is given
     ]

@@ -48,9 +48,10 @@ def test_empty_dir_plans_every_layout_file(tmp_path: Path) -> None:
         layout.s3fd,
         layout.fan,
         layout.gfpgan,
+        layout.syncnet,
     ):
         assert path in dests, path
-    assert len(plan) == len(dests) == 12
+    assert len(plan) == len(dests) == 13
     assert {d.group for d in plan} == set(GROUPS)
     by_dest = {d.dest: d for d in plan}
     assert by_dest[layout.unet_weights].origin == "hf://TMElyralab/MuseTalk/musetalkV15/unet.pth"
