@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-free", type=int, default=20, help="jobs before the first kill")
     parser.add_argument("--warmup", type=int, default=20, help="jobs left out of the growth figures")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report-every", type=int, default=10, help="write the report every N jobs too")
     parser.add_argument("--bad-every", type=int, default=7, help="every Nth job is a bad one (0: none)")
     parser.add_argument("--out", type=Path, default=Path("soak"))
     parser.add_argument("--models", type=Path, help="tiny models directory (default: <out>/models)")
@@ -332,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             record["processes"],
             f", killed worker {killed[0]}" if killed else "",
         )
+        if args.report_every and len(records) % args.report_every == 0:  # a long run reports as it goes
+            partial = report(records, min(warmup, max(0, len(records) - 3)), args, problems)
+            (out / "soak.json").write_text(json.dumps(partial, indent=1))
+            (out / "soak.md").write_text(markdown(partial))
     pool = warm_pools().pool
     size = pool.size if pool is not None else 0
     tail = records[warmup:]
