@@ -295,11 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed + 1)
     overrides = ["cluster.workers=2", *args.overrides]
     records, problems = [], []
+    due = False  # a kill is due: it happens in the next good job (a bad job never reaches a worker)
     for i, job in enumerate(jobs):
-        kill = args.kill_every and i >= kill_free and (i - kill_free) % args.kill_every == 0 and job.frames
+        due = due or bool(args.kill_every and i >= kill_free and (i - kill_free) % args.kill_every == 0)
         victim, at = (None, None)
-        if kill and (pids := _worker_pids()):
-            victim, at = rng.choice(pids), rng.uniform(0.2, 0.8)
+        if due and job.frames and (pids := _worker_pids()):
+            victim, at, due = rng.choice(pids), rng.uniform(0.2, 0.8), False
         killed: list[int] = []
 
         def on_progress(p, victim=victim, at=at, killed=killed) -> None:
