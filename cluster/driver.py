@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -29,8 +30,29 @@ from cluster.session import connect
 from shards.errors import FarmError, Interrupted
 
 logger = logging.getLogger(__name__)
+# Workers' tracebacks, at DEBUG: the terminal shows a failure as one line, a run's log file keeps the
+# traceback (conf/config.yaml sends this logger's records to Hydra's log file, not to the console).
+tracebacks = logging.getLogger("cluster.tracebacks")
 
-__all__ = ["JobResult", "JobSummary", "run_job", "run_jobs"]
+__all__ = ["JobResult", "JobSummary", "RenderProgress", "run_job", "run_jobs"]
+
+
+@dataclass(frozen=True)
+class RenderProgress:
+    """Where a group of jobs stands, in frames of work: every job's source frames to detect, shown source
+    frames to prepare and output frames to generate, each counted as it lands (avatar cache hits and
+    segments kept from an interrupted run count as done from the start). A job not started yet counts its
+    output frames only (its preparation is known once the pool computes)."""
+
+    done: int
+    total: int
+    jobs_done: int
+    jobs: int
+    stages: dict[str, str]  # unit -> what it is doing now ("detect 8/64", "render")
+
+    @property
+    def description(self) -> str:
+        return "render" if self.jobs == 1 else f"render, {self.jobs_done}/{self.jobs} jobs done"
 
 
 def run_job(job: JobConfig) -> JobSummary:
@@ -44,11 +66,16 @@ def run_job(job: JobConfig) -> JobSummary:
 
 
 def run_jobs(
-    jobs: list[JobConfig], *, isolate: bool = True, on_result: Callable[[JobResult], None] | None = None
+    jobs: list[JobConfig],
+    *,
+    isolate: bool = True,
+    on_result: Callable[[JobResult], None] | None = None,
+    on_progress: Callable[[RenderProgress], None] | None = None,
 ) -> list[JobResult]:
     """Render many jobs, grouped by the models they need, each group on one warm pool with its jobs'
     units interleaved. With ``isolate``, a failed job is reported in its result while the others finish;
-    without, its error is raised. ``on_result`` is told of each job as it ends. Ctrl-C raises Interrupted.
+    without, its error is raised. ``on_result`` is told of each job as it ends, ``on_progress`` of each
+    group's progress as the dispatch loop reads it (the bar shows the same). Ctrl-C raises Interrupted.
     """
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -63,11 +90,11 @@ def run_jobs(
             on_result(result)
 
     for members in groups.values():
-        _run_group([JobRun(i, jobs[i]) for i in members], isolate, report)
+        _run_group([JobRun(i, jobs[i]) for i in members], isolate, report, on_progress)
     return [results[i] for i in range(len(jobs))]
 
 
-def _run_group(runs: list[JobRun], isolate: bool, report) -> None:
+def _run_group(runs: list[JobRun], isolate: bool, report, on_progress) -> None:
     opened: list[JobRun] = []
     try:
         for run in runs:
@@ -82,7 +109,7 @@ def _run_group(runs: list[JobRun], isolate: bool, report) -> None:
         busy = [r for r in opened if r.todo]
         if busy:
             connect(busy[0].cfg.cluster)
-            _render(busy, isolate, report)
+            _render(busy, isolate, report, on_progress)
     except KeyboardInterrupt:
         kept = [r for r in opened if r.run is not None and r.run.root.exists()]
         if not kept:
@@ -102,7 +129,7 @@ def _run_group(runs: list[JobRun], isolate: bool, report) -> None:
             run.close()
 
 
-def _render(runs: list[JobRun], isolate: bool, report) -> None:
+def _render(runs: list[JobRun], isolate: bool, report, on_progress) -> None:
     """Render every job's missing shards on the warm pool, finishing each job as its last unit lands."""
     first = runs[0].cfg
     # Progress lives on the driver's node: a lost worker node must not take the progress counter with it.
@@ -119,7 +146,7 @@ def _render(runs: list[JobRun], isolate: bool, report) -> None:
             now=time.monotonic(),
             isolate_jobs=isolate,
         )
-        _dispatch(pool, broker, {r.index: r for r in runs}, progress, report)
+        _dispatch(pool, broker, {r.index: r for r in runs}, progress, report, on_progress)
         ok = True
     finally:
         if not ok:  # Ctrl-C, a worker that cannot load, a job error raised: the pool goes too
@@ -129,29 +156,40 @@ def _render(runs: list[JobRun], isolate: bool, report) -> None:
         ray.kill(progress)
 
 
-def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, report) -> None:
+def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, report, on_progress) -> None:
     """The loop: start jobs once the pool computes (its identity known), send units to free slots, take
     results, finish jobs; follow the cluster's size."""
     unstarted, in_flight, videos, ended = dict(runs), {}, {}, set()
     users = Counter(r.cfg.video.resolve() for r in runs.values())
-    total = sum(r.plan.output_frames for r in runs.values())
-    done_before = 0  # frames of segments kept from interrupted runs (known once each job started)
-    bar = tqdm(total=total, unit="frame", desc="render", dynamic_ncols=True, mininterval=1.0)
+    work = {i: r.work() for i, r in runs.items()}  # job -> (total, done before this run), frames of work
+    bar = tqdm(total=sum(t for t, _ in work.values()), unit="frame", dynamic_ncols=True, mininterval=1.0)
+
+    def show() -> RenderProgress:
+        frames, stages = ray.get(progress.snapshot.remote())
+        total = sum(t for t, _ in work.values())
+        now = RenderProgress(
+            min(total, frames + sum(d for _, d in work.values())), total, len(ended), len(runs), stages
+        )
+        bar.total, bar.n = now.total, now.done
+        bar.set_description_str(now.description, refresh=False)
+        bar.set_postfix_str(" ".join(f"{s}:{st}" for s, st in sorted(stages.items())), refresh=False)
+        bar.refresh()
+        if on_progress is not None:
+            on_progress(now)
+        return now
+
     try:
         while unstarted or not broker.finished:
             if unstarted and pool.identity is not None:
                 for i, run in unstarted.items():
                     broker.add_job(i, run.start(pool.identity, pool.id, pool.size, progress, videos))
                     run.charge(*pool.take_loads())
-                    done_before += sum(s.frames for s in run.plan.shards if run.run.has(s))
+                    work[i] = run.work()  # its preparation is known now
                 unstarted = {}
             for a in broker.assignments():
                 in_flight[runs[a.job].submit(pool.actor(a.slot), a.shard)] = a
             ready, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
-            frames, stages = ray.get(progress.snapshot.remote())
-            bar.n = min(total, done_before + frames)
-            bar.set_postfix_str(" ".join(f"{s}:{st}" for s, st in sorted(stages.items())), refresh=False)
-            bar.refresh()
+            show()
             for ref in ready:
                 if ref in pool.starting:
                     _came_up(pool, broker, ref)
@@ -174,8 +212,9 @@ def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, rep
                 broker, time.monotonic(), waiting
             )  # grow onto joined nodes, retire slots with no room
             broker.check_start(time.monotonic(), waiting=bool(unstarted))
-        bar.n = total
-        bar.refresh()
+        if show().done < bar.total:  # a failed job's units never land: the bar ends full all the same
+            bar.n = bar.total
+            bar.refresh()
     finally:
         bar.close()
 
@@ -191,6 +230,7 @@ def _landed(pool: Pool, broker: Broker, run: JobRun, a, ref) -> None:
         return
     except RayTaskError as err:
         cause = err.cause if isinstance(err.cause, BaseException) else err
+        tracebacks.debug("%s of job %d failed on worker %d:\n%s", a.shard.name, a.job, a.slot, err)
         broker.failed(a, Failure.FATAL if isinstance(cause, FarmError) else Failure.ERROR, cause)
         return
     if a.job not in broker.job_errors:
@@ -206,6 +246,7 @@ def _came_up(pool: Pool, broker: Broker, ref) -> None:
         name, identity = ray.get(ref)
     except RayTaskError as err:
         cause = err.cause if isinstance(err.cause, BaseException) else err
+        tracebacks.debug("worker %d failed to start:\n%s", i, err)  # its text is the remote traceback
         if isinstance(cause, FarmError):
             raise cause from None
         broker.slot_failed_to_start(i, cause)

@@ -357,6 +357,17 @@ class JobRun:
             prep.add_chunk(unit.start, unit.end, ray.put(data))
         return self._hold([*released, *prep.ready_shards()])
 
+    def work(self) -> tuple[int, int]:
+        """(frames of work, of which done before this run): source frames to detect, shown source frames
+        to prepare (avatar cache hits done) and output frames to generate (kept segments done). Before
+        :meth:`start` the preparation is not known yet: output frames only."""
+        total = self.plan.output_frames
+        done = sum(s.frames for s in self.plan.shards if self.run.has(s))
+        if self.prep is not None:
+            total += len(self.prep.detections_needed) + len(self.prep.shown)
+            done += self.prep.cache_hits
+        return total, done
+
     @property
     def waiting(self) -> int:
         """Generation shards preparation has not released yet."""

@@ -1,7 +1,9 @@
 """Live progress across workers: workers push frame counts to one small actor; the driver polls it.
 
-Workers call it per batch, not per frame or stage change: ``add`` once per batch of frames written,
-``stage`` once per batch of source frames prepared ("prepare 40/130") and when rendering starts.
+Workers call it per batch, not per frame or stage change: ``add`` once per batch of source frames
+detected or prepared and once per batch of output frames written (the driver's bar counts all three as
+a job's work), ``stage`` once per batch of source frames prepared ("prepare 40/130") and when rendering
+starts.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import ray
 
 @ray.remote(num_cpus=0)
 class ProgressActor:
-    """Counts frames done per shard (a retried shard's count restarts from zero)."""
+    """Counts frames done per unit, preparation units and shards alike (a retried unit's count restarts
+    from zero)."""
 
     def __init__(self) -> None:
         self._frames: dict[int, int] = {}

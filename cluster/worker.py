@@ -77,7 +77,9 @@ class RenderWorker:
             # A URI models.dir is synced into this node's staging directory first (once per node).
             self.pipeline = FramePipeline(local_models(cfg))
         except Exception as err:  # noqa: BLE001 - re-raised by ready()
-            logger.exception("worker %s failed to load its models", self.name)
+            # Not on the terminal (Ray forwards workers' output there): the driver reports the error as one
+            # line and writes its traceback into the run's log file.
+            logger.debug("worker %s failed to load its models", self.name, exc_info=True)
             self._init_error = err
             return
         self.loads += 1
@@ -158,9 +160,9 @@ class RenderWorker:
             with (
                 self.inputs.use(job, video=unit.kind.reads_video, audio=unit.kind.reads_audio) as files,
                 _own_stream(self.pipeline.models.device),
-                self._tracked(job, unit.name) as (_, on_stage),
+                self._tracked(job, unit.name) as (progress, on_stage),
             ):
-                result, stats = self._prepare(pipeline, files, unit, boxes, store, on_stage)
+                result, stats = self._prepare(pipeline, files, unit, boxes, store, on_stage, progress)
         finally:
             trim_heap()
         with self._lock:
@@ -168,13 +170,17 @@ class RenderWorker:
         return result, replace(stats, unit=unit.name, worker=self.name)
 
     @staticmethod
-    def _prepare(pipeline, files: JobFiles, unit, boxes, store, on_stage) -> tuple[object, PrepStats]:
+    def _prepare(
+        pipeline, files: JobFiles, unit, boxes, store, on_stage, progress
+    ) -> tuple[object, PrepStats]:
         match unit.kind:
             case UnitKind.DETECT:
-                found, stats = pipeline.detect_range(files.video, unit.start, unit.end, on_stage)
+                found, stats = pipeline.detect_range(files.video, unit.start, unit.end, on_stage, progress)
                 return detections_to_json(found), stats
             case UnitKind.PREPARE:
-                entries, stats = pipeline.prepare_range(files.video, unit.start, unit.end, boxes, on_stage)
+                entries, stats = pipeline.prepare_range(
+                    files.video, unit.start, unit.end, boxes, on_stage, progress
+                )
                 chunk = pack_chunk(entries)
                 return (chunk if store is None else _publish_chunk(store, unit, chunk)), stats
             case UnitKind.AUDIO:

@@ -125,9 +125,15 @@ class FramePipeline:
         return decoded
 
     def detect_range(
-        self, video: VideoInfo, start: int, end: int, on_stage: Callable[[str], None] | None = None
+        self,
+        video: VideoInfo,
+        start: int,
+        end: int,
+        on_stage: Callable[[str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> tuple[dict[int, Detection | None], PrepStats]:
-        """Raw detections (largest face, landmarks) of source frames ``[start, end)``, in padded batches."""
+        """Raw detections (largest face, landmarks) of source frames ``[start, end)``, in padded batches.
+        ``progress(n)`` is called per batch of ``n`` source frames detected."""
         started, wall, clock = time.time(), time.perf_counter(), StageClock(self.models.device)
         found: dict[int, Detection | None] = {}
         batch: list[tuple[int, np.ndarray]] = []
@@ -136,6 +142,8 @@ class FramePipeline:
             with clock.stage("detect"):
                 dets = self.models.analyzer.detect([f for _, f in batch])
             found.update((s, d) for (s, _), d in zip(batch, dets, strict=True))
+            if progress is not None:
+                progress(len(batch))
             batch.clear()
             if on_stage is not None:
                 on_stage(f"detect {len(found)}/{end - start}")
@@ -164,10 +172,12 @@ class FramePipeline:
         end: int,
         boxes: dict[int, Box | None],
         on_stage: Callable[[str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> tuple[list[Entry], PrepStats]:
         """Entries of source frames ``[start, end)`` from their smoothed ``boxes``: per face frame, the
         crop's VAE latents (batched, padded) and blend material (parsing batched, masks in a thread pool).
-        Each entry is a pure function of its frame and box, so the grouping into units changes nothing."""
+        Each entry is a pure function of its frame and box, so the grouping into units changes nothing.
+        ``progress(n)`` is called per batch with the ``n`` source frames it took in (no-face frames too)."""
         started, wall, clock = time.time(), time.perf_counter(), StageClock(self.models.device)
         m, shape = self.models, (video.height, video.width)
         entries: list[Entry] = []
@@ -175,7 +185,13 @@ class FramePipeline:
         # are kept, so a decoded frame is let go as soon as it is cropped
         pending: list[tuple[int, Box, np.ndarray, np.ndarray | None]] = []
         made: list[tuple] = []  # (src, box, latents, Future -> (BlendMaterial, rect))
-        encodes = parsings = 0
+        encodes = parsings = seen = reported = 0
+
+        def report() -> None:
+            nonlocal reported
+            if progress is not None and seen > reported:
+                progress(seen - reported)
+            reported = seen
 
         def flush(masks: ThreadPoolExecutor) -> None:
             nonlocal encodes, parsings
@@ -189,6 +205,7 @@ class FramePipeline:
                 # masks are built in the pool while the next batch is decoded, encoded and parsed
                 made.append((src, box, lat.numpy(), masks.submit(self._material, clock, region, box, shape)))
             pending.clear()
+            report()
             if on_stage is not None:
                 on_stage(f"prepare {len(entries) + len(made)}/{end - start}")
 
@@ -196,6 +213,7 @@ class FramePipeline:
             masks = ThreadPoolExecutor(self.tuning.mask_workers, thread_name_prefix=f"prepare-{start}-mask")
             group.on_exit(lambda: masks.shutdown(wait=True, cancel_futures=True))
             for src, frame in self._decoded(group, clock, video, start, end):
+                seen += 1
                 box = boxes[src]
                 if box is None:
                     entries.append(Entry(src))
@@ -210,6 +228,7 @@ class FramePipeline:
                     flush(masks)
             if pending:
                 flush(masks)
+            report()  # trailing frames without a face
             for src, box, latents, job in made:
                 material, rect = job.result()
                 entries.append(
