@@ -22,11 +22,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from cluster.config import JobConfig
-from cluster.job import JobResult, JobRun, JobSummary, pinned
+from cluster.job import JobRun, pinned
 from cluster.pool import Pool, pool_key, warm_pools
 from cluster.progress import ProgressActor
 from cluster.scheduler import Broker, Failure
 from cluster.session import connect
+from cluster.summary import JobResult, JobSummary
 from shards.errors import FarmError, Interrupted
 
 logger = logging.getLogger(__name__)

@@ -15,14 +15,13 @@ back (:meth:`JobRun.landed`, which returns the units they release); everything a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import ray
@@ -33,6 +32,7 @@ from cluster.config import JobConfig
 from cluster.inputs import JobInputs, ShardInputs, scratch_root
 from cluster.keys import resume_key
 from cluster.rundir import RunDir, output_lock
+from cluster.summary import JobResult, JobSummary
 from cluster.syncjob import JobSync, SyncResult, gate
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
@@ -52,102 +52,6 @@ logger = logging.getLogger(__name__)
 # cluster.max_in_flight) among those still to land: enough queued work to keep every slot busy, while the
 # entry chunks in the object store stay bounded however long the video (musetalk.preparation).
 PREP_LEAD = 2
-
-
-@dataclass(frozen=True)
-class JobSummary:
-    output: str
-    frames: int
-    face_frames: int
-    shards: int
-    workers: int
-    seconds: float
-    fps: float
-    stage_seconds: dict[str, float]
-    worker_frames: dict[str, int]
-    retries: int
-    reused_shards: int
-    enhance_fallbacks: int
-    parsing_fallbacks: int
-    # Model loading, apart from rendering: ``seconds`` = ``load_seconds`` + ``render_seconds``.
-    load_seconds: float = 0.0  # waiting for the pool's workers to load their models (0 on a warm pool)
-    render_seconds: float = 0.0
-    render_fps: float = 0.0  # frames / render_seconds: throughput without model loading
-    model_loads: int = 0  # workers that loaded models for this job (0 when it ran on a warm pool)
-    pool: str = ""  # the pool's id: jobs with the same id shared loaded models
-    # The preparation phase: work done this run (each distinct source frame at most once) and reuse.
-    detections: int = 0  # source frames run through face detection
-    vae_encodes: int = 0  # face crops VAE-encoded
-    parsings: int = 0  # face crops run through face parsing
-    audio_segments: int = 0  # 30 s Whisper segments encoded
-    cache_hits: int = 0  # shown source frames whose entries came from the avatar cache
-    cache: str = ""  # the avatar cache's root, or "" when off
-    workers_start: int = 0  # the pool's size when the job started (``workers``: when it ended)
-    # Seconds some unit of the job ran, per worker (side-by-side units counted once), summed over workers:
-    # sum(stage_seconds) / busy_seconds is how much the stages overlapped.
-    busy_seconds: float = 0.0
-    # Lip sync (cluster/syncjob.py: SyncNet on the frames before encoding; None when not scored) and the
-    # quality gate (qa.*): a flagged job's output is written all the same.
-    sync_confidence: float | None = None  # LSE-C, higher is better
-    sync_distance: float | None = None  # LSE-D, lower is better
-    sync_offset: int | None = None  # 25 fps frames; positive: the picture lags the sound
-    sync_windows: int = 0  # 5-frame windows scored
-    sync_confidence_per_second: list = field(default_factory=list)
-    sync_distance_per_second: list = field(default_factory=list)
-    sync_offset_per_second: list = field(default_factory=list)
-    face_share: float = 0.0  # output frames rendered with a face / output frames
-    flagged: bool = False
-    flags: list = field(default_factory=list)  # the reasons, one per threshold missed
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    def lines(self) -> list[str]:
-        out = [
-            f"output      {self.output}",
-            f"frames      {self.frames} ({self.face_frames} with a face) in {self.shards} shards on {self.workers} workers"
-            + (
-                f" ({self.workers_start} at the start)" if self.workers_start not in (0, self.workers) else ""
-            ),
-            f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards, "
-            f"{self.reused_shards} reused from an interrupted run",
-            f"prepare     {self.detections} detections, {self.vae_encodes} VAE encodes, {self.parsings} parsings, "
-            f"{self.audio_segments} audio segments; {self.cache_hits} frames from the avatar cache"
-            + (f" ({self.cache})" if self.cache else " (off)"),
-            f"models      {self.model_loads} worker loads, {self.load_seconds:.1f} s waited; without loading "
-            f"{self.render_seconds:.1f} s, {self.render_fps:.2f} frames/s (pool {self.pool})",
-            "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
-            f"overlap     {sum(self.stage_seconds.values()):.1f} stage s in {self.busy_seconds:.1f} s of busy "
-            f"workers ({sum(self.stage_seconds.values()) / max(self.busy_seconds, 1e-9):.2f}x)",
-            "workers     "
-            + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
-        ]
-        if self.sync_confidence is not None or self.flagged:
-            out.append(
-                "lip sync    "
-                + (
-                    f"confidence {self.sync_confidence:.2f}, distance {self.sync_distance:.2f}, offset "
-                    f"{self.sync_offset} frames over {self.sync_windows} windows; "
-                    if self.sync_confidence is not None
-                    else "not scored; "
-                )
-                + f"face share {self.face_share:.0%}"
-                + (f"; FLAGGED: {'; '.join(self.flags)}" if self.flagged else "")
-            )
-        if self.enhance_fallbacks or self.parsing_fallbacks:
-            out.append(
-                f"fallbacks   enhance {self.enhance_fallbacks} frames, face parsing {self.parsing_fallbacks} source frames"
-            )
-        return out
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """One job of a batch: its summary, or the error that ended it."""
-
-    job: JobConfig
-    summary: JobSummary | None = None
-    error: FarmError | None = None
 
 
 def pinned(job: JobConfig) -> PipelineConfig:
