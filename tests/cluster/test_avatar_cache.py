@@ -7,13 +7,24 @@ VAE encoding or face parsing, and the same output as a render without any cache.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
 
 from cluster.driver import run_job
 from musetalk.testing.demo_media import speech_like
-from tests.helpers import assert_same_frames, decode_all, job_for
+from tests.helpers import (
+    assert_same_frames,
+    cli,
+    cli_tmp,
+    decode_all,
+    error_lines,
+    job_for,
+    processes_under,
+    wait_for,
+)
 
 
 def _wav(path, seconds: float, seed: int = 0):
@@ -101,3 +112,36 @@ def test_a_corrupt_cache_file_is_skipped_and_rebuilt(local_ray, tiny_models, dem
     assert s.cache_hits == 0 and s.vae_encodes == _face_frames(demo_media, range(20))
     assert_same_frames(decode_all(job.output), again.output)
     assert chunk.read_bytes()[:2] == b"PK", "the bad file was replaced by a good one"
+
+
+def test_cli_cache_dir_naming_a_file_renders_without_the_cache(
+    tiny_models, demo_media, short_audio, tmp_path
+):
+    """``cache.dir`` naming an existing file (a typo, a shared path that is not a directory): the render
+    succeeds with one warning line, and the file at that path is byte-identical afterwards."""
+    blocker = tmp_path / "avatars"
+    blocker.write_bytes(b"not a directory\n")
+    out = tmp_path / "out" / "cached.mp4"
+    tmp = cli_tmp()
+    proc = cli(
+        "+task=test",
+        "models=tiny",
+        f"models.dir={tiny_models}",
+        f"task.video={demo_media.video}",
+        f"task.audio={short_audio}",
+        f"task.output={out}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        f"cache.dir={blocker}",
+        "cluster.workers=1",
+        "qa.sync=false",
+        tmp=tmp,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [
+        line for line in proc.stderr.splitlines() if "avatar cache" in line and "cannot be used" in line
+    ]
+    assert len(warnings) == 1 and str(blocker) in warnings[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not error_lines(proc.stderr)
+    assert blocker.read_bytes() == b"not a directory\n"
+    assert out.exists() and json.loads(out.with_suffix(".summary.json").read_text())["cache"] == ""
+    assert wait_for(lambda: not processes_under(tmp), timeout=120)
