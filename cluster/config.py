@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from cluster import storage
-from musetalk.config import BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
+from musetalk.config import PACING_FIELDS, BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
 from shards.errors import ConfigError
 from shards.plan import ShardsConfig
 from shards.segment import EncodeSettings
@@ -389,6 +389,11 @@ def pipeline_problems(p: PipelineConfig) -> list[str]:
         out.append(f"render.batch_size must be >= 1, got {p.batch_size}")
     if p.dtype not in ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
         out.append(f"render.dtype must be float32, float16 or bfloat16, got {p.dtype!r}")
+    if p.composite not in ("auto", "device", "numpy"):
+        out.append(f"render.composite must be auto, device or numpy, got {p.composite!r}")
+    for name in PACING_FIELDS:
+        if getattr(p, name) < 1:
+            out.append(f"render.{name} must be >= 1, got {getattr(p, name)}")
     # The blend rules mirror musetalk.blending.Blender's (which checks again inside the worker): here they
     # fail before Ray starts, without importing torch.
     if p.blend.mode not in ("jaw", "raw", "neck"):

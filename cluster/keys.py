@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster import storage
-from musetalk.config import PipelineConfig
+from musetalk.config import PACING_FIELDS, PipelineConfig
 from musetalk.layout import ModelLayout
 from shards.plan import Plan
 from shards.segment import EncodeSettings
@@ -107,9 +107,13 @@ def weights_identity(pipeline: PipelineConfig, *, preparation: bool = False) -> 
 
 def pixel_settings(pipeline: PipelineConfig) -> dict:
     """The pipeline settings that change pixels, less where the weights live (their identity is keyed
-    instead) and what the compute identity holds (device, dtype, threads)."""
+    instead), what the compute identity holds (device, dtype, threads) and the queue depths (pacing
+    only). ``render.channels_last`` and ``render.compile`` change rounding: they stay in."""
     p = replace(pipeline, models_dir="", tiny=False, device="", dtype="", threads=None)
-    return asdict(p)
+    settings = asdict(p)
+    for name in PACING_FIELDS:
+        del settings[name]
+    return settings
 
 
 def resume_key(

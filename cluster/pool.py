@@ -24,7 +24,7 @@ from cluster.preflight import gpu_problem
 from cluster.scheduler import Broker, Slot, pool_capacity, pool_gpus, workers_to_request, workers_wanted
 from cluster.session import joined, request_workers, worker_env
 from cluster.worker import RenderWorker
-from musetalk.config import PipelineConfig
+from musetalk.config import PACING_FIELDS, PipelineConfig
 from musetalk.device import ComputeIdentity
 from shards.errors import ConfigError
 
@@ -38,9 +38,17 @@ def pool_key(pipeline: PipelineConfig) -> PipelineConfig:
     """What a worker loads: ``pipeline`` with the settings a job may set on its own blanked out.
 
     ``face.bbox_shift``, ``face.extra_margin`` and ``face.smooth_radius`` act on boxes inside
-    ``render_shard``, not on any loaded model, so jobs that differ only there share a pool.
+    ``render_shard``, not on any loaded model, and ``render.composite`` and the queue depths act on a
+    job's own pipeline over the loaded models, so jobs that differ only there share a pool.
+    (``render.channels_last`` and ``render.compile`` change the loaded models: they stay.)
     """
-    return replace(pipeline, face=replace(pipeline.face, bbox_shift=0, extra_margin=0, smooth_radius=0))
+    pacing = {name: getattr(PipelineConfig, name) for name in PACING_FIELDS}
+    return replace(
+        pipeline,
+        composite=PipelineConfig.composite,
+        **pacing,
+        face=replace(pipeline.face, bbox_shift=0, extra_margin=0, smooth_radius=0),
+    )
 
 
 # The actor class, defined once (Ray's pattern: not a new remote class per start).

@@ -30,12 +30,20 @@ logger = logging.getLogger(__name__)
 MALLOC_ARENAS = 2
 
 
+# cuBLAS workspace config for deterministic GEMMs on CUDA (without it, cuBLAS may pick split-K reductions
+# whose order depends on the stream and the workspace available; PyTorch's reproducibility notes). Set
+# in every worker unless the driver's environment sets it; the CPU ignores it.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
 def worker_env() -> dict[str, str]:
     """The environment every worker starts with: glibc malloc tuning (:data:`MALLOC_ARENAS`; every
-    ``MALLOC_*`` variable of the driver's environment travels too, and wins) and the fault-injection
-    points a test set (:mod:`cluster.faults`: they travel to workers on every node)."""
+    ``MALLOC_*`` variable of the driver's environment travels too, and wins), ``CUBLAS_WORKSPACE_CONFIG``
+    (:data:`CUBLAS_WORKSPACE`, the driver's wins) and the fault-injection points a test set
+    (:mod:`cluster.faults`: they travel to workers on every node)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
+    env["CUBLAS_WORKSPACE_CONFIG"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG") or CUBLAS_WORKSPACE
     return {**env, **faults.env()}
 
 

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from musetalk.config import BlendConfig
+from musetalk.device import is_device_failure
 from musetalk.parsing import PARSE_SIZE, FaceParser, parse_input
 from shards.errors import ConfigError
 
@@ -342,6 +343,8 @@ class Blender:
             try:
                 labels = self.parser.labels([inputs[i] for i in todo])
             except (RuntimeError, ValueError, cv2.error) as err:
+                if is_device_failure(err):
+                    raise
                 log.warning("face parsing failed on %d frames, using the ellipse mask: %s", len(todo), err)
             else:
                 for i, label_map in zip(todo, labels, strict=True):

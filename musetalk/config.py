@@ -37,6 +37,10 @@ class EnhanceConfig:
     upscale: int = 1  # 1, 2 or 4: resolution of the enhanced face before it is pasted
 
 
+# PipelineConfig fields that change how fast a worker runs, never what it computes (out of every key)
+PACING_FIELDS = ("decode_depth", "faces_depth", "encode_depth", "mask_workers")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     models_dir: str = "models"
@@ -47,6 +51,17 @@ class PipelineConfig:
     # CPU intra-op threads (None: leave torch's setting). CPU kernels round differently with different
     # thread counts, so every worker of a job uses the same count (the driver pins it).
     threads: int | None = None
+    # How a worker runs (musetalk.stages.PipelineTuning). ``composite``: auto (device on CUDA, numpy
+    # elsewhere) | device | numpy; the device compositor is within one level of the numpy one, so it is
+    # keyed. GPU only, change rounding (so keyed too): ``channels_last`` (UNet and VAE memory format),
+    # ``compile`` (torch.compile the UNet). Queue depths (items) and mask threads change no pixel.
+    composite: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    decode_depth: int = 4
+    faces_depth: int = 16
+    encode_depth: int = 2
+    mask_workers: int = 2
     face: FaceConfig = field(default_factory=FaceConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)

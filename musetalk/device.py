@@ -77,3 +77,21 @@ def compute_identity(device: torch.device, dtype: torch.dtype) -> ComputeIdentit
         torch=torch.__version__,
         cuda=(torch.version.cuda or "") if device.type == "cuda" else "",
     )
+
+
+def is_device_failure(err: BaseException) -> bool:
+    """Whether ``err`` is the device failing (out of memory, a CUDA or accelerator error), not the frame.
+
+    Such an error must fail the unit (the pool retries it, then the job fails with one line); a per-frame
+    fallback (the ellipse mask, a plain resize) would hide a sick GPU behind quietly worse frames.
+    """
+    # torch.OutOfMemoryError (torch >= 2.5) is torch.cuda.OutOfMemoryError; AcceleratorError is newer still
+    device_errors = tuple(
+        cls
+        for cls in (getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError,
+                    getattr(torch, "AcceleratorError", None))
+        if cls is not None
+    )  # fmt: skip
+    if isinstance(err, device_errors):
+        return True
+    return isinstance(err, RuntimeError) and any(word in str(err) for word in ("CUDA", "CUBLAS", "CUDNN"))

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import init
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from musetalk.device import is_device_failure
 from musetalk.layout import ModelLayout
 from shards.errors import ConfigError
 
@@ -249,6 +250,8 @@ class FaceEnhancer:
                 restored = self._run(face)
                 problem = "non-finite output"
             except RuntimeError as err:
+                if is_device_failure(err):
+                    raise
                 restored, problem = None, f"{type(err).__name__}: {err}"
             if restored is None:
                 fallbacks += 1

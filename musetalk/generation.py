@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -112,12 +113,15 @@ def _pad(batch: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([batch, filler])
 
 
-def _contiguous_input(_module: torch.nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(), *args[1:])
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=module._input_format), *args[1:])
 
 
-def _batch_invariant(*models: torch.nn.Module) -> None:
-    """Feed every GroupNorm of ``models`` a contiguous (NCHW) input, from now on (registered once per module).
+def _batch_invariant(*models: torch.nn.Module, channels_last: bool = False) -> None:
+    """Feed every GroupNorm of ``models`` a contiguous input, from now on (registered once per module):
+    NCHW, or channels-last when the models run channels-last (``render.channels_last``, GPU only: an NCHW
+    copy there would undo the format at every GroupNorm; whether CUDA's channels-last GroupNorm is
+    batch-invariant is what ``scripts/gpu_check.py``'s invariance section measures).
 
     diffusers' attention blocks hand back channels-last views; PyTorch's CPU GroupNorm kernel for
     channels-last splits its reductions across threads by position in the whole batch, so an item's
@@ -126,11 +130,14 @@ def _batch_invariant(*models: torch.nn.Module) -> None:
     The hooks stay: a worker runs units in several threads over one VAE (preparation encodes while a
     shard decodes), and adding or removing hooks while another thread runs the module is a race.
     """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for model in models:
         for module in model.modules():
-            if isinstance(module, torch.nn.GroupNorm) and not getattr(module, "_contiguous_input", False):
-                module.register_forward_pre_hook(_contiguous_input)
-                module._contiguous_input = True
+            if isinstance(module, torch.nn.GroupNorm):
+                module._input_format = fmt  # read by the hook at each call
+                if not getattr(module, "_contiguous_input", False):
+                    module.register_forward_pre_hook(_contiguous_input)
+                    module._contiguous_input = True
 
 
 class LatentGenerator:
@@ -141,6 +148,7 @@ class LatentGenerator:
     depends on which other items share its batch: output is bit-identical however a video is sharded.
     ``dtype`` is the UNet's compute dtype; the VAE may be in its own (a float32 VAE beside an fp16 UNet works).
     Keep ``torch.backends.cudnn.benchmark`` off: autotuning may pick different kernels per process.
+    ``channels_last``: the models were moved to the channels-last memory format (GPU only).
     """
 
     def __init__(
@@ -150,17 +158,32 @@ class LatentGenerator:
         device: torch.device,
         dtype: torch.dtype,
         batch_size: int,
+        channels_last: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if unet.dtype != dtype:
             raise ValueError(f"the UNet is in {unet.dtype} but dtype={dtype}; load it with the same dtype")
-        _batch_invariant(unet, vae)
+        _batch_invariant(unet, vae, channels_last=channels_last)
         self.unet = unet
         self.vae = vae
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
+        # timestep 0 as a device tensor made once: a Python int costs a host-to-device copy per call
+        # inside diffusers (int64 as diffusers makes it; int32 on MPS, as its maybe_adjust_dtype_for_device)
+        self._timestep = torch.zeros(
+            1, dtype=torch.int32 if device.type == "mps" else torch.int64, device=device
+        )
+        # a compiled UNet compiles at its first call: one unit thread compiles, the others wait
+        self._first_call = threading.Lock()
+        self._warm = True
+
+    def compile(self) -> None:
+        """``torch.compile`` the UNet (``render.compile``; changes rounding). The first call compiles,
+        under a lock: two unit threads never compile at once."""
+        self.unet = torch.compile(self.unet)
+        self._warm = False
 
     @torch.inference_mode()
     def encode(self, crops: np.ndarray) -> torch.Tensor:
@@ -205,7 +228,12 @@ class LatentGenerator:
         """(B, 8, 32, 32) + (B, 50, 384) -> (B, 256, 256, 3) uint8 BGR on the device."""
         x = latents.to(self.device, self.dtype)
         context = audio.to(self.device, self.dtype)
-        pred = self.unet(x, timestep=0, encoder_hidden_states=context).sample
+        if self._warm:
+            pred = self.unet(x, timestep=self._timestep, encoder_hidden_states=context).sample
+        else:
+            with self._first_call:
+                pred = self.unet(x, timestep=self._timestep, encoder_hidden_states=context).sample
+                self._warm = True
         image = self.vae.decode((pred / UNET_SCALE).to(self.vae.dtype)).sample.float()
         image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return image.permute(0, 2, 3, 1).flip(-1)

@@ -42,7 +42,7 @@ class Models:
 
 def load_models(cfg: PipelineConfig, tuning: PipelineTuning | None = None) -> Models:
     """Load every model named by ``cfg`` from ``cfg.models_dir`` (WeightsError names any missing file)."""
-    tuning = tuning or PipelineTuning()
+    tuning = tuning or PipelineTuning.of(cfg)
     layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -50,12 +50,13 @@ def load_models(cfg: PipelineConfig, tuning: PipelineTuning | None = None) -> Mo
     analyzer = load_face_analyzer(layout, cfg.face, device)
     audio = load_whisper(layout, device, dtype)
     unet, vae = load_unet(layout, device, dtype), load_vae(layout, device, dtype)
-    if device.type == "cuda" and tuning.channels_last:  # GPU only, not measured: changes rounding
+    channels_last = device.type == "cuda" and tuning.channels_last  # GPU only, not measured: changes rounding
+    if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
         vae = vae.to(memory_format=torch.channels_last)
-    generator = LatentGenerator(unet, vae, device, dtype, cfg.batch_size)
+    generator = LatentGenerator(unet, vae, device, dtype, cfg.batch_size, channels_last=channels_last)
     if device.type == "cuda" and tuning.compile:  # GPU only, not measured: changes rounding
-        generator.unet = torch.compile(unet)
+        generator.compile()
     parser = load_face_parser(layout, device) if cfg.blend.parsing else None
     blender = Blender(parser, cfg.blend)
     enhancer = load_gfpgan(layout, device, cfg.enhance.upscale) if cfg.enhance.enabled else None

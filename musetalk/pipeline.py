@@ -88,10 +88,17 @@ class FramePipeline:
     """
 
     def __init__(
-        self, cfg: PipelineConfig, models: Models | None = None, tuning: PipelineTuning | None = None
+        self,
+        cfg: PipelineConfig,
+        models: Models | None = None,
+        tuning: PipelineTuning | None = None,
+        writer: Callable[..., SegmentWriter] = SegmentWriter,
     ) -> None:
         self.cfg = cfg
-        self.tuning = tuning or PipelineTuning()
+        # segments are written by ``writer(path, width, height, fps, encode)``: the ffmpeg pipe, or
+        # shards.segment.AVSegmentWriter where there is no ffmpeg binary (scripts/gpu_check.py)
+        self._writer = writer
+        self.tuning = tuning or PipelineTuning.of(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.models = models or load_models(cfg, self.tuning)
@@ -338,7 +345,7 @@ class FramePipeline:
             decoded = self._decoded(group, ctx.clock, video, lo, hi)  # 1.
             faces = group.channel(self.tuning.faces_depth)
             finished = group.channel(self.tuning.encode_depth)
-            writer = SegmentWriter(out_path, video.width, video.height, plan.fps, encode)
+            writer = self._writer(out_path, video.width, video.height, plan.fps, encode)
             group.on_exit(writer.abort, on_error_only=True)  # kills ffmpeg, removes the partial file
             stream = current_stream(self.models.device)
             group.start("generate", self._generate_step, ctx, faces, stream)  # 2.

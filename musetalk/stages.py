@@ -46,7 +46,8 @@ class Stopped(Exception):
 @dataclass(frozen=True)
 class PipelineTuning:
     """How a worker runs, not what it computes: none of these changes an output pixel, except the GPU
-    switches marked below (they change rounding, so every worker of a job must share them).
+    switches marked below (they change rounding, so every worker of a job must share them). Set from a
+    :class:`~musetalk.config.PipelineConfig` (``render.*``) with :meth:`of`.
 
     ``composite``: "numpy" (the CPU path), "device" (torch ops on the worker's device; within one level of
     the CPU maths) or "auto" (device on CUDA, numpy elsewhere: on this 2-core CPU numpy measures faster).
@@ -75,6 +76,19 @@ class PipelineTuning:
         for name in ("decode_depth", "faces_depth", "encode_depth", "mask_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def of(cls, cfg) -> PipelineTuning:
+        """The tuning a :class:`~musetalk.config.PipelineConfig` sets (``render.*``)."""
+        return cls(
+            composite=cfg.composite,
+            decode_depth=cfg.decode_depth,
+            faces_depth=cfg.faces_depth,
+            encode_depth=cfg.encode_depth,
+            mask_workers=cfg.mask_workers,
+            channels_last=cfg.channels_last,
+            compile=cfg.compile,
+        )
 
     def device_composite(self, device: torch.device) -> bool:
         return self.composite == "device" or (self.composite == "auto" and device.type == "cuda")

@@ -181,3 +181,116 @@ def encode_segment(
         for frame in it:
             writer.write(frame)
         return writer.close()
+
+
+class AVSegmentWriter:
+    """:class:`SegmentWriter`'s interface over PyAV's bundled libx264, in-process: for machines without an
+    ffmpeg binary (the lent GPU machine; ``scripts/gpu_check.py``). Same codecs and options (libx264
+    yuv420p BT.709 limited range, or libx264rgb qp 0; no B-frames); the colour conversion is libswscale's
+    inside PyAV instead of the ffmpeg binary's filter, so lossy bytes may differ from :class:`SegmentWriter`'s
+    (lossless frames are bit-exact either way). ``threads``: the encoder's threads (0: x264's choice).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        fps: Fraction,
+        settings: EncodeSettings,
+        threads: int = 0,
+    ) -> None:
+        import av
+
+        if width <= 0 or height <= 0:
+            raise ValueError(f"segment size must be positive, got {width}x{height}")
+        self.path = Path(path)
+        self.width, self.height = width, height
+        self.fps = Fraction(fps)
+        self.settings = settings
+        self.frames = 0
+        pad = not settings.lossless
+        self._pad_w = width % 2 if pad else 0
+        self._pad_h = height % 2 if pad else 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fmt = _SEGMENT_FORMATS.get(self.path.suffix.lower(), "matroska")
+        self._container = av.open(str(self.path), "w", format=fmt)
+        codec = "libx264rgb" if settings.lossless else "libx264"
+        stream = self._container.add_stream(codec, rate=self.fps)
+        stream.width, stream.height = width + self._pad_w, height + self._pad_h
+        stream.time_base = 1 / self.fps
+        options = {"preset": settings.preset, "bf": "0"}
+        if settings.gop:
+            options["g"] = str(settings.gop)
+        if settings.lossless:
+            stream.pix_fmt = "bgr24"
+            options["qp"] = "0"
+        else:
+            stream.pix_fmt = "yuv420p"
+            options["crf"] = str(settings.crf)
+            options["x264-params"] = "colorprim=bt709:transfer=bt709:colormatrix=bt709:range=tv"
+        stream.options = options
+        stream.codec_context.thread_count = threads
+        self._stream = stream
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one (H, W, 3) uint8 BGR frame of the declared size."""
+        import av
+
+        if self._container is None:
+            raise ValueError(f"segment {self.path} is already closed")
+        expected = (self.height, self.width, 3)
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.shape != expected:
+            got = f"{frame.shape} {frame.dtype}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise ValueError(f"segment {self.path} takes {expected} uint8 BGR frames, got {got}")
+        if self._pad_w or self._pad_h:
+            frame = np.pad(frame, ((0, self._pad_h), (0, self._pad_w), (0, 0)), mode="edge")
+        image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="bgr24")
+        if not self.settings.lossless:
+            image = image.reformat(
+                format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG", interpolation="BICUBIC"
+            )
+        image.pts = self.frames
+        try:
+            self._container.mux(self._stream.encode(image))
+        except av.FFmpegError as err:
+            self.abort()
+            raise FFmpegError(f"encoding segment {self.path} failed (PyAV: {err})") from err
+        self.frames += 1
+
+    def close(self) -> int:
+        """Flush the encoder and finish the file; returns the number of frames written."""
+        import av
+
+        if self._container is None:
+            return self.frames
+        if self.frames == 0:
+            self.abort()
+            raise ValueError(f"segment {self.path}: no frames were written")
+        container, self._container = self._container, None
+        try:
+            container.mux(self._stream.encode(None))
+            container.close()
+        except av.FFmpegError as err:
+            self.path.unlink(missing_ok=True)
+            raise FFmpegError(f"encoding segment {self.path} failed (PyAV: {err})") from err
+        return self.frames
+
+    def abort(self) -> None:
+        """Stop encoding and remove the partial file."""
+        if self._container is not None:
+            container, self._container = self._container, None
+            try:
+                container.close()
+            except Exception:  # noqa: BLE001 - the file is removed anyway
+                logger.debug("closing the PyAV container of %s failed", self.path)
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> AVSegmentWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()

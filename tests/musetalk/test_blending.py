@@ -186,6 +186,32 @@ def test_parser_exception_falls_back(frame, caplog):
     check_material(materials[0], BlendConfig())
 
 
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA error: an illegal memory access")],
+    ids=["oom", "cuda-error"],
+)
+def test_a_device_failure_in_parsing_is_raised_not_hidden(frame, error, monkeypatch):
+    parser = constant_parser(1)
+
+    def fail(_inputs):
+        raise error
+
+    monkeypatch.setattr(parser, "labels", fail)
+    with pytest.raises(type(error)):
+        Blender(parser, BlendConfig()).prepare([frame], [BOX])
+
+
+def test_a_generic_runtime_error_in_parsing_still_falls_back(frame, monkeypatch):
+    parser = constant_parser(1)
+
+    def fail(_inputs):
+        raise RuntimeError("expected input to have 3 channels")
+
+    monkeypatch.setattr(parser, "labels", fail)
+    assert [m.parsed for m in Blender(parser, BlendConfig()).prepare([frame], [BOX])] == [False]
+
+
 def test_paste_changes_only_masked_pixels(skin_parser, frame):
     blender = Blender(skin_parser, BlendConfig())
     material = blender.prepare([frame], [BOX])[0]

@@ -203,6 +203,22 @@ def test_raising_net_falls_back_per_face(faces, caplog):
     np.testing.assert_array_equal(out, faces)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA error: device-side assert triggered")],
+    ids=["oom", "cuda-error"],
+)
+def test_a_device_failure_in_gfpgan_is_raised_not_hidden(layout, faces, error, monkeypatch):
+    enhancer = load_gfpgan(layout, CPU, upscale=1)
+
+    def fail(_face):
+        raise error
+
+    monkeypatch.setattr(enhancer, "_run", fail)
+    with pytest.raises(type(error)):
+        enhancer.enhance(faces[:1])
+
+
 def test_rejects_wrong_input_shape(layout):
     with pytest.raises(ValueError, match="256"):
         FaceEnhancer(nn.Identity(), CPU, 1).enhance(np.zeros((1, 128, 128, 3), np.uint8))

@@ -109,3 +109,28 @@ def test_sharded_local_render_is_identical(box_pipeline, demo_media, tmp_path):
     assert len(a) == len(b) == 50
     for t, (x, y) in enumerate(zip(a, b, strict=True)):
         assert np.array_equal(x, y), f"frame {t} differs between 1 and 4 shards"
+
+
+@pytest.mark.parametrize("error", ["oom", "generic"])
+def test_parsing_errors_fail_the_unit_only_when_the_device_fails(
+    box_pipeline, demo_media, error, monkeypatch
+):
+    """A device failure (out of memory, a CUDA error) fails the prepare unit, so the pool retries it and
+    the job fails with one line; any other parser error falls back to the ellipse per frame."""
+    import torch
+
+    info = probe_video(demo_media.video)
+    boxes = {src: (60, 50, 180, 200) for src in range(2)}
+
+    def fail(_inputs):
+        if error == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise RuntimeError("expected input to have 3 channels")
+
+    monkeypatch.setattr(box_pipeline.models.blender.parser, "labels", fail)
+    if error == "oom":
+        with pytest.raises(torch.OutOfMemoryError):
+            box_pipeline.prepare_range(info, 0, 2, boxes)
+    else:
+        entries, _ = box_pipeline.prepare_range(info, 0, 2, boxes)
+        assert [e.parsed for e in entries] == [False, False]

@@ -1,0 +1,35 @@
+"""Which errors are the device failing (they fail the unit) and which are a frame's (per-frame fallback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from musetalk.device import is_device_failure
+
+
+@pytest.mark.parametrize(
+    ("error", "device"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (torch.cuda.OutOfMemoryError("out of memory"), True),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+        (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), True),
+        (
+            RuntimeError("Given groups=1, weight of size [19, 4, 1, 1], expected input to have 4 channels"),
+            False,
+        ),
+        (ValueError("CUDA"), False),  # only runtime errors carry the driver's messages
+        (KeyError("x"), False),
+    ],
+)
+def test_is_device_failure(error, device):
+    assert is_device_failure(error) is device
+
+
+def test_accelerator_errors_are_device_failures():
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if accelerator is None:
+        pytest.skip("this torch has no AcceleratorError")
+    assert is_device_failure(accelerator("device-side assert triggered"))
