@@ -208,8 +208,15 @@ class Pool:
             actor.forget.remote(job_id)
 
     def worker_info(self) -> list[dict]:
-        """Each live worker's own report: name, model loads, load seconds, units rendered."""
-        return ray.get([s.actor.info.remote() for s in self.slots if s.up])
+        """Each live worker's own report: name, model loads, load seconds, units rendered. A worker that
+        died since the broker last heard of it is left out (its slot is marked down when its units fail)."""
+        out = []
+        for ref in [s.actor.info.remote() for s in self.slots if s.up and s.actor is not None]:
+            try:
+                out.append(ray.get(ref))
+            except RayActorError as err:
+                logger.info("a worker died before it could report: %s", str(err).splitlines()[0])
+        return out
 
     def shutdown(self, *, graceful: bool) -> None:
         """Stop every actor; when ``graceful``, first let live ones delete their scratch (bounded wait)."""
