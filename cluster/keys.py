@@ -92,7 +92,7 @@ def weights_identity(pipeline: PipelineConfig, *, preparation: bool = False) -> 
     if preparation:
         skip = {
             p.relative_to(layout.root).as_posix()
-            for p in (layout.unet_config, layout.unet_weights, layout.gfpgan)
+            for p in (layout.unet_config, layout.unet_weights, layout.gfpgan, layout.syncnet)
         }
         whisper = layout.whisper_dir.relative_to(layout.root).as_posix() + "/"
         files = [f for f in files if f not in skip and not f.startswith(whisper)]

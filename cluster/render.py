@@ -48,7 +48,9 @@ def prepare(job: JobConfig) -> None:
     if storage.is_remote(job.pipeline.models_dir):
         from cluster.weights import check_remote_weights  # imports torch: after the cheap refusals above
 
-        check_remote_weights(job.pipeline)  # workers fetch them per node; nothing is built or fetched here
+        check_remote_weights(
+            job.pipeline, sync=job.gate.sync
+        )  # workers fetch them per node; nothing built here
         return
     if job.pipeline.tiny:
         ensure_tiny_models(Path(job.pipeline.models_dir))

@@ -19,9 +19,11 @@ from shards.errors import WeightsError
 logger = logging.getLogger(__name__)
 
 
-def weight_files(cfg: PipelineConfig) -> list[tuple[str, str]]:
+def weight_files(cfg: PipelineConfig, *, sync: bool = False) -> list[tuple[str, str]]:
     """(POSIX path below ``models.dir``, description) of every file ``cfg`` loads: each required file,
-    plus the whole directory of the models loaded as directories (VAE, Whisper) when the root is a URI."""
+    plus the whole directory of the models loaded as directories (VAE, Whisper) when the root is a URI,
+    and the lip-sync scorer's weights (``qa.sync``) where they are there (with ``sync``: always, so a check
+    reports them missing)."""
     from musetalk.models import required_weights  # imports torch: only when weights are checked
 
     layout = ModelLayout.at(cfg.models_dir, tiny=cfg.tiny)
@@ -35,13 +37,23 @@ def weight_files(cfg: PipelineConfig) -> list[tuple[str, str]]:
                 found = fs.find(storage.join(base, rel))
             names = sorted(PurePath(f).relative_to(base.rstrip("/")).as_posix() for f in found)
             files += [(n, f"{d.name} file") for n in names if n not in {f for f, _ in files}]
+    # Not needed to render, so optional here: synced to every node (and keyed) when the store has it.
+    syncnet = layout.syncnet.relative_to(root).as_posix()
+    there = (
+        storage.exists(storage.join(cfg.models_dir, syncnet))
+        if storage.is_remote(cfg.models_dir)
+        else layout.syncnet.exists()
+    )
+    if sync or there:
+        files.append((syncnet, "SyncNet weights (qa.sync; or set qa.sync=false)"))
     return files
 
 
-def check_remote_weights(cfg: PipelineConfig) -> None:
-    """One WeightsError naming every required file missing below the URI ``models.dir``."""
+def check_remote_weights(cfg: PipelineConfig, *, sync: bool = False) -> None:
+    """One WeightsError naming every required file missing below the URI ``models.dir`` (with ``sync``,
+    the lip-sync scorer's too)."""
     missing = []
-    for rel, what in weight_files(cfg):
+    for rel, what in weight_files(cfg, sync=sync):
         uri = storage.join(cfg.models_dir, rel)
         if not storage.exists(uri):
             missing.append(f"{what} at {uri}")
