@@ -23,6 +23,7 @@ from tests.helpers import (
     error_lines,
     job_for,
     processes_under,
+    scratch_under,
     wait_for,
 )
 
@@ -144,4 +145,5 @@ def test_cli_cache_dir_naming_a_file_renders_without_the_cache(
     assert "Traceback" not in proc.stderr and not error_lines(proc.stderr)
     assert blocker.read_bytes() == b"not a directory\n"
     assert out.exists() and json.loads(out.with_suffix(".summary.json").read_text())["cache"] == ""
+    assert scratch_under(tmp) == []
     assert wait_for(lambda: not processes_under(tmp), timeout=120)
