@@ -201,7 +201,9 @@ def test_three_jobs_on_one_warm_pool(
     sheet = cv2.imread(str(out0.with_suffix(".qa.png")))  # the QA sheet beside the summary
     assert sheet is not None and sheet.shape[1] == 960
     table = (results / "batch_summary.txt").read_text()
-    assert table.split()[:7] == ["job", "status", "frames", "fps", "seconds", "output", "error"]
+    assert table.split()[:10] == [
+        "job", "status", "frames", "fps", "seconds", "sync", "offset", "flags", "output", "error"
+    ]  # fmt: skip
     assert format_rows(rows).count("failed") == 1
 
 

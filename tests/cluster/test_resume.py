@@ -67,7 +67,7 @@ def test_sigint_keeps_finished_shards_and_rerun_resumes_identically(
     (line,) = error_lines(stderr)
     assert "interrupted; 2 of 5 shards are kept in" in line and "run the same command again to resume" in line
     assert not out.exists()
-    segments = sorted(p.name for p in (tmp_path / ".resumed.mp4.run" / "segments").iterdir())
+    segments = sorted(p.name for p in (tmp_path / ".resumed.mp4.run" / "segments").glob("*.mkv"))
     assert segments == ["shard_00000.mkv", "shard_00001.mkv"]
     wait_for(lambda: _gone(tmp))  # no orphan Ray or worker processes
     assert scratch_under(tmp) == []
