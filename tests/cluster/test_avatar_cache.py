@@ -138,10 +138,9 @@ def test_cli_cache_dir_naming_a_file_renders_without_the_cache(
         tmp=tmp,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warnings = [
-        line for line in proc.stderr.splitlines() if "avatar cache" in line and "cannot be used" in line
-    ]
-    assert len(warnings) == 1 and str(blocker) in warnings[0], proc.stderr[-3000:]
+    logged = (proc.stdout + proc.stderr).splitlines()  # Hydra's console log handler writes to stdout
+    warnings = [line for line in logged if "avatar cache" in line and "cannot be used" in line]
+    assert len(warnings) == 1 and str(blocker) in warnings[0], (proc.stdout + proc.stderr)[-3000:]
     assert "Traceback" not in proc.stderr and not error_lines(proc.stderr)
     assert blocker.read_bytes() == b"not a directory\n"
     assert out.exists() and json.loads(out.with_suffix(".summary.json").read_text())["cache"] == ""
