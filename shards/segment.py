@@ -63,12 +63,9 @@ def _video_codec_args(settings: EncodeSettings) -> list[str]:
     ]  # fmt: skip
 
 
-class SegmentWriter:
-    """Streams (H, W, 3) uint8 BGR frames into a video-only segment through an ffmpeg subprocess.
-
-    The container follows the suffix (.mkv, .mp4, .mov, .ts, .h264; anything else: Matroska). Use as a
-    context manager: on an exception inside the ``with`` block the partial file is removed.
-    """
+class _Segment:
+    """What both segment writers share: the frame size, the even padding H.264 4:2:0 needs, checked and
+    padded frames, and ``with`` semantics (an exception inside the block removes the partial file)."""
 
     def __init__(
         self, path: str | Path, width: int, height: int, fps: Fraction, settings: EncodeSettings
@@ -84,7 +81,46 @@ class SegmentWriter:
         self._pad_w = width % 2 if pad else 0
         self._pad_h = height % 2 if pad else 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fmt = _SEGMENT_FORMATS.get(self.path.suffix.lower(), "matroska")
+        self._format = _SEGMENT_FORMATS.get(self.path.suffix.lower(), "matroska")
+
+    def _checked(self, frame: np.ndarray) -> np.ndarray:
+        """``frame`` checked to be (H, W, 3) uint8 of the declared size, padded to even sides, contiguous."""
+        expected = (self.height, self.width, 3)
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.shape != expected:
+            got = f"{frame.shape} {frame.dtype}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise ValueError(f"segment {self.path} takes {expected} uint8 BGR frames, got {got}")
+        if self._pad_w or self._pad_h:
+            frame = np.pad(frame, ((0, self._pad_h), (0, self._pad_w), (0, 0)), mode="edge")
+        return np.ascontiguousarray(frame)
+
+    def close(self) -> int:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+class SegmentWriter(_Segment):
+    """Streams (H, W, 3) uint8 BGR frames into a video-only segment through an ffmpeg subprocess.
+
+    The container follows the suffix (.mkv, .mp4, .mov, .ts, .h264; anything else: Matroska). Use as a
+    context manager: on an exception inside the ``with`` block the partial file is removed.
+    """
+
+    def __init__(
+        self, path: str | Path, width: int, height: int, fps: Fraction, settings: EncodeSettings
+    ) -> None:
+        super().__init__(path, width, height, fps, settings)
+        fmt = self._format
         w, h = width + self._pad_w, height + self._pad_h
         self._cmd = ffmpeg_cmd(
             ["-y", "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{w}x{h}", "-framerate", rate_arg(self.fps),
@@ -107,14 +143,9 @@ class SegmentWriter:
         """Append one (H, W, 3) uint8 BGR frame of the declared size."""
         if self._proc is None:
             raise ValueError(f"segment {self.path} is already closed")
-        expected = (self.height, self.width, 3)
-        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.shape != expected:
-            got = f"{frame.shape} {frame.dtype}" if isinstance(frame, np.ndarray) else type(frame).__name__
-            raise ValueError(f"segment {self.path} takes {expected} uint8 BGR frames, got {got}")
-        if self._pad_w or self._pad_h:
-            frame = np.pad(frame, ((0, self._pad_h), (0, self._pad_w), (0, 0)), mode="edge")
+        frame = self._checked(frame)
         try:
-            self._proc.stdin.write(np.ascontiguousarray(frame).data)
+            self._proc.stdin.write(frame.data)
         except (BrokenPipeError, OSError) as err:
             self._proc.kill()
             self._proc.wait()
@@ -157,15 +188,6 @@ class SegmentWriter:
             self._stderr.close()
         self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> SegmentWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
-
 
 def encode_segment(
     frames: Iterable[np.ndarray], path: str | Path, fps: Fraction, settings: EncodeSettings
@@ -183,7 +205,7 @@ def encode_segment(
         return writer.close()
 
 
-class AVSegmentWriter:
+class AVSegmentWriter(_Segment):
     """:class:`SegmentWriter`'s interface over PyAV's bundled libx264, in-process: for machines without an
     ffmpeg binary (the lent GPU machine; ``scripts/gpu_check.py``). Same codecs and options (libx264
     yuv420p BT.709 limited range, or libx264rgb qp 0; no B-frames); the colour conversion is libswscale's
@@ -202,19 +224,8 @@ class AVSegmentWriter:
     ) -> None:
         import av
 
-        if width <= 0 or height <= 0:
-            raise ValueError(f"segment size must be positive, got {width}x{height}")
-        self.path = Path(path)
-        self.width, self.height = width, height
-        self.fps = Fraction(fps)
-        self.settings = settings
-        self.frames = 0
-        pad = not settings.lossless
-        self._pad_w = width % 2 if pad else 0
-        self._pad_h = height % 2 if pad else 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fmt = _SEGMENT_FORMATS.get(self.path.suffix.lower(), "matroska")
-        self._container = av.open(str(self.path), "w", format=fmt)
+        super().__init__(path, width, height, fps, settings)
+        self._container = av.open(str(self.path), "w", format=self._format)
         codec = "libx264rgb" if settings.lossless else "libx264"
         stream = self._container.add_stream(codec, rate=self.fps)
         stream.width, stream.height = width + self._pad_w, height + self._pad_h
@@ -239,13 +250,7 @@ class AVSegmentWriter:
 
         if self._container is None:
             raise ValueError(f"segment {self.path} is already closed")
-        expected = (self.height, self.width, 3)
-        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.shape != expected:
-            got = f"{frame.shape} {frame.dtype}" if isinstance(frame, np.ndarray) else type(frame).__name__
-            raise ValueError(f"segment {self.path} takes {expected} uint8 BGR frames, got {got}")
-        if self._pad_w or self._pad_h:
-            frame = np.pad(frame, ((0, self._pad_h), (0, self._pad_w), (0, 0)), mode="edge")
-        image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="bgr24")
+        image = av.VideoFrame.from_ndarray(self._checked(frame), format="bgr24")
         if not self.settings.lossless:
             image = image.reformat(
                 format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG", interpolation="BICUBIC"
@@ -285,12 +290,3 @@ class AVSegmentWriter:
             except Exception:  # noqa: BLE001 - the file is removed anyway
                 logger.debug("closing the PyAV container of %s failed", self.path)
         self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> AVSegmentWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()

@@ -9,7 +9,7 @@ import pytest
 
 from shards.decode import count_frames, read_frames
 from shards.probe import probe_video
-from shards.segment import EncodeSettings, SegmentWriter, encode_segment
+from shards.segment import AVSegmentWriter, EncodeSettings, SegmentWriter, encode_segment
 from tests.shards.media_clips import same_frames
 
 LOSSLESS = EncodeSettings(lossless=True, gop=12)
@@ -53,3 +53,22 @@ def test_segment_writer_validates_and_cleans_up(tmp_path):
             w.write(np.zeros((24, 32, 3), np.uint8))
         assert w.close() == 3
     assert probe_video(path).fps == Fraction(30000, 1001) and count_frames(path) == 3
+
+
+@pytest.mark.parametrize("writer", [SegmentWriter, AVSegmentWriter], ids=["ffmpeg", "pyav"])
+def test_both_writers_keep_lossless_frames_exact_and_check_their_input(writer, tmp_path):
+    """The ffmpeg-pipe writer and the in-process PyAV one (machines without an ffmpeg binary) share one
+    frame check and padding rule, and both keep lossless frames bit-exact."""
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (47, 65, 3), dtype=np.uint8) for _ in range(3)]
+    path = tmp_path / f"{writer.__name__}.mkv"
+    with writer(path, 65, 47, Fraction(25), LOSSLESS) as w:
+        for frame in frames:
+            w.write(frame)
+        with pytest.raises(ValueError, match="uint8 BGR"):
+            w.write(np.zeros((47, 65, 3), np.float32))
+    assert same_frames(list(read_frames(probe_video(path), 0, 3)), frames)
+    with pytest.raises(RuntimeError, match="boom"), writer(path, 65, 47, Fraction(25), LOSSY) as w:
+        w.write(frames[0])
+        raise RuntimeError("boom")
+    assert not path.exists()
