@@ -70,6 +70,22 @@ def cli_tmp() -> Path:
     return Path(tempfile.mkdtemp(prefix="c"))
 
 
+def demo_args(models: Path, video: Path, audio: Path, *overrides: str) -> list[str]:
+    """The CLI arguments of a short tiny-model render of the demo video (box crop, 2 CPUs), then
+    ``overrides`` (which win): the command-line twin of :func:`job_for`'s usual settings."""
+    return [
+        "+task=test",
+        "models=tiny",
+        f"models.dir={models}",
+        f"task.video={video}",
+        f"task.audio={audio}",
+        "task.make_demo=false",
+        "cluster.num_cpus=2",
+        "face.crop=box",
+        *overrides,
+    ]
+
+
 def cli(*args: str, tmp: Path, env: dict | None = None, wait: bool = True):
     """Run ``python -m cluster.render ARGS`` from the repository root with its own TMPDIR.
 

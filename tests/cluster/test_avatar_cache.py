@@ -20,6 +20,7 @@ from tests.helpers import (
     cli,
     cli_tmp,
     decode_all,
+    demo_args,
     error_lines,
     job_for,
     processes_under,
@@ -125,11 +126,7 @@ def test_cli_cache_dir_naming_a_file_renders_without_the_cache(
     out = tmp_path / "out" / "cached.mp4"
     tmp = cli_tmp()
     proc = cli(
-        "+task=test",
-        "models=tiny",
-        f"models.dir={tiny_models}",
-        f"task.video={demo_media.video}",
-        f"task.audio={short_audio}",
+        *demo_args(tiny_models, demo_media.video, short_audio),
         f"task.output={out}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
         f"cache.dir={blocker}",
@@ -145,4 +142,4 @@ def test_cli_cache_dir_naming_a_file_renders_without_the_cache(
     assert blocker.read_bytes() == b"not a directory\n"
     assert out.exists() and json.loads(out.with_suffix(".summary.json").read_text())["cache"] == ""
     assert scratch_under(tmp) == []
-    assert wait_for(lambda: not processes_under(tmp), timeout=120)
+    assert wait_for(lambda: not processes_under(tmp))

@@ -83,4 +83,4 @@ def test_broken_weights_fail_with_one_line_and_leave_nothing(
     assert "in load_torch_state" in (hydra_dir / "render.log").read_text()
     assert list(out_dir.iterdir()) == []  # no output, no .out.mp4.run/, no lock
     assert scratch_under(tmp) == []
-    assert wait_for(lambda: not processes_under(tmp), timeout=120)
+    assert wait_for(lambda: not processes_under(tmp))

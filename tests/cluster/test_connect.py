@@ -145,10 +145,8 @@ def test_a_port_that_is_not_ray_fails_within_the_timeout(reply, needle):
     """``ray.init`` against these would block in C++ for ~40 s, out of reach of a timer: the probe's HTTP/2
     greeting finds them within connect_timeout_s."""
     with _server(reply) as port:
-        started = time.monotonic()
-        with pytest.raises(ClusterError) as err:
+        with pytest.raises(ClusterError) as err:  # the probe alone: ray.init is never reached
             check_reachable(ClusterConfig(address=f"ray://127.0.0.1:{port}", connect_timeout_s=1))
-        assert time.monotonic() - started < 10  # a generous bound: the point is "not ~40 s"
     assert str(err.value).startswith(
         f"cannot join the Ray Client server at 127.0.0.1:{port} (cluster.address): "
     )
@@ -167,13 +165,12 @@ def test_ray_init_is_bounded(monkeypatch):
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: (calls.append(kw), time.sleep(30)))
+    # it would return after 600 s and connect would then succeed: the ClusterError proves the interruption
+    monkeypatch.setattr(ray, "init", lambda **kw: (calls.append(kw), time.sleep(600)))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
     with _server(GRPC_SETTINGS) as port:
-        started = time.monotonic()
         with pytest.raises(ClusterError) as err:
             connect(ClusterConfig(address=f"127.0.0.1:{port}", connect_timeout_s=1))
-        assert time.monotonic() - started < 10
     assert str(err.value).startswith(
         f"cannot join the Ray cluster at 127.0.0.1:{port} (cluster.address): its port answers, but joining did "
         "not finish within 1 s (cluster.connect_timeout_s); check that it is a Ray "

@@ -22,6 +22,7 @@ from tests.helpers import (
     assert_same_frames,
     cli,
     cli_tmp,
+    demo_args,
     held,
     job_for,
     scratch_under,
@@ -146,24 +147,13 @@ def _cli(*args: str):
     return cli(*args, tmp=cli_tmp())
 
 
-def _common(tiny_models, demo_media, audio) -> list[str]:
-    return [
-        "+task=test",
-        "models=tiny",
-        f"models.dir={tiny_models}",
-        f"task.video={demo_media.video}",
-        f"task.audio={audio}",
-        "task.make_demo=false",
-        "cluster.num_cpus=2",
-        "face.crop=box",
-    ]
-
-
 def test_cli_renders_playable_mp4_with_audio(tiny_models, demo_media, short_audio, tmp_path):
     ray.shutdown()
     out = tmp_path / "cli.mp4"
     proc = _cli(
-        *_common(tiny_models, demo_media, short_audio), f"task.output={out}", f"hydra.run.dir={tmp_path}/run"
+        *demo_args(tiny_models, demo_media.video, short_audio),
+        f"task.output={out}",
+        f"hydra.run.dir={tmp_path}/run",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "frames      50" in proc.stdout
@@ -191,7 +181,7 @@ def test_cli_bad_input_one_line_error_and_no_output(
     (tmp_path / "notes.txt").write_text("not audio")
     out = tmp_path / "bad.mp4"
     args = [
-        *_common(tiny_models, demo_media, short_audio),
+        *demo_args(tiny_models, demo_media.video, short_audio),
         f"task.output={out}",
         f"hydra.run.dir={tmp_path}/run",
     ]
@@ -212,7 +202,7 @@ def test_multirun_sweep_writes_summary(tiny_models, demo_media, tmp_path):
     sweep = tmp_path / "sweep"
     proc = _cli(
         "-m",
-        *_common(tiny_models, demo_media, audio),
+        *demo_args(tiny_models, demo_media.video, audio),
         "render.batch_size=2,4",
         "enhance.upscale=1,2",  # enhance=none: upscale 2 does nothing and is refused
         "task.bbox_shift=0,2",  # per job: changes no model, so the pool stays warm

@@ -13,7 +13,7 @@ from cluster.config import QaConfig
 from cluster.driver import run_job
 from cluster.sweep import format_table, sweep_table
 from cluster.syncjob import SyncResult, gate
-from tests.helpers import cli, cli_tmp, job_for, trimmed_audio
+from tests.helpers import cli, cli_tmp, demo_args, job_for, trimmed_audio
 
 SCORE_FIELDS = (
     "sync_confidence",
@@ -133,14 +133,7 @@ def test_fail_on_flag_exits_with_its_code_and_keeps_the_output(tiny_models, demo
     audio = trimmed_audio(demo_media.audio, tmp_path / "a.wav", 0.8)
     out = tmp_path / "flagged.mp4"
     proc = cli(
-        "+task=test",
-        "models=tiny",
-        f"models.dir={tiny_models}",
-        f"task.video={demo_media.video}",
-        f"task.audio={audio}",
-        "task.make_demo=false",
-        "cluster.num_cpus=2",
-        "face.crop=box",
+        *demo_args(tiny_models, demo_media.video, audio),
         f"task.output={out}",
         f"hydra.run.dir={tmp_path}/run",
         "qa.min_sync_confidence=1000",

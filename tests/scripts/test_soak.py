@@ -34,4 +34,4 @@ def test_soak_smoke_run(tiny_models, demo_media, tmp_path):
         assert key in rep["figures"] and f"| {key} |" in (out / "soak.md").read_text()
     assert not list((out / "outputs").iterdir()), "verified outputs are deleted"
     assert scratch_under(tmp) == []
-    assert wait_for(lambda: not processes_under(tmp), timeout=120)
+    assert wait_for(lambda: not processes_under(tmp))
