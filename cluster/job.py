@@ -149,7 +149,7 @@ class JobRun:
             chunk=job.shards.prep_length,
             smooth_radius=self.pipeline.face.smooth_radius,
             lead=PREP_LEAD * max(1, workers) * job.cluster.max_in_flight,
-            also_detect=self.sync.source_frames(self.todo) if self.sync is not None else (),
+            also_detect={s.name: self.sync.source_frames(s) for s in self.todo} if self.sync else None,
         )
         chunks, detections = {}, {}
         self.cache = AvatarCache.open(job.cache, job.video, self.pipeline, identity, self.label)
@@ -172,11 +172,7 @@ class JobRun:
             len(p.units_of(UnitKind.AUDIO)),
         )
         self.inputs = self._job_inputs(progress, videos)
-        return self._hold([*units, *p.ready_shards()])
-
-    def _hold(self, units: list) -> list:
-        """Scored jobs hold a shard back until the detections its lip-sync crops read are in."""
-        return units if self.sync is None else self.sync.hold(units, self.prep.detections)
+        return [*units, *p.ready_shards()]
 
     def _job_inputs(self, progress, videos: dict) -> JobInputs:
         """How workers get the job's inputs. With ``cluster.inputs=uri`` workers get the input URIs (or
@@ -242,7 +238,7 @@ class JobRun:
             self.run.add(unit, data, stats)
             logger.info("%s of %s done on %s: %d frames", unit.name, self.label, stats.worker, stats.frames)
             # the object store lets go of what only landed shards read; preparation moves ahead
-            return self._hold(prep.landed(unit))
+            return prep.landed(unit)
         self.prep_stats.append(stats)
         released: list = []
         if unit.kind is UnitKind.AUDIO:
@@ -259,7 +255,7 @@ class JobRun:
                 self.cache.remember(unit, data)
             # driver-owned on purpose: a lost worker node must not take prepared work with it
             prep.add_chunk(unit.start, unit.end, ray.put(data))
-        return self._hold([*released, *prep.ready_shards()])
+        return [*released, *prep.ready_shards()]
 
     def work(self) -> tuple[int, int]:
         """(frames of work, of which done before this run): source frames to detect, shown source frames
@@ -275,8 +271,7 @@ class JobRun:
     @property
     def waiting(self) -> int:
         """Generation shards preparation has not released yet."""
-        held = self.sync.held if self.sync is not None else 0
-        return (self.prep.waiting if self.prep is not None else 0) + held
+        return self.prep.waiting if self.prep is not None else 0
 
     # 4. Finish -------------------------------------------------------------------------------------
     def charge(self, loads: int, wait: float = 0.0) -> None:

@@ -9,7 +9,7 @@ the run directory (:meth:`cluster.rundir.RunDir.put_side`): a resumed render sco
 
 The crops read the raw detector boxes of the samples' source frames and 6 samples either side (the
 reference's 13-frame median filter): the preparation plan detects those frames too (``also_detect``),
-and a shard is held back until they are in.
+and releases a shard only once they are in.
 
 With random weights (the tiny test models) the scores are meaningless: only their plumbing is tested.
 """
@@ -72,36 +72,16 @@ class JobSync:
         self.pipeline = pipeline
         self.samples = samples
         self.sync = SyncPlan(plan.output_frames, plan.fps, len(samples))
-        self._held: list[Shard] = []
 
-    def source_frames(self, shards: list[Shard]) -> list[int]:
-        """Source frames whose raw detections the crops of ``shards`` read."""
-        out = set()
-        for s in shards:
-            for k in self.sync.context(s.start, s.end):
-                out.add(self.plan.source_index(self.sync.frames[k]))
-        return sorted(out)
-
-    def _ready(self, shard: Shard, detections: dict[int, Detection | None]) -> bool:
-        return all(
-            self.plan.source_index(self.sync.frames[k]) in detections
-            for k in self.sync.context(shard.start, shard.end)
+    def source_frames(self, shard: Shard) -> list[int]:
+        """Source frames whose raw detections the crops of ``shard`` read (the preparation plan detects
+        them and releases the shard once they are in: ``PrepPlan(also_detect=...)``)."""
+        return sorted(
+            {self.plan.source_index(self.sync.frames[k]) for k in self.sync.context(shard.start, shard.end)}
         )
 
-    def hold(self, units: list, detections: dict[int, Detection | None]) -> list:
-        """``units`` without the shards whose crops' detections are not all in (kept until they are),
-        plus the held shards that are ready now."""
-        out = [u for u in units if not isinstance(u, Shard)]
-        waiting = [*self._held, *(u for u in units if isinstance(u, Shard))]
-        self._held = [s for s in waiting if not self._ready(s, detections)]
-        return [*out, *(s for s in waiting if self._ready(s, detections))]
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     def shard_plan(self, shard: Shard, detections: dict[int, Detection | None]) -> ShardSyncPlan:
-        """What the shard's worker crops (its detections are all in: see :meth:`hold`)."""
+        """What the shard's worker crops (its detections are all in: see :meth:`source_frames`)."""
         boxes = {}
         for k in self.sync.context(shard.start, shard.end):
             det = detections[self.plan.source_index(self.sync.frames[k])]

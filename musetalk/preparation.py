@@ -26,7 +26,7 @@ found, then feed it what lands (:meth:`detected`, :meth:`add_chunk`, :meth:`add_
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from musetalk.audio import audio_span
 from musetalk.faces import Detection, smoothing_window
@@ -64,13 +64,15 @@ class PrepPlan:
         chunk: int,
         smooth_radius: int,
         lead: int | None = None,
-        also_detect: Iterable[int] = (),
+        also_detect: Mapping[str, Iterable[int]] | None = None,
     ) -> None:
         """``lead``: prepare only for the first ``lead`` shards still to land (None: everything at once).
-        ``also_detect``: source frames whose raw detections are wanted besides the boxes' (the lip-sync
-        crops, :mod:`cluster.syncjob`)."""
+        ``also_detect``: shard name -> source frames whose raw detections that shard reads besides its
+        boxes' (the lip-sync crops, :mod:`cluster.syncjob`): they are detected too, and the shard is
+        released only once they are in."""
         self.plan, self.chunk, self.radius, self._lead = plan, chunk, smooth_radius, lead
-        self._also = sorted(set(also_detect))
+        self._also_of = {name: sorted(set(frames)) for name, frames in (also_detect or {}).items()}
+        self._also = sorted({k for frames in self._also_of.values() for k in frames})
         self._order = [s.name for s in shards]
         self._shown = {s.name: plan.shown_frames(s.start, s.end) for s in shards}
         self.shown: list[int] = sorted({f for frames in self._shown.values() for f in frames})
@@ -196,11 +198,13 @@ class PrepPlan:
             self.segments[k] = handle
 
     def ready_shards(self) -> list[Shard]:
-        """Generation shards whose frames and Whisper segments are all available (each released once)."""
+        """Generation shards whose frames, Whisper segments and ``also_detect`` detections are all
+        available (each released once)."""
         ready, waiting = [], []
         for shard in self._waiting:
             frames = self._shown[shard.name]
             done = all(s in self._covered for s in frames)
+            done = done and all(k in self.detections for k in self._also_of.get(shard.name, ()))
             if done and all(k in self.segments for k in self.shard_segments[shard.name]):
                 ready.append(shard)
             else:

@@ -201,3 +201,23 @@ def test_smoothing_radius_comes_from_the_face_settings_of_the_boxes():
     prep.detected(unit, {0: DET, 1: None, 2: DET})
     (prepare,) = prep.units_of("prepare")
     assert sorted(prep.detections_for(prepare)) == [0, 1, 2]
+
+
+def test_a_shard_waits_for_the_extra_detections_it_reads():
+    """``also_detect`` (the lip-sync crops' raw boxes): those frames are detected too, and a shard is
+    released only once its own are in, even with its entries cached."""
+    plan = _plan(20, 0.4, 5)  # two shards: src 0..4 and 5..9
+    first, second = plan.shards
+    prep = PrepPlan(
+        plan, plan.shards, chunk=64, smooth_radius=0, also_detect={first.name: [0, 12], second.name: [14]}
+    )
+    assert prep.detections_wanted([(0, 64)]) == [0, 12, 14]
+    units = prep.start({(0, 64): "c"}, {0: DET})
+    assert prep.detections_needed == [12, 14]
+    assert _spans(units) == [("detect", 12, 13), ("detect", 14, 15), ("audio", 0, 1)]
+    prep.add_segment(0, "s")
+    assert prep.ready_shards() == []  # entries and audio in, 12 and 14 not detected yet
+    prep.detected(units[1], {14: None})
+    assert [s.index for s in prep.ready_shards()] == [1]  # the first still waits for frame 12
+    prep.detected(units[0], {12: DET})
+    assert [s.index for s in prep.ready_shards()] == [0]
