@@ -209,9 +209,8 @@ def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, rep
                         videos.pop(run.cfg.video.resolve(), None)  # its last job let go of the video
                     report(run.finish(broker.job_errors.get(a.job), broker.job_retries.get(a.job, 0)), a.job)
             waiting = sum(r.waiting for i, r in runs.items() if i not in broker.job_errors)
-            pool.rescale(
-                broker, time.monotonic(), waiting
-            )  # grow onto joined nodes, retire slots with no room
+            # grow onto joined nodes, retire slots with no room
+            pool.rescale(broker, time.monotonic(), waiting)
             broker.check_start(time.monotonic(), waiting=bool(unstarted))
         if show().done < bar.total:  # a failed job's units never land: the bar ends full all the same
             bar.n = bar.total
