@@ -95,6 +95,23 @@ class QaConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """How each run of a sweep (``-m``) is measured, so that its runs compare like with like
+    (:func:`cluster.sweep.on_footing`); outside a sweep it does nothing. ``prep``:
+
+    - ``cache``: before a run is timed, its preparation (detection, VAE encodes, face parsing) is put in
+      the avatar cache by a warm-up on the same pool (reported apart: ``warmup_s``), so every run reads all
+      of its preparation from the cache and its time is generation's;
+    - ``paid``: every run computes its whole preparation (the avatar cache is off for the sweep's runs).
+    """
+
+    prep: str = "cache"
+
+
+SWEEP_PREP = ("cache", "paid")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """One render job, fully resolved and validated."""
 
@@ -118,6 +135,7 @@ class JobConfig:
     output_uri: str | None = None
     cache: CacheConfig = CacheConfig()
     gate: QaConfig = QaConfig()  # the ``qa`` group (``qa`` above is output.qa, the QA sheet)
+    sweep: SweepConfig = SweepConfig()
 
 
 def compose_job(overrides: list[str]) -> JobConfig:
@@ -206,6 +224,9 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     shards_typed = len(problems) == before
     cache = typed(CacheConfig, "cache", node("cache")) if "cache" in cfg else CacheConfig()
     gate = typed(QaConfig, "qa", node("qa")) if "qa" in cfg else QaConfig()
+    sweep = typed(SweepConfig, "sweep", node("sweep")) if "sweep" in cfg else SweepConfig()
+    if sweep.prep not in SWEEP_PREP:
+        problems.append(f"sweep.prep must be one of {', '.join(SWEEP_PREP)}, got {sweep.prep!r}")
     problems += qa_problems(gate)
     problems += pipeline_problems(pipeline)
     problems += noop_problems(pipeline, encode)
@@ -253,6 +274,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         qa=qa,
         cache=cache,
         gate=gate,
+        sweep=sweep,
     )
 
 

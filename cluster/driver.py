@@ -72,11 +72,14 @@ def run_jobs(
     isolate: bool = True,
     on_result: Callable[[JobResult], None] | None = None,
     on_progress: Callable[[RenderProgress], None] | None = None,
+    prepare_only: bool = False,
 ) -> list[JobResult]:
     """Render many jobs, grouped by the models they need, each group on one warm pool with its jobs'
     units interleaved. With ``isolate``, a failed job is reported in its result while the others finish;
     without, its error is raised. ``on_result`` is told of each job as it ends, ``on_progress`` of each
     group's progress as the dispatch loop reads it (the bar shows the same). Ctrl-C raises Interrupted.
+    With ``prepare_only``, each job's preparation runs into the avatar cache and nothing is rendered (a
+    sweep's warm-up); its summary counts the preparation and the model loads, ``frames`` 0.
     """
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -91,7 +94,7 @@ def run_jobs(
             on_result(result)
 
     for members in groups.values():
-        _run_group([JobRun(i, jobs[i]) for i in members], isolate, report, on_progress)
+        _run_group([JobRun(i, jobs[i], prepare_only) for i in members], isolate, report, on_progress)
     return [results[i] for i in range(len(jobs))]
 
 
@@ -179,6 +182,18 @@ def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, rep
             on_progress(now)
         return now
 
+    def end(i: int) -> None:
+        ended.add(i)
+        run = runs[i]
+        run.charge(pool.take_loads()[0])
+        run.workers_end = pool.size
+        pool.forget(run.inputs.job_id)
+        run.end()
+        users[run.cfg.video.resolve()] -= 1
+        if not users[run.cfg.video.resolve()]:
+            videos.pop(run.cfg.video.resolve(), None)  # its last job let go of the video
+        report(run.finish(broker.job_errors.get(i), broker.job_retries.get(i, 0)), i)
+
     try:
         while unstarted or not broker.finished:
             if unstarted and pool.identity is not None:
@@ -186,6 +201,8 @@ def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, rep
                     broker.add_job(i, run.start(pool.identity, pool.id, pool.size, progress, videos))
                     run.charge(*pool.take_loads())
                     work[i] = run.work()  # its preparation is known now
+                    if broker.job_finished(i):  # nothing to run (a warm-up the avatar cache holds)
+                        end(i)
                 unstarted = {}
             for a in broker.assignments():
                 in_flight[runs[a.job].submit(pool.actor(a.slot), a.shard)] = a
@@ -198,16 +215,7 @@ def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, rep
                 a = in_flight.pop(ref)
                 _landed(pool, broker, runs[a.job], a, ref)
                 if a.job not in ended and broker.job_finished(a.job):
-                    ended.add(a.job)
-                    run = runs[a.job]
-                    run.charge(pool.take_loads()[0])
-                    run.workers_end = pool.size
-                    pool.forget(run.inputs.job_id)
-                    run.end()
-                    users[run.cfg.video.resolve()] -= 1
-                    if not users[run.cfg.video.resolve()]:
-                        videos.pop(run.cfg.video.resolve(), None)  # its last job let go of the video
-                    report(run.finish(broker.job_errors.get(a.job), broker.job_retries.get(a.job, 0)), a.job)
+                    end(a.job)
             waiting = sum(r.waiting for i, r in runs.items() if i not in broker.job_errors)
             # grow onto joined nodes, retire slots with no room
             pool.rescale(broker, time.monotonic(), waiting)

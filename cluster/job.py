@@ -11,6 +11,9 @@ back (:meth:`JobRun.landed`, which returns the units they release); everything a
 3. :meth:`JobRun.landed` for every unit: keep preparation results (driver-owned objects, so they outlive a
    lost worker node) and write them to the cache; store segments in the run directory;
 4. :meth:`JobRun.finish`: stitch, mux, summary, QA sheet, publish; or report the job's error.
+
+A job run with ``prepare_only`` (a sweep's warm-up: :func:`cluster.sweep.on_footing`) runs its preparation
+into the avatar cache and renders nothing: each generation shard counts as landed once released.
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ def pinned(job: JobConfig) -> PipelineConfig:
 class JobRun:
     """Driver-side state of one job on a pool, and its verbs."""
 
-    def __init__(self, index: int, cfg: JobConfig) -> None:
+    def __init__(self, index: int, cfg: JobConfig, prepare_only: bool = False) -> None:
         self.index = index
+        self.prepare_only = prepare_only
         self.given = cfg  # the job as given (``cfg`` names staged local copies of URI inputs)
         self.cfg = cfg
         self.pipeline = pinned(cfg)
@@ -172,7 +176,21 @@ class JobRun:
             len(p.units_of(UnitKind.AUDIO)),
         )
         self.inputs = self._job_inputs(progress, videos)
-        return [*units, *p.ready_shards()]
+        return self._to_run([*units, *p.ready_shards()])
+
+    def _to_run(self, units: list[PrepUnit | Shard]) -> list[PrepUnit | Shard]:
+        """``units`` as they go out; with ``prepare_only`` a released shard has nothing to render, so it
+        lands at once (its chunks are let go of, preparation moves ahead) and only preparation goes out."""
+        if not self.prepare_only:
+            return units
+        out, queue = [], list(units)
+        while queue:
+            unit = queue.pop(0)
+            if isinstance(unit, Shard):
+                queue += [*self.prep.landed(unit), *self.prep.ready_shards()]
+            else:
+                out.append(unit)
+        return out
 
     def _job_inputs(self, progress, videos: dict) -> JobInputs:
         """How workers get the job's inputs. With ``cluster.inputs=uri`` workers get the input URIs (or
@@ -255,14 +273,14 @@ class JobRun:
                 self.cache.remember(unit, data)
             # driver-owned on purpose: a lost worker node must not take prepared work with it
             prep.add_chunk(unit.start, unit.end, ray.put(data))
-        return [*released, *prep.ready_shards()]
+        return self._to_run([*released, *prep.ready_shards()])
 
     def work(self) -> tuple[int, int]:
         """(frames of work, of which done before this run): source frames to detect, shown source frames
         to prepare (avatar cache hits done) and output frames to generate (kept segments done). Before
         :meth:`start` the preparation is not known yet: output frames only."""
-        total = self.plan.output_frames
-        done = sum(s.frames for s in self.plan.shards if self.run.has(s))
+        total = 0 if self.prepare_only else self.plan.output_frames
+        done = 0 if self.prepare_only else sum(s.frames for s in self.plan.shards if self.run.has(s))
         if self.prep is not None:
             total += len(self.prep.detections_needed) + len(self.prep.shown)
             done += self.prep.cache_hits
@@ -294,6 +312,8 @@ class JobRun:
         try:
             if error is not None:
                 raise error
+            if self.prepare_only:  # nothing rendered: no output, and the run directory stays as it was
+                return JobResult(self.given, summary=self._summary([], retries))
             concat_and_mux(
                 [run.segment(s.name) for s in plan.shards],
                 job.audio,
@@ -377,15 +397,17 @@ class JobRun:
         else:
             seconds = now - self.opened
         render_seconds = max(1e-9, seconds - self.load_wait)
+        frames = 0 if self.prepare_only else plan.output_frames
+        generation = busy_seconds(stats)
         return JobSummary(
-            output=str(self.cfg.output),
-            frames=plan.output_frames,
+            output="" if self.prepare_only else str(self.cfg.output),
+            frames=frames,
             face_frames=sum(s.face_frames for s in stats),
-            shards=len(plan.shards),
+            shards=0 if self.prepare_only else len(plan.shards),
             workers=self.workers if self.workers_end is None else self.workers_end,
             workers_start=self.workers,
             seconds=round(seconds, 3),
-            fps=round(plan.output_frames / seconds, 3),
+            fps=round(frames / seconds, 3),
             stage_seconds=stage,
             worker_frames=per_worker,
             retries=retries,
@@ -394,7 +416,7 @@ class JobRun:
             parsing_fallbacks=sum(s.parsing_fallbacks for s in stats),
             load_seconds=round(self.load_wait, 3),
             render_seconds=round(render_seconds, 3),
-            render_fps=round(plan.output_frames / render_seconds, 3),
+            render_fps=round(frames / render_seconds, 3),
             model_loads=self.loads,
             pool=self.pool_id,
             detections=sum(p.detections for p in prep),
@@ -404,4 +426,7 @@ class JobRun:
             cache_hits=self.prep.cache_hits if self.prep is not None else 0,
             cache=self.cache.root if self.cache is not None else "",
             busy_seconds=round(busy_seconds([*stats, *prep]), 3),
+            prep_seconds=round(busy_seconds(prep), 3),
+            generation_seconds=round(generation, 3),
+            generation_fps=round(frames / generation, 3) if generation > 0 else 0.0,
         )

@@ -66,10 +66,11 @@ def prepare(job: JobConfig) -> None:
         layout.require(layout.syncnet, "SyncNet weights for qa.sync (or set qa.sync=false)")
 
 
-def render(cfg: DictConfig) -> dict:
+def render(cfg: DictConfig, sweep: bool = False) -> dict:
     """Run one job from a composed config; returns the summary as a dict.
 
     Cheap checks first (config, output, inputs: seconds, no models, no Ray), then weights, then the render.
+    A run of a ``sweep`` is first put on the sweep's footing (:func:`cluster.sweep.on_footing`).
     """
     job = job_from_config(cfg)
     check_before_work(job)
@@ -79,11 +80,16 @@ def render(cfg: DictConfig) -> dict:
 
     if job.cluster.require_gpus:
         check_cluster_gpus(job)
+    warmup = {}
+    if sweep:
+        from cluster.sweep import on_footing
+
+        job, warmup = on_footing(job)
     summary = run_job(job)
     for line in summary.lines():
         print(line)
     # fail_on_flag travels with the metrics: a sweep's table lists a flagged run as failing the gate
-    return {**json.loads(summary.to_json()), "fail_on_flag": job.gate.fail_on_flag}
+    return {**json.loads(summary.to_json()), "fail_on_flag": job.gate.fail_on_flag, **warmup}
 
 
 def check_cluster_gpus(job: JobConfig) -> None:
@@ -123,7 +129,7 @@ def main() -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        summary = render(cfg)
+        summary = render(cfg, sweep=HydraConfig.get().mode == RunMode.MULTIRUN)
     except KeyboardInterrupt:
         _fail(Interrupted("interrupted; nothing was written to the output"))
     except ConfigError as err:

@@ -42,6 +42,12 @@ class JobSummary:
     # Seconds some unit of the job ran, per worker (side-by-side units counted once), summed over workers:
     # sum(stage_seconds) / busy_seconds is how much the stages overlapped.
     busy_seconds: float = 0.0
+    # The two phases apart, each as ``busy_seconds`` counts it (units of a phase a worker runs side by side
+    # counted once; the phases may overlap on one worker): preparation units (detect, prepare, audio) and
+    # generation shards; ``generation_fps`` = frames / generation_seconds, one generating worker's rate.
+    prep_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    generation_fps: float = 0.0
     # Lip sync (cluster/syncjob.py: SyncNet on the frames before encoding; None when not scored) and the
     # quality gate (qa.*): a flagged job's output is written all the same.
     sync_confidence: float | None = None  # LSE-C, higher is better
@@ -74,7 +80,9 @@ class JobSummary:
             f"{self.render_seconds:.1f} s, {self.render_fps:.2f} frames/s (pool {self.pool})",
             "stages      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items() if v > 0),
             f"overlap     {sum(self.stage_seconds.values()):.1f} stage s in {self.busy_seconds:.1f} s of busy "
-            f"workers ({sum(self.stage_seconds.values()) / max(self.busy_seconds, 1e-9):.2f}x)",
+            f"workers ({sum(self.stage_seconds.values()) / max(self.busy_seconds, 1e-9):.2f}x): preparation "
+            f"{self.prep_seconds:.1f} s, generation {self.generation_seconds:.1f} s "
+            f"({self.generation_fps:.2f} frames/s per worker)",
             "workers     "
             + ", ".join(f"{k}: {v / max(1, self.frames):.0%}" for k, v in self.worker_frames.items()),
         ]

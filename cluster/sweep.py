@@ -1,10 +1,19 @@
-"""Hydra callback: after a multirun, one table and one plot of every run's frames, fps and per-stage time.
+"""A sweep's runs on one footing, and after the multirun one table and one plot of every run's frames, fps
+and per-stage time (a Hydra callback).
 
-Runs of a sweep render on one warm pool while the models stay the same (``cluster.pool.warm_pools()``), so the
-table separates model loading (``load_s``, ``loads``) from rendering: ``fps`` is end to end, ``render_fps``
-without loading. A run whose settings were refused (a setting that does nothing, see
-``cluster.config.noop_problems``) is listed as ``rejected`` with its reason; the sweep goes on and exits
-non-zero at the end. With ``qa.fail_on_flag``, a run the quality gate flagged is listed as ``flagged``
+Every run is measured under the same conditions (:func:`on_footing`, ``sweep.prep``): with ``cache`` (the
+default) each run's preparation is first put in the avatar cache by an untimed warm-up, so every run reads
+all of it from there; with ``paid`` every run computes its own. The table's ``prep`` column says which
+footing each run had, read from what it did (``cache``, ``paid``, or ``mixed``: a warning). Preparation and
+generation are reported apart (``prep_s``, ``gen_s``: busy worker seconds; ``gen_fps``: one generating
+worker's frames per second).
+
+Runs of a sweep render on one warm pool while the loaded models stay the same
+(``cluster.pool.warm_pools()``; ``render.batch_size`` is a per-job setting, so a sweep over it loads the
+weights once), so the table separates model loading (``load_s``, ``loads``: the run's warm-up included)
+from rendering: ``fps`` is end to end, ``render_fps`` without loading. A run whose settings were refused
+(a setting that does nothing, see ``cluster.config.noop_problems``) is listed as ``rejected`` with its
+reason; the sweep goes on and exits non-zero at the end. With ``qa.fail_on_flag``, a run the quality gate flagged is listed as ``flagged``
 and the sweep exits with code 6 (``shards.errors.Flagged``) when no run failed outright.
 """
 
@@ -13,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -20,7 +30,9 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from shards.errors import Flagged
+from cluster.config import JobConfig
+from musetalk.stats import STAGES
+from shards.errors import ConfigError, Flagged
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +45,11 @@ _HEAD = [
     "fps",
     "render_fps",
     "seconds",
+    "prep",
+    "prep_s",
+    "gen_s",
+    "gen_fps",
+    "warmup_s",
     "load_s",
     "loads",
     "retries",
@@ -40,6 +57,40 @@ _HEAD = [
     "offset",
     "flags",
 ]
+
+
+def on_footing(job: JobConfig) -> tuple[JobConfig, dict]:
+    """``job`` as a sweep measures it (``sweep.prep``), and what its warm-up did (metrics to add).
+
+    ``cache``: the job's preparation runs first into the avatar cache on the same warm pool, untimed
+    (:func:`cluster.driver.run_jobs` with ``prepare_only``); the timed run then reads it all from there.
+    ``paid``: the avatar cache is off for the run, so it computes its whole preparation."""
+    if job.sweep.prep == "paid":
+        return replace(job, cache=replace(job.cache, enabled=False)), {}
+    if not job.cache.enabled:
+        raise ConfigError(
+            "sweep.prep=cache serves every run's preparation from the avatar cache, which is off: set "
+            "cache.enabled=true, or sweep.prep=paid to have every run compute its preparation"
+        )
+    from cluster.driver import run_jobs  # imports Ray and the models' code
+
+    logger.info("sweep: preparing %s into the avatar cache before it is timed", job.output.name)
+    (warm,) = run_jobs([job], isolate=False, prepare_only=True)
+    w = warm.summary
+    return job, {
+        "warmup_seconds": w.seconds,
+        "warmup_loads": w.model_loads,
+        "warmup_load_seconds": w.load_seconds,
+    }
+
+
+def footing(metrics: dict) -> str:
+    """Where a run's preparation came from: ``cache`` (all of it), ``paid`` (none from the cache) or
+    ``mixed``."""
+    done = metrics.get("detections", 0) + metrics.get("vae_encodes", 0) + metrics.get("parsings", 0)
+    if not done:
+        return "cache"
+    return "paid" if not metrics.get("cache_hits", 0) else "mixed"
 
 
 def sweep_table(sweep_dir: Path) -> list[dict]:
@@ -64,8 +115,14 @@ def sweep_table(sweep_dir: Path) -> list[dict]:
                 seconds=m["seconds"],
                 fps=m["fps"],
                 render_fps=m.get("render_fps"),
-                load_s=m.get("load_seconds"),
-                loads=m.get("model_loads"),
+                prep=footing(m),
+                prep_s=m.get("prep_seconds"),
+                gen_s=m.get("generation_seconds"),
+                gen_fps=m.get("generation_fps"),
+                warmup_s=m.get("warmup_seconds"),
+                # the models a run's warm-up loaded are the run's
+                load_s=m.get("load_seconds", 0.0) + m.get("warmup_load_seconds", 0.0),
+                loads=m.get("model_loads", 0) + m.get("warmup_loads", 0),
                 retries=m.get("retries"),
                 pool=m.get("pool", ""),
                 sync=m.get("sync_confidence"),  # lip-sync confidence (cluster/syncjob.py)
@@ -92,7 +149,7 @@ def stage_columns(rows: list[dict]) -> list[str]:
     """Every ``<stage>_s`` column, in pipeline order (as the summaries list them)."""
     cols: list[str] = []
     for r in rows:
-        cols += [k for k in r if k.endswith("_s") and k != "load_s" and k not in cols]
+        cols += [k for k in r if k.endswith("_s") and k.removesuffix("_s") in STAGES and k not in cols]
     return cols
 
 
@@ -199,6 +256,12 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         rows = sweep_table(sweep_dir)
+        footings = {r["prep"] for r in rows if r["status"] in ("ok", "flagged")}
+        if len(footings) > 1:
+            logger.warning(
+                "the sweep's runs did not all get their preparation the same way (%s): compare their gen_fps",
+                ", ".join(sorted(footings)),
+            )
         (sweep_dir / "sweep_summary.json").write_text(json.dumps(rows, indent=1))
         table = format_table(rows)
         (sweep_dir / "sweep_summary.txt").write_text(table + "\n")

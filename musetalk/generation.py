@@ -100,6 +100,12 @@ def load_vae(layout: ModelLayout, device: torch.device, dtype: torch.dtype) -> A
     return vae.to(device)
 
 
+def _batch(batch_size: int) -> int:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return batch_size
+
+
 def _spans(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, batch_size):
         yield start, min(start + batch_size, n)
@@ -149,6 +155,8 @@ class LatentGenerator:
     ``dtype`` is the UNet's compute dtype; the VAE may be in its own (a float32 VAE beside an fp16 UNet works).
     Keep ``torch.backends.cudnn.benchmark`` off: autotuning may pick different kernels per process.
     ``channels_last``: the models were moved to the channels-last memory format (GPU only).
+    ``batch_size`` is the default of :meth:`encode` and :meth:`generate`, which take a job's own: the weights
+    do not depend on it, so a worker keeps its loaded models when a job changes ``render.batch_size``.
     """
 
     def __init__(
@@ -160,8 +168,7 @@ class LatentGenerator:
         batch_size: int,
         channels_last: bool = False,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _batch(batch_size)
         if unet.dtype != dtype:
             raise ValueError(f"the UNet is in {unet.dtype} but dtype={dtype}; load it with the same dtype")
         _batch_invariant(unet, vae, channels_last=channels_last)
@@ -186,29 +193,35 @@ class LatentGenerator:
         self._warm = False
 
     @torch.inference_mode()
-    def encode(self, crops: np.ndarray) -> torch.Tensor:
-        """(N, 256, 256, 3) uint8 BGR crops -> (N, 8, 32, 32) float32 CPU latents [masked, reference]."""
+    def encode(self, crops: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
+        """(N, 256, 256, 3) uint8 BGR crops -> (N, 8, 32, 32) float32 CPU latents [masked, reference], in
+        batches of ``batch_size`` (the loaded default when None)."""
         if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or crops.dtype != np.uint8:
             raise ValueError(f"crops must be (N, 256, 256, 3) uint8, got {crops.shape} {crops.dtype}")
+        batch_size = _batch(self.batch_size if batch_size is None else batch_size)
         out = torch.empty((len(crops), 8, LATENT_SIZE, LATENT_SIZE), dtype=torch.float32)
-        for start, stop in _spans(len(crops), self.batch_size):
-            batch = _pad(torch.from_numpy(np.ascontiguousarray(crops[start:stop])), self.batch_size)
+        for start, stop in _spans(len(crops), batch_size):
+            batch = _pad(torch.from_numpy(np.ascontiguousarray(crops[start:stop])), batch_size)
             out[start:stop] = self._encode_batch(batch)[: stop - start].float().cpu()
         return out
 
     @torch.inference_mode()
-    def generate(self, latents: torch.Tensor, audio: torch.Tensor) -> np.ndarray:
-        """(N, 8, 32, 32) latents + (N, 50, 384) audio prompts (positional encoding added) -> (N, 256, 256, 3) uint8 BGR."""
+    def generate(
+        self, latents: torch.Tensor, audio: torch.Tensor, batch_size: int | None = None
+    ) -> np.ndarray:
+        """(N, 8, 32, 32) latents + (N, 50, 384) audio prompts (positional encoding added) -> (N, 256, 256, 3)
+        uint8 BGR, in batches of ``batch_size`` (the loaded default when None)."""
         if latents.ndim != 4 or latents.shape[1:] != (8, LATENT_SIZE, LATENT_SIZE):
             raise ValueError(f"latents must be (N, 8, 32, 32), got {tuple(latents.shape)}")
         if audio.shape != (len(latents), AUDIO_TOKENS, AUDIO_DIM):
             raise ValueError(
                 f"audio must be ({len(latents)}, 50, 384) to match latents, got {tuple(audio.shape)}"
             )
+        batch_size = _batch(self.batch_size if batch_size is None else batch_size)
         out = np.empty((len(latents), CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
-        for start, stop in _spans(len(latents), self.batch_size):
+        for start, stop in _spans(len(latents), batch_size):
             faces = self._generate_batch(
-                _pad(latents[start:stop], self.batch_size), _pad(audio[start:stop], self.batch_size)
+                _pad(latents[start:stop], batch_size), _pad(audio[start:stop], batch_size)
             )
             out[start:stop] = faces[: stop - start].cpu().numpy()
         return out

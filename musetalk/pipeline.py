@@ -203,7 +203,8 @@ class FramePipeline:
         def flush(masks: ThreadPoolExecutor) -> None:
             nonlocal encodes, parsings
             with clock.stage("vae_encode", device=True):
-                latents = m.generator.encode(np.stack([crop for _, _, crop, _ in pending]))
+                crops = np.stack([crop for _, _, crop, _ in pending])
+                latents = m.generator.encode(crops, self.cfg.batch_size)
             encodes += len(pending)
             with clock.stage("blend_prepare", device=True):
                 regions = m.blender.parse_inputs([x for _, _, _, x in pending])
@@ -331,8 +332,7 @@ class FramePipeline:
         2. generate: per output frame in order, its entry; UNet + VAE decode per batch of faces, [GFPGAN]
            -> ``faces`` (256x256 faces, no source frame: generation needs only latents and audio, so no
            frame waits in memory for its batch to fill);
-        3. this thread: each output frame's source frame from ``decoded`` with its generated face
-           composited -> ``finished``;
+        3. this thread: each output frame's source frame from ``decoded``, its face composited -> ``finished``;
         4. encode: ``finished`` -> the ffmpeg encoder.
         An exception in any thread stops them all and is raised here; the encoder is killed and the partial
         segment removed.
@@ -415,7 +415,7 @@ class FramePipeline:
             ts = [t for t, _ in with_face]
             latents = torch.stack([torch.from_numpy(np.array(e.latents)) for _, e in with_face])
             with ctx.clock.stage("generate", device=True):
-                generated = m.generator.generate(latents, ctx.windows(ts))
+                generated = m.generator.generate(latents, ctx.windows(ts), self.cfg.batch_size)
             if m.enhancer is not None:
                 with ctx.clock.stage("enhance", device=True):
                     enhanced = []

@@ -218,7 +218,7 @@ def test_the_yaml_agrees_with_the_typed_defaults(monkeypatch):
 
     from omegaconf import OmegaConf
 
-    from cluster.config import CacheConfig, ClusterConfig, QaConfig
+    from cluster.config import CacheConfig, ClusterConfig, QaConfig, SweepConfig
     from musetalk.config import BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
     from shards.plan import ShardsConfig
     from shards.segment import EncodeSettings
@@ -233,6 +233,7 @@ def test_the_yaml_agrees_with_the_typed_defaults(monkeypatch):
         (ClusterConfig, "cluster", set()),
         (CacheConfig, "cache", set()),
         (QaConfig, "qa", set()),
+        (SweepConfig, "sweep", set()),
         (ShardsConfig, "shards", set()),
         (EncodeSettings, "output", {"gop"}),  # gop: x264's default unless +output.gop is given
     ]

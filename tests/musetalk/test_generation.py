@@ -304,6 +304,19 @@ def test_every_model_call_sees_the_fixed_batch_size(models, crops: np.ndarray, a
     assert {size for _, size in seen} == {4}
 
 
+def test_a_job_batch_size_on_loaded_models_is_a_fresh_load(
+    models, crops: np.ndarray, audio: torch.Tensor
+) -> None:
+    """A job's own ``render.batch_size`` passed per call on models loaded with another (a warm pool in a
+    sweep) computes exactly what models loaded with that batch size compute: the weights stay loaded."""
+    fresh, loaded = _generator(models, 2), _generator(models, 4)
+    latents = fresh.encode(crops)
+    assert torch.equal(loaded.encode(crops, 2), latents)
+    np.testing.assert_array_equal(loaded.generate(latents, audio, 2), fresh.generate(latents, audio))
+    with pytest.raises(ValueError, match="batch_size"):
+        loaded.encode(crops, -1)
+
+
 def test_bad_inputs_are_rejected(models, crops: np.ndarray, audio: torch.Tensor) -> None:
     gen = _generator(models, 2)
     with pytest.raises(ValueError, match="crops must be"):
