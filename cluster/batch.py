@@ -28,17 +28,19 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from cluster.config import JobConfig, job_from_config
+from cluster.config import MODES, JobConfig, job_from_config
 from cluster.overrides import compose
 from cluster.preflight import check_before_work, same_file
 from cluster.sweep import cell, text_table
 from shards.errors import ConfigError, FarmError, Flagged, Interrupted
+from shards.ranges import face_problem
 
 logger = logging.getLogger("cluster.batch")
 
-_TASK_KEYS = {"video_path", "audio_path", "bbox_shift", "result_name"}
+_DUB_KEYS = {"segments", "mode", "face"}  # per job, in either format
+_TASK_KEYS = {"video_path", "audio_path", "bbox_shift", "result_name", *_DUB_KEYS}
 _GFPGAN_KEYS = {"enabled", "upscale", "model_path"}
-_MANIFEST_KEYS = {"video", "audio", "output", "bbox_shift"}
+_MANIFEST_KEYS = {"video", "audio", "output", "bbox_shift", *_DUB_KEYS}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class TaskSpec:
     output: Path | None = None  # None: upstream naming in the output directory
     bbox_shift: int | None = None  # None: the config's task.bbox_shift
     problem: str | None = None
+    dub: tuple[tuple[str, object], ...] = ()  # (config key, value): task.mode, task.segments, face.select
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ def _upstream_yaml(path: Path, base: Path) -> TaskFile:
         if result:
             output = Path(str(result))
             output = output if output.suffix else output.with_suffix(".mp4")
+        dub = _dub(entry, base, problems)
         if problems:
             tasks.append(TaskSpec(name, problem="; ".join(problems)))
             continue
@@ -147,6 +151,7 @@ def _upstream_yaml(path: Path, base: Path) -> TaskFile:
                 _resolve(entry["audio_path"], base),
                 output,  # relative to the output directory, as upstream's result_name
                 shift,
+                dub=dub,
             )
         )
     return TaskFile(tasks, overrides, model)
@@ -172,7 +177,7 @@ def _manifest_entry(name: str, row: dict, base: Path) -> TaskSpec:
         return TaskSpec(name, problem="must be an object with video and audio")
     row = {k.strip() if isinstance(k, str) else k: v for k, v in row.items() if v not in (None, "")}
     problems = [
-        f"{k} is not a manifest key (known: video, audio, output, bbox_shift)"
+        f"{k} is not a manifest key (known: video, audio, output, bbox_shift, segments, mode, face)"
         for k in row
         if k not in _MANIFEST_KEYS
     ]
@@ -185,10 +190,31 @@ def _manifest_entry(name: str, row: dict, base: Path) -> TaskSpec:
             problems.append(f"bbox_shift must be an integer, got {shift!r}")
     elif shift is not None and (not isinstance(shift, int) or isinstance(shift, bool)):
         problems.append(f"bbox_shift must be an integer, got {shift!r}")
+    dub = _dub(row, base, problems)
     if problems:
         return TaskSpec(name, problem="; ".join(problems))
     output = _resolve(row["output"], base) if "output" in row else None
-    return TaskSpec(name, _resolve(row["video"], base), _resolve(row["audio"], base), output, shift)
+    return TaskSpec(name, _resolve(row["video"], base), _resolve(row["audio"], base), output, shift, dub=dub)
+
+
+def _dub(entry: dict, base: Path, problems: list[str]) -> tuple[tuple[str, object], ...]:
+    """A task's dub keys as config settings: ``segments`` (resolved against the task file's directory;
+    it implies ``mode: dub``), ``mode``, ``face`` (its syntax checked here: :func:`shards.ranges.face_problem`)."""
+    out: list[tuple[str, object]] = []
+    segments, mode, face = (entry.get(k) for k in ("segments", "mode", "face"))
+    if mode not in (None, "", *MODES):
+        problems.append(f"mode must be {' or '.join(MODES)}, got {mode!r}")
+    if segments not in (None, ""):
+        if mode not in (None, "", "dub"):
+            problems.append("segments needs mode dub (leave mode out)")
+        out += [("task.mode", "dub"), ("task.segments", str(_resolve(segments, base)))]
+    elif mode not in (None, ""):
+        out.append(("task.mode", str(mode)))
+    if face not in (None, ""):
+        if problem := face_problem(str(face)):
+            problems.append(problem)
+        out.append(("face.select", str(face)))
+    return tuple(out)
 
 
 def _resolve(value, base: Path) -> Path:
@@ -228,6 +254,8 @@ def build_jobs(
         OmegaConf.update(cfg, "task.output", str(output))
         if spec.bbox_shift is not None:
             OmegaConf.update(cfg, "task.bbox_shift", spec.bbox_shift)
+        for key, value in spec.dub:
+            OmegaConf.update(cfg, key, value, force_add=True)
         try:
             job = job_from_config(cfg)
             check_before_work(job)

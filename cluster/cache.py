@@ -107,9 +107,16 @@ class AvatarCache:
 
     @classmethod
     def open(
-        cls, cfg: CacheConfig, video: Path, pipeline: PipelineConfig, identity: ComputeIdentity, label: str
+        cls,
+        cfg: CacheConfig,
+        video: Path,
+        pipeline: PipelineConfig,
+        identity: ComputeIdentity,
+        label: str,
+        choice: str = "",
     ) -> AvatarCache | None:
-        """The cache for ``video``, or None when it is off or cannot be used (logged once)."""
+        """The cache for ``video``, or None when it is off or cannot be used (logged once). ``choice``: the
+        job's per-frame face choice (``Plan.choice_key``), part of the prepared entries' key."""
         if not cfg.enabled:
             return None
         try:
@@ -123,7 +130,7 @@ class AvatarCache:
                 store,
                 content_digest(video),
                 detect_key(pipeline, identity, weights),
-                prepare_key(pipeline, identity, weights),
+                prepare_key(pipeline, identity, weights, choice),
                 label,
             )
         except (OSError, ValueError, StorageError) as err:

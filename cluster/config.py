@@ -14,8 +14,10 @@ from omegaconf.errors import MissingMandatoryValue
 
 from cluster import storage
 from musetalk.config import PACING_FIELDS, BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
-from shards.errors import ConfigError
+from shards.dub import DubSettings
+from shards.errors import ConfigError, InputError
 from shards.plan import ShardsConfig
+from shards.ranges import load_ranges
 from shards.segment import EncodeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +25,9 @@ CONF_DIR = REPO_ROOT / "conf"
 # The bundled demo clip lives here (``conf/task/test.yaml``); it is only ever built in this directory.
 DEMO_DIR = REPO_ROOT / "media"
 
+# task.mode: ``audio`` (the output lasts the audio, the video ping-pongs: upstream's behaviour) or ``dub``
+# (the picture's timeline: the video's frames and length, the audio replaced; shards.dub)
+MODES = ("audio", "dub")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 X264_PRESETS = (
     "ultrafast",
@@ -136,6 +141,7 @@ class JobConfig:
     cache: CacheConfig = CacheConfig()
     gate: QaConfig = QaConfig()  # the ``qa`` group (``qa`` above is output.qa, the QA sheet)
     sweep: SweepConfig = SweepConfig()
+    dub: DubSettings | None = None  # task.mode=dub (with task.segments, its ranges); None: audio mode
 
 
 def compose_job(overrides: list[str]) -> JobConfig:
@@ -219,6 +225,9 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     resume = get("output.resume", bool, True)
     qa = get("output.qa", bool, True)
     make_demo, download = get("task.make_demo", bool, False), get("models.download", bool, False)
+    dub = dub_settings(
+        get("task.mode", str, "audio"), get("task.segments", str, None, nullable=True), problems
+    )
     before = len(problems)
     shards = typed(ShardsConfig, "shards", node("shards"))
     shards_typed = len(problems) == before
@@ -275,7 +284,31 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         cache=cache,
         gate=gate,
         sweep=sweep,
+        dub=dub,
     )
+
+
+def dub_settings(mode: str | None, segments: str | None, problems: list[str]) -> DubSettings | None:
+    """``task.mode`` and ``task.segments`` as the job's dub settings (None: audio mode); the segments file
+    is read and checked here, before any work (its ranges against the picture once the video is probed)."""
+    if mode not in MODES:
+        problems.append(f"task.mode must be audio or dub, got {mode!r}")
+        return None
+    if segments is not None and mode != "dub":
+        problems.append(
+            f"task.segments={segments} needs task.mode=dub (ranges are on the picture's timeline)"
+        )
+        return None
+    if mode == "audio":
+        return None
+    if segments is None:
+        return DubSettings()
+    path = Path(segments).expanduser()
+    try:
+        load_ranges(path)
+    except InputError as err:
+        problems.append(str(err))
+    return DubSettings(segments=path.resolve())
 
 
 def qa_problems(qa: QaConfig) -> list[str]:

@@ -34,13 +34,13 @@ from cluster.cache import AvatarCache
 from cluster.config import JobConfig
 from cluster.inputs import JobInputs, ShardInputs, scratch_root
 from cluster.keys import resume_key
-from cluster.rundir import RunDir, output_lock
+from cluster.rundir import RunDir, dub_track_path, output_lock
 from cluster.summary import JobResult, JobSummary
 from cluster.syncjob import JobSync, SyncResult, gate
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.entries import detections_from_json
-from musetalk.faces import boxes_from_detections
+from musetalk.faces import chosen_boxes
 from musetalk.local import plan_job
 from musetalk.preparation import PrepPlan
 from musetalk.stats import PrepStats, ShardStats, busy_seconds, stage_totals
@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 # cluster.max_in_flight) among those still to land: enough queued work to keep every slot busy, while the
 # entry chunks in the object store stay bounded however long the video (musetalk.preparation).
 PREP_LEAD = 2
+# The job's face choice (Plan.face_choice outside dub ranges): today's behaviour until face.select lands.
+JOB_FACE = "largest"
 
 
 def pinned(job: JobConfig) -> PipelineConfig:
@@ -88,6 +90,7 @@ class JobRun:
         self.pool_id = ""
         self.workers, self.workers_end = 0, None  # the pool's size when the job started and ended
         self.sync: JobSync | None = None  # lip-sync scoring (qa.sync)
+        self.track = None  # a dub job's audio track (shards.dub), written beside the output
 
     @property
     def label(self) -> str:
@@ -111,9 +114,18 @@ class JobRun:
         )
         job.output.parent.mkdir(parents=True, exist_ok=True)
         self._lock.enter_context(output_lock(job.output))
+        track = self.track = dub_track_path(job.output) if job.dub is not None else None  # under the lock
         self.info, self.samples, self.plan = plan_job(
-            job.video, job.audio, shard_frames=job.shards.length, shard_seconds=job.shards.seconds
+            job.video,
+            job.audio,
+            shard_frames=job.shards.length,
+            shard_seconds=job.shards.seconds,
+            face=JOB_FACE,
+            dub=job.dub,
+            track=track,
         )
+        if track is not None:  # the dub's track is what workers read and what is muxed
+            job = self.cfg = replace(job, audio=track, audio_uri=None)
         plan = self.plan
         logger.info(
             "plan %s: %d output frames at %s fps from %d source frames, %d shards",
@@ -156,7 +168,9 @@ class JobRun:
             also_detect={s.name: self.sync.source_frames(s) for s in self.todo} if self.sync else None,
         )
         chunks, detections = {}, {}
-        self.cache = AvatarCache.open(job.cache, job.video, self.pipeline, identity, self.label)
+        self.cache = AvatarCache.open(
+            job.cache, job.video, self.pipeline, identity, self.label, self.plan.choice_key()
+        )
         if self.cache is not None:
             # a local cache's bytes reach workers through Ray (driver-owned); a shared cache's URIs as they are
             chunks = {
@@ -217,7 +231,9 @@ class JobRun:
             job.video.suffix,
             self.info,
             video_path=job.video_uri or str(job.video.resolve()),
-            audio_path=job.audio_uri or str(job.audio.resolve()),
+            # a dub's track exists on the driver only: it travels through the object store
+            audio_ref=[ray.put(self.samples)] if job.dub is not None else None,
+            audio_path=None if job.dub is not None else job.audio_uri or str(job.audio.resolve()),
             **common,
         )
 
@@ -236,12 +252,13 @@ class JobRun:
             return actor.render.remote(self.inputs, self.plan, unit, self.cfg.encode, prepared)
         if unit.kind is not UnitKind.PREPARE:
             return actor.prepare.remote(self.inputs, unit)
-        boxes = boxes_from_detections(
+        boxes = chosen_boxes(
             self.prep.detections_for(unit),
             range(unit.start, unit.end),
             (self.info.height, self.info.width),
             self.pipeline.face,
             self.plan.source_frames,
+            self.plan.face_choice,
         )
         shared = self.cache.shared if self.cache is not None else None
         return actor.prepare.remote(self.inputs, unit, boxes, shared)
@@ -344,7 +361,9 @@ class JobRun:
         return JobResult(self.given, summary=summary)
 
     def close(self) -> None:
-        """Release the output's lock."""
+        """Release the output's lock (a dub job's track first: it lives beside the output)."""
+        if self.track is not None:
+            self.track.unlink(missing_ok=True)
         self._lock.close()
 
     def _publish(self) -> None:
@@ -362,7 +381,9 @@ class JobRun:
 
     def _gate(self, summary: JobSummary) -> SyncResult:
         """The job's lip-sync scores (qa.sync) and the quality gate's verdict."""
-        share = round(summary.face_frames / max(1, summary.frames), 4)
+        share = round(
+            summary.face_frames / max(1, self.plan.chosen_frames), 4
+        )  # a dub: of its ranges' frames
         result = (
             self.sync.result(self.run, summary.face_frames) if self.sync else SyncResult(face_share=share)
         )

@@ -152,9 +152,10 @@ def detect_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str
     )
 
 
-def prepare_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str) -> str:
+def prepare_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str, choice: str = "") -> str:
     """What prepared entries depend on: every face and blend setting, the VAE and parser batches,
-    weights, the compute identity."""
+    weights, the compute identity, and the per-frame face choice of a dub job with ranges (``choice``:
+    frames outside its ranges hold no face)."""
     from musetalk.parsing import parse_batch
 
     return (
@@ -168,6 +169,7 @@ def prepare_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: st
                 "parse_batch": parse_batch(identity.device),
                 "compute": identity.key(),
                 "weights": weights,
+                **({"choice": choice} if choice else {}),
             }
         )[:16]
     )

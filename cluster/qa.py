@@ -2,7 +2,8 @@
 
 Top: a timeline strip over every output frame, coloured by what happened to it (``KINDS``). Below: a
 few sampled output frames, each as source | output. With lip-sync scores (``qa.sync``), a curve of the
-per-second SyncNet confidence sits under the timeline. The kinds come from the workers' stats
+per-second SyncNet confidence sits under the timeline. A dub job with ranges (``Plan.ranges``) gets a
+strip of its ranges under the timeline, each labelled with the face it dubbed (outside them: passthrough). The kinds come from the workers' stats
 (``ShardStats.frame_kinds``: one character per output frame); a pipeline that does not report them yet
 gives an empty string, and the strip is then drawn in the "unknown" colour with a note saying so.
 """
@@ -30,6 +31,8 @@ STRIP_H = 28
 CURVE_H = 48
 CURVE_COLOUR = (180, 90, 30)
 _TEXT = 22
+# Colours of the ranges' faces, one per distinct face spec in order of first use (BGR)
+RANGE_COLOURS = ((180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148))
 
 
 def kinds_of(stats: list, frames: int) -> str:
@@ -44,6 +47,24 @@ def timeline(kinds: str, frames: int, width: int) -> np.ndarray:
     for x in range(width):
         t = x * frames // width
         strip[:, x] = KINDS.get(kinds[t], UNKNOWN)[0] if kinds else UNKNOWN[0]
+    return strip
+
+
+def ranges_strip(ranges, frames: int, width: int) -> np.ndarray:
+    """(STRIP_H, width, 3) uint8 BGR: each dub range (``start``, ``end`` frames, ``face``) as a band over
+    the columns of its frames (at least one column), coloured per face and labelled with it."""
+    strip = np.full((STRIP_H, width, 3), 255, np.uint8)
+    colours: dict[str, tuple[int, int, int]] = {}
+    for r in ranges:
+        colour = colours.setdefault(r.face, RANGE_COLOURS[len(colours) % len(RANGE_COLOURS)])
+        x0 = r.start * width // frames
+        x1 = max(x0 + 1, r.end * width // frames)
+        strip[2:-2, x0:x1] = colour
+        label = f"face {r.face}"
+        if x1 - x0 >= 7 * len(label):
+            cv2.putText(
+                strip, label, (x0 + 3, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA
+            )
     return strip
 
 
@@ -90,12 +111,20 @@ def draw_sheet(
     pairs: list[tuple[int, np.ndarray, np.ndarray]],
     width: int = 960,
     sync: list[float | None] | None = None,
+    ranges: tuple = (),
 ) -> np.ndarray:
-    """The sheet as (H, width, 3) uint8 BGR: title line, timeline strip, [the per-second lip-sync
-    confidence curve when ``sync`` is given], legend, then the (output frame, source (h, w, 3) BGR,
+    """The sheet as (H, width, 3) uint8 BGR: title line, timeline strip, [a dub job's ``ranges``
+    (``shards.plan.DubRange``) and the faces they dubbed], [the per-second lip-sync confidence curve when
+    ``sync`` is given], legend, then the (output frame, source (h, w, 3) BGR,
     output (h, w, 3) BGR) pairs two to a row, each as source | output."""
     rows = [_line(f"{frames} output frames" + ("" if kinds else ": frame kinds unavailable"), width)]
     rows.append(timeline(kinds, frames, width))
+    if ranges:
+        rows.append(ranges_strip(ranges, frames, width))
+        spans = ", ".join(f"{r.start}-{r.end - 1}: {r.face}" for r in ranges[:6]) + (
+            " ..." if len(ranges) > 6 else ""
+        )
+        rows.append(_line(f"dub ranges (frames: face), passthrough outside: {spans}", width))
     if sync:
         rows.append(sync_curve(sync, width))
         known = [v for v in sync if v is not None]
@@ -130,7 +159,8 @@ def write_qa_sheet(
         src = next(iter(read_frames(source, s, s + 1)))
         out = next(iter(read_frames(out_info, t, t + 1)))
         pairs.append((t, src, out))
-    if not cv2.imwrite(str(path), draw_sheet(kinds, plan.output_frames, pairs, sync=sync)):
+    sheet = draw_sheet(kinds, plan.output_frames, pairs, sync=sync, ranges=plan.ranges if plan.dub else ())
+    if not cv2.imwrite(str(path), sheet):
         raise OSError(f"could not write {path}")
     return path
 

@@ -49,6 +49,11 @@ def run_dir_path(output: Path) -> Path:
     return output.parent / f".{output.name}.run"
 
 
+def dub_track_path(output: Path) -> Path:
+    """Where a dub job's audio track (:mod:`shards.dub`) is written while ``output`` renders."""
+    return output.parent / f".{output.name}.dub.wav"
+
+
 def lock_path(output: Path) -> Path:
     return output.parent / f".{output.name}.lock"
 

@@ -57,7 +57,7 @@ class JobSummary:
     sync_confidence_per_second: list = field(default_factory=list)
     sync_distance_per_second: list = field(default_factory=list)
     sync_offset_per_second: list = field(default_factory=list)
-    face_share: float = 0.0  # output frames rendered with a face / output frames
+    face_share: float = 0.0  # output frames rendered with a face / output frames (a dub: its ranges' frames)
     flagged: bool = False
     flags: list = field(default_factory=list)  # the reasons, one per threshold missed
 

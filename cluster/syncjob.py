@@ -100,7 +100,7 @@ class JobSync:
         shards = [ShardSync.from_bytes(run.side(s.name).read_bytes()) for s in self.plan.shards]
         audio = scorer.audio(audio_windows(self.samples, self.sync.n_windows))
         scores = job_scores(self.sync, shards, scorer.lips, audio)
-        share = face_frames / max(1, self.plan.output_frames)
+        share = face_frames / max(1, self.plan.chosen_frames)
         job = scores.job
         logger.info(
             "lip sync: %s over %d windows (%d s at %d fps)",

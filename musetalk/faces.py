@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -451,3 +451,19 @@ def boxes_from_detections(
         window = smoothing_window(s, r, source_frames)
         out[s] = smooth_boxes([raw_box(k) for k in window], r)[s - window.start]
     return out
+
+
+def chosen_boxes(
+    detections: Mapping[int, Detection | None],
+    frames: Iterable[int],
+    frame_shape: tuple[int, int],
+    cfg: FaceConfig,
+    source_frames: int,
+    choice: Callable[[int], str | None],
+) -> dict[int, Box | None]:
+    """:func:`boxes_from_detections` with the job's per-frame face ``choice`` (``Plan.face_choice``): a frame
+    whose choice is None gets no box, so it passes through untouched. The one place the choice meets the
+    boxes (which face a spec picks is the face tracks' concern)."""
+    frames = list(frames)
+    boxes = boxes_from_detections(detections, frames, frame_shape, cfg, source_frames)
+    return {s: (box if choice(s) is not None else None) for s, box in boxes.items()}

@@ -27,7 +27,7 @@ from musetalk.composite import DeviceCompositor, active_rect, paste_numpy
 from musetalk.config import PipelineConfig
 from musetalk.device import compute_identity, resolve_dtype
 from musetalk.entries import Entry
-from musetalk.faces import Detection, boxes_from_detections, crop_face
+from musetalk.faces import Detection, chosen_boxes, crop_face
 from musetalk.models import Models, load_models
 from musetalk.preparation import PrepPlan
 from musetalk.stages import (
@@ -294,9 +294,8 @@ class FramePipeline:
         entries: dict[int, Entry] = {}
         shape = (video.height, video.width)
         for unit in prep.units_of(UnitKind.PREPARE):
-            boxes = boxes_from_detections(
-                prep.detections, range(unit.start, unit.end), shape, self.cfg.face, plan.source_frames
-            )
+            frames, n = range(unit.start, unit.end), plan.source_frames
+            boxes = chosen_boxes(prep.detections, frames, shape, self.cfg.face, n, plan.face_choice)
             done, st = self.prepare_range(video, unit.start, unit.end, boxes)
             entries.update((e.src, e) for e in done)
             stats.append(st)

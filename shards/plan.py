@@ -2,7 +2,9 @@
 
 Output frame ``t`` (``0 <= t < output_frames``) shows source frame ``source_index(t)``: the video
 plays forward, then backward, then forward again (ping-pong) when the audio outlasts it, as
-upstream MuseTalk does. The output is split into shards of consecutive output frames; every output
+upstream MuseTalk does. In dub mode (``Plan.dub``) the output keeps the picture's timeline instead:
+output frame ``t`` shows source frame ``t`` and only frames inside the dub's ranges are lip-synced
+(:meth:`Plan.face_choice`; :mod:`shards.dub`). The output is split into shards of consecutive output frames; every output
 frame belongs to exactly one shard, so the output does not depend on how the video was sharded (a
 shard reads only per-source-frame results of the preparation phase: ``musetalk.preparation``).
 """
@@ -107,6 +109,15 @@ class PrepUnit:
 
 
 @dataclass(frozen=True)
+class DubRange:
+    """A range of a dub job in frames: frames ``[start, end)`` lip-sync the face ``face`` (a face spec)."""
+
+    start: int
+    end: int
+    face: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """The whole job: sizes, rate and shards. Plain data, serialisable to JSON."""
 
@@ -117,6 +128,9 @@ class Plan:
     total_samples: int
     sample_rate: int
     shards: tuple[Shard, ...]
+    dub: bool = False  # the picture's timeline: output frame t shows source frame t, ranges lip-synced
+    face: str = "largest"  # the job's face choice (face.select)
+    ranges: tuple[DubRange, ...] = ()  # dub mode: the only frames lip-synced (none: every frame)
 
     @property
     def fps(self) -> Fraction:
@@ -124,6 +138,30 @@ class Plan:
 
     def source_index(self, t: int) -> int:
         return source_index(t, self.source_frames)
+
+    def face_choice(self, src: int) -> str | None:
+        """Which face source frame ``src`` lip-syncs (a face spec), or None: it passes through untouched.
+        The job's face everywhere, except in dub mode with ranges: a range's face inside it, None outside."""
+        if not (self.dub and self.ranges):
+            return self.face
+        for r in self.ranges:
+            if r.start <= src < r.end:
+                return r.face
+        return None
+
+    @property
+    def chosen_frames(self) -> int:
+        """Output frames meant to be lip-synced (those whose choice is not None): the face share's base."""
+        if not (self.dub and self.ranges):
+            return self.output_frames
+        return sum(r.end - r.start for r in self.ranges)
+
+    def choice_key(self) -> str:
+        """What :meth:`face_choice` adds to the keys of prepared entries ("" when every frame takes the
+        job's face: entries of such jobs are shared)."""
+        if not (self.dub and self.ranges):
+            return ""
+        return json.dumps([asdict(r) for r in self.ranges])
 
     def shown_frames(self, start: int, end: int) -> list[int]:
         """The distinct source frames output frames ``[start, end)`` show, sorted."""
@@ -157,21 +195,30 @@ def plan_shards(
     sample_rate: int,
     fps: Fraction,
     shard_frames: int,
+    dub: bool = False,
+    face: str = "largest",
+    ranges: tuple[DubRange, ...] = (),
 ) -> Plan:
-    """Split the output into shards of ``shard_frames`` output frames (the last one may be shorter)."""
+    """Split the output into shards of ``shard_frames`` output frames (the last one may be shorter). In dub
+    mode the output has the video's frames (``total_samples`` must last them: :func:`shards.dub.track_samples`)
+    and the shards also cut at every range's start and end (a shard's boundaries then depend only on the
+    fixed grid and the ranges it touches)."""
     if source_frames <= 0:
         raise InputError("the video has no frames; pass a video with at least one decodable frame")
     if shard_frames <= 0:
         raise ConfigError(f"shards.length must be positive, got {shard_frames}")
     output_frames = output_frame_count(total_samples, sample_rate, fps)
+    if dub and output_frames != source_frames:
+        raise ValueError(
+            f"a dub track of {total_samples} samples lasts {output_frames} frames, not {source_frames}"
+        )
     if output_frames <= 0:
         raise InputError(
             f"the audio is shorter than one video frame ({total_samples} samples at {sample_rate} Hz); pass a longer audio file"
         )
-    shards = [
-        Shard(index=index, start=start, end=min(start + shard_frames, output_frames))
-        for index, start in enumerate(range(0, output_frames, shard_frames))
-    ]
+    cuts = {*range(0, output_frames, shard_frames), *(e for r in ranges for e in (r.start, r.end))}
+    edges = sorted(c for c in cuts if 0 <= c < output_frames) + [output_frames]
+    shards = [Shard(index=i, start=a, end=b) for i, (a, b) in enumerate(zip(edges, edges[1:], strict=False))]
     return Plan(
         fps_num=fps.numerator,
         fps_den=fps.denominator,
@@ -180,6 +227,9 @@ def plan_shards(
         total_samples=total_samples,
         sample_rate=sample_rate,
         shards=tuple(shards),
+        dub=dub,
+        face=face,
+        ranges=tuple(ranges),
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from cluster.batch import build_jobs, default_output, format_rows, load_tasks, run_batch
+from shards.dub import DubSettings
 from shards.errors import ConfigError
 from tests.helpers import assert_same_frames, decode_all, trimmed_audio
 
@@ -110,6 +111,28 @@ def test_bad_jobs_are_rejected_alone_and_collisions_named(tiny_models, demo_medi
     assert "also the output of task_0" in errors["task_2"]  # same <video>_<audio>.mp4 name
     assert "is the video input of task_4" in errors["task_3"]
     assert jobs[0][1].output == tmp_path / "results" / f"{video.stem}_{audio.stem}.mp4"
+
+
+def test_per_job_segments_file_mode_and_face(tiny_models, demo_media, tmp_path):
+    """A task's ``segments`` (relative to the task file; implies dub mode), ``mode`` and ``face`` keys
+    become that job's settings; a bad segments file or face spec fails its own job only."""
+    video, audio = demo_media.video, demo_media.audio
+    _write(tmp_path / "interview.csv", "start,end,face\n0.5,1.5,left\n")
+    _write(tmp_path / "overlap.json", '[{"start": 0, "end": 2}, {"start": 1, "end": 3}]')
+    rows = [
+        {"video": str(video), "audio": str(audio), "output": "a.mp4", "segments": "interview.csv"},
+        {"video": str(video), "audio": str(audio), "output": "b.mp4", "mode": "dub"},
+        {"video": str(video), "audio": str(audio), "output": "c.mp4"},
+        {"video": str(video), "audio": str(audio), "output": "d.mp4", "segments": "overlap.json"},
+        {"video": str(video), "audio": str(audio), "output": "e.mp4", "face": "biggest"},
+    ]
+    tasks = load_tasks(_write(tmp_path / "m.jsonl", "\n".join(json.dumps(r) for r in rows)))
+    jobs, bad = build_jobs(tasks, tmp_path / "results", ["models=tiny", f"models.dir={tiny_models}"])
+    dub = {n: j.dub for n, j in jobs}
+    assert dub == {"line_1": DubSettings(tmp_path / "interview.csv"), "line_2": DubSettings(), "line_3": None}
+    errors = {r.job: r.error for r in bad}
+    assert "overlap.json: entry 2 overlaps entry 1" in errors["line_4"]
+    assert "face 'biggest' is not a face spec" in errors["line_5"]
 
 
 def test_gfpgan_model_path_must_be_the_loaded_weights(tiny_models, tmp_path):

@@ -93,3 +93,14 @@ def test_a_usable_cache_is_keyed_by_the_compute_identity(tiny_models, demo_media
         AvatarCache.open(CacheConfig(enabled=False, dir=str(tmp_path)), demo_media.video, pipeline, CPU, "c")
         is None
     )
+
+
+def test_a_dub_jobs_face_choice_is_in_the_prepared_entries_key(tiny_models, demo_media, tmp_path):
+    """Frames outside a dub's ranges are prepared without a face: their entries are keyed apart (detections
+    are not: they hold every face either way); a job whose every frame takes the job's face shares them."""
+    pipeline = PipelineConfig(models_dir=str(tiny_models), tiny=True)
+    cfg = CacheConfig(dir=str(tmp_path / "avatars"))
+    plain = AvatarCache.open(cfg, demo_media.video, pipeline, CPU, "a.mp4")
+    same = AvatarCache.open(cfg, demo_media.video, pipeline, CPU, "b.mp4", "")
+    dub = AvatarCache.open(cfg, demo_media.video, pipeline, CPU, "c.mp4", '[{"start": 5, "end": 25}]')
+    assert plain.prepare == same.prepare != dub.prepare and plain.detect == dub.detect

@@ -94,6 +94,21 @@ CASES = [
     Case("cluster_address_not_an_address", ("cluster.address=http://head:8265",),
          "cluster.address=http://head:8265 is a dashboard URL (for ray job submit), not an address Ray can join"),
     Case("connect_timeout_zero", ("cluster.connect_timeout_s=0",), "cluster.connect_timeout_s must be > 0"),
+    # Dub mode's segments file: one line naming the file, the range and the fix, before Ray (past the
+    # picture's end: once the video is probed, still before Ray).
+    Case("segments_overlap", ("task.mode=dub", "task.segments={tmp}/in/s.json"),
+         "segments file {tmp}/in/s.json: entry 2 overlaps entry 1 (starts at 1 s, before 2 s); make the ranges disjoint",
+         extra_files={"{tmp}/in/s.json": '[{"start": 0, "end": 2}, {"start": 1, "end": 3}]'}),
+    Case("segments_time", ("task.mode=dub", "task.segments={tmp}/in/s.csv"), "line 2: start '0:99' is not a time",
+         extra_files={"{tmp}/in/s.csv": "start,end\n0:99,1\n"}),
+    Case("segments_audio_missing", ("task.mode=dub", "task.segments={tmp}/in/s.srt"),
+         "line 1: audio file not found: {tmp}/in/take 2.wav; check the path (relative to the segments file)",
+         extra_files={"{tmp}/in/s.srt": "00:00:01,000 --> 00:00:02,000\naudio='take 2.wav'\n"}),
+    Case("segments_past_end", ("task.mode=dub", "task.segments={tmp}/in/s.json"),
+         "entry 1 ends at 9.5 s, past the picture's end (4 s); end it at 4 s or earlier",
+         extra_files={"{tmp}/in/s.json": '[{"start": 3, "end": 9.5}]'}),
+    Case("segments_without_dub", ("task.segments={tmp}/in/s.json",), "task.segments={tmp}/in/s.json needs task.mode=dub",
+         extra_files={"{tmp}/in/s.json": '[{"start": 0, "end": 1}]'}),
     # Hydra's refusals of an override, as one line before Hydra runs (no four-line message, exit code 2).
     Case("misspelt_key", ("render.bogus=1",), "render.bogus=1: render.bogus is not a known setting (render has batch_size"),
     Case("misspelt_key_close_match", ("render.bacth_size=3",), "did you mean render.batch_size?"),

@@ -248,3 +248,28 @@ def test_the_yaml_agrees_with_the_typed_defaults(monkeypatch):
             if isinstance(value, str) and value.startswith("${oc.env:"):  # the default after the env var
                 value = value.split(",", 1)[1].rstrip("}").strip("'")
             assert value == default, f"{group}.{f.name}: YAML {value!r}, typed default {default!r}"
+
+
+def test_dub_mode_settings(tmp_path):
+    """task.mode / task.segments: audio mode by default (+task=test too), dub with or without ranges; a
+    bad segments file or a segments file outside dub mode is refused at config time."""
+    from shards.dub import DubSettings
+
+    assert job_from_config(_compose("+task=test")).dub is None
+    assert job_from_config(_compose("+task=test", "task.mode=dub")).dub == DubSettings()
+    good = tmp_path / "s.csv"
+    good.write_text("start,end,face\n0,1.5,left\n")
+    assert job_from_config(
+        _compose("+task=test", "task.mode=dub", f"task.segments={good}")
+    ).dub == DubSettings(good)
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"start": 0, "end": 2}, {"start": 1, "end": 3}]')
+    cases = [
+        (["task.mode=lipsync"], "task.mode must be audio or dub, got 'lipsync'"),
+        ([f"task.segments={good}"], f"task.segments={good} needs task.mode=dub"),
+        (["task.mode=dub", f"task.segments={bad}"], f"segments file {bad}: entry 2 overlaps entry 1"),
+    ]
+    for overrides, needle in cases:
+        with pytest.raises(ConfigError, match="invalid configuration") as err:
+            job_from_config(_compose("+task=test", *overrides))
+        assert needle in str(err.value)

@@ -51,3 +51,22 @@ def test_samples_move_to_rendered_faces():
     picks = sample_frames(len(DEMO), DEMO, count=4)
     assert all(DEMO[t] == "F" for t in picks) and len(picks) >= 3
     assert sample_frames(100, "", count=4) == [12, 37, 62, 87]
+
+
+def test_dub_ranges_and_their_faces_under_the_timeline():
+    """A dub job's ranges: a strip under the timeline, one colour per face, white (passthrough) between."""
+    from cluster.qa import RANGE_COLOURS
+    from shards.plan import DubRange
+
+    frames, width = 100, 400
+    ranges = (DubRange(5, 25, "left"), DubRange(40, 50, "3"), DubRange(70, 90, "left"))
+    kinds = "P" * 5 + "F" * 20 + "P" * 15 + "F" * 10 + "P" * 20 + "F" * 20 + "P" * 10
+    sheet = draw_sheet(kinds, frames, [], width=width, ranges=ranges)
+    plain = draw_sheet(kinds, frames, [], width=width)
+    assert sheet.shape[0] == plain.shape[0] + STRIP_H + 22  # the strip and its caption line
+    y = 22 + STRIP_H + STRIP_H - 4  # below the title and the timeline, under the labels
+    row = sheet[y]
+    assert row[4 * 2].tolist() == [255, 255, 255]  # frame 2: outside every range
+    for t, colour in [(6, RANGE_COLOURS[0]), (45, RANGE_COLOURS[1]), (88, RANGE_COLOURS[0])]:
+        assert row[4 * t + 1].tolist() == list(colour), t
+    assert row[4 * 60].tolist() == [255, 255, 255]

@@ -252,3 +252,43 @@ def test_multirun_sweep_writes_summary(tiny_models, demo_media, tmp_path):
         outputs = list((sweep / str(r["run"])).glob("*.mp4"))
         assert len(outputs) == 1 and outputs[0].stat().st_size > 0
     assert "sweep summary" in proc.stdout
+
+
+def test_dub_job_on_ray_keeps_the_picture_and_passes_through_outside_its_ranges(
+    local_ray, tiny_models, demo_media, short_audio, tmp_path
+):
+    """task.mode=dub with a CSV segments file, workers reading paths (cluster.inputs=uri: the dub's track
+    still travels through the object store): the video's 100 frames, passthrough outside the ranges, the
+    ranges' frames lip-synced, nothing left beside the output (its track, lock and run directory)."""
+    import numpy as np
+
+    from tests.helpers import decode_all
+
+    (tmp_path / "in").mkdir()
+    take = trimmed_audio(demo_media.audio, tmp_path / "in" / "take.wav", 1.0)
+    segments = tmp_path / "in" / "ranges.csv"
+    segments.write_text(
+        f"start,end,face,audio,offset\n0.2,1.0,largest,{take.name},0.1\n00:00:02.800,3.6,,,\n"
+    )
+    out = tmp_path / "out" / "dub.mp4"
+    job = job_for(
+        tiny_models,
+        demo_media.video,
+        short_audio,  # 2 s: padded with silence to the 4 s picture
+        out,
+        "task.mode=dub",
+        f"task.segments={segments}",
+        "shards.length=40",
+        "cluster.inputs=uri",
+        "qa.sync=false",
+    )
+    summary = run_job(job)
+    source, rendered = decode_all(demo_media.video), decode_all(out)
+    assert summary.frames == len(rendered) == len(source) == 100
+    assert summary.shards == 7  # a grid of 40 cut at 5, 25, 70 and 90
+    inside = set(range(5, 25)) | set(range(70, 90))
+    assert all(np.array_equal(rendered[t], source[t]) for t in range(100) if t not in inside)
+    assert sum(not np.array_equal(rendered[t], source[t]) for t in inside) > len(inside) // 2
+    assert summary.face_frames == len(inside) and summary.face_share == 1.0
+    assert out.with_suffix(".qa.png").is_file()
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
