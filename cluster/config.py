@@ -142,6 +142,9 @@ class JobConfig:
     gate: QaConfig = QaConfig()  # the ``qa`` group (``qa`` above is output.qa, the QA sheet)
     sweep: SweepConfig = SweepConfig()
     dub: DubSettings | None = None  # task.mode=dub (with task.segments, its ranges); None: audio mode
+    # The kept segments beside the output (cluster/rundir.py): with a limit, segments the last render did
+    # not use are removed, oldest first, past it; None keeps every one until ``python -m cluster.clean``.
+    segments_max_mb: float | None = None
 
 
 def compose_job(overrides: list[str]) -> JobConfig:
@@ -219,7 +222,12 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         {"models_dir": "models.dir", "tiny": "models.tiny"},
     )
     cluster = typed(ClusterConfig, "cluster", node("cluster"))
-    encode = typed(EncodeSettings, "output", node("output", drop=("summary", "resume", "root", "qa")))
+    encode = typed(
+        EncodeSettings, "output", node("output", drop=("summary", "resume", "root", "qa", "segments_max_mb"))
+    )
+    segments_max_mb = get("output.segments_max_mb", float, None, nullable=True)
+    if segments_max_mb is not None and segments_max_mb < 0:
+        problems.append(f"output.segments_max_mb must be >= 0 or null, got {segments_max_mb}")
     root = get("output.root", str, ".")
     summary = get("output.summary", bool, True)
     resume = get("output.resume", bool, True)
@@ -285,6 +293,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         gate=gate,
         sweep=sweep,
         dub=dub,
+        segments_max_mb=segments_max_mb,
     )
 
 

@@ -33,7 +33,7 @@ from cluster import storage
 from cluster.cache import AvatarCache
 from cluster.config import JobConfig
 from cluster.inputs import JobInputs, ShardInputs, scratch_root
-from cluster.keys import resume_key
+from cluster.keys import audio_digests, render_parts, shard_key, shard_parts
 from cluster.rundir import RunDir, dub_track_path, output_lock
 from cluster.summary import JobResult, JobSummary
 from cluster.syncjob import JobSync, SyncResult, gate
@@ -137,10 +137,19 @@ class JobRun:
         )
         if job.gate.sync:
             self.sync = JobSync(plan, self.pipeline, self.samples)
-        key = resume_key([job.video, job.audio], plan, self.pipeline, job.encode)
-        self.run = RunDir.open(job.output, key, plan, resume=job.resume)
+        self.run = RunDir.open(job.output, resume=job.resume)
+        self._audio = audio_digests(self.samples)
+        if self.run.compute:  # the last render's identity: is everything kept already?
+            self._keys(self.run.compute)
         self._todo()
         self.plan_seconds = time.perf_counter() - self.opened
+
+    def _keys(self, compute: str) -> None:
+        """Every shard's key (:func:`cluster.keys.shard_key`) under the compute identity ``compute``."""
+        job, plan = self.cfg, self.plan
+        base = render_parts(job.video, plan, self.pipeline, job.encode, compute)
+        parts = {s.name: shard_parts(base, plan, s, plan.face_choice, self._audio) for s in plan.shards}
+        self.run.use(compute, {name: (shard_key(p), p) for name, p in parts.items()})
 
     def _todo(self) -> None:
         self.reused = self.run.done_count
@@ -156,7 +165,7 @@ class JobRun:
         segments computed otherwise are dropped, the avatar cache is read, preparation is planned.
         ``videos`` shares one object-store copy per video file among a batch's jobs."""
         job = self.cfg
-        self.run.adopt(identity)
+        self._keys(identity.key())
         self._todo()
         self.pool_id, self.workers = pool_id, workers
         self.prep = PrepPlan(
@@ -352,7 +361,7 @@ class JobRun:
                 self._qa_sheet(stats, summary.sync_confidence_per_second)
             if job.output_uri:
                 self._publish()
-            run.remove()  # last: a failed summary or upload is retried by the same command without rendering
+            run.landed(job.segments_max_mb)  # the segments stay: a later render reuses what did not change
         except FarmError as err:
             logger.error("job %s failed: %s", job.output, err)
             return JobResult(self.given, error=err)
@@ -433,6 +442,8 @@ class JobRun:
             worker_frames=per_worker,
             retries=retries,
             reused_shards=self.reused,
+            rendered_shards=self.run.rendered_count,
+            rendered_because=self.run.changed(),
             enhance_fallbacks=sum(s.enhance_fallbacks for s in stats),
             parsing_fallbacks=sum(s.parsing_fallbacks for s in stats),
             load_seconds=round(self.load_wait, 3),

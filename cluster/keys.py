@@ -9,9 +9,10 @@ Every key is built from the same parts, each computed in one place here:
   local, its size and ETag under a URI; never a download);
 - the **settings** that change pixels (:func:`pixel_settings`), less those the identity already holds.
 
-Keys: :func:`resume_key` (a run directory's segments, together with the identity they were computed
-with: :class:`cluster.rundir.RunDir`), :func:`detect_key` and :func:`prepare_key` (the avatar cache's raw
-detections and prepared entries of a video).
+Keys: :func:`shard_key` (a generation shard's segment in an output's kept segments,
+:class:`cluster.rundir.RunDir`: what its pixels depend on, from :func:`render_parts` and
+:func:`shard_parts`), :func:`detect_key` and :func:`prepare_key` (the avatar cache's raw detections and
+prepared entries of a video).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 from cluster import storage
 from musetalk.config import PACING_FIELDS, PipelineConfig
 from musetalk.layout import ModelLayout
-from shards.plan import Plan
+from shards.plan import Plan, Shard
 from shards.segment import EncodeSettings
 
 if TYPE_CHECKING:  # torch: keep this module cheap for the pre-flight checks
@@ -116,20 +117,70 @@ def pixel_settings(pipeline: PipelineConfig) -> dict:
     return settings
 
 
-def resume_key(
-    inputs: Iterable[str | Path], plan: Plan, pipeline: PipelineConfig, encode: EncodeSettings
-) -> str:
-    """What a run directory's segments depend on besides the compute identity (kept beside them):
-    the inputs' contents, the plan (shard boundaries), the pixel settings, the encoder and the weights."""
-    return _hash(
-        {
-            "inputs": [content_digest(p) for p in inputs],
-            "plan": plan.to_json(),
-            "pipeline": pixel_settings(pipeline),
-            "encode": asdict(encode),
-            "weights": weights_identity(pipeline),
-        }
-    )
+def render_parts(
+    video: str | Path, plan: Plan, pipeline: PipelineConfig, encode: EncodeSettings, compute: str
+) -> dict[str, object]:
+    """What every generation shard of a job depends on, part by part (a changed part is named when a
+    shard renders again): the compute identity's key, the encoder, the pixel settings, the weights, the
+    video's contents and the timeline (rate, source frames, audio length: the last Whisper segment and
+    the windows near the end depend on it)."""
+    return {
+        "compute": compute,
+        "encode": _hash(asdict(encode)),
+        "settings": _hash(pixel_settings(pipeline)),
+        "weights": weights_identity(pipeline),
+        "video": content_digest(video),
+        "timeline": [plan.fps_num, plan.fps_den, plan.source_frames, plan.total_samples, plan.sample_rate],
+    }
+
+
+def audio_digests(samples) -> list[str]:
+    """sha256 of each 30 s Whisper segment's 16 kHz float32 samples (the last one partial). Whisper
+    encodes each segment as a whole, so a changed sample changes its segment's digest and no other."""
+    import numpy as np
+
+    from musetalk.audio import SEGMENT_SAMPLES  # imports torch: only when a key is made
+
+    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    return [
+        hashlib.sha256(samples[i : i + SEGMENT_SAMPLES].tobytes()).hexdigest()
+        for i in range(0, max(1, len(samples)), SEGMENT_SAMPLES)
+    ]
+
+
+def shard_parts(
+    base: dict[str, object],
+    plan: Plan,
+    shard: Shard,
+    choice: Callable[[int], str | None],
+    audio: list[str],
+) -> dict[str, object]:
+    """What one shard's pixels depend on: ``base`` (:func:`render_parts`), its output range, each frame's
+    source index and face choice (``choice(src)``, None: the frame passes through), and the digests of
+    the Whisper segments its lip-synced frames read (none when they all pass through)."""
+    from musetalk.audio import audio_span
+
+    frames = [(plan.source_index(t), choice(plan.source_index(t))) for t in range(shard.start, shard.end)]
+    read: set[int] = set()
+    run_start = None
+    for i, (_, chosen) in enumerate([*frames, (None, None)]):  # runs of lip-synced frames
+        if chosen is not None and run_start is None:
+            run_start = i
+        elif chosen is None and run_start is not None:
+            span = audio_span(plan.total_samples, plan.fps, shard.start + run_start, shard.start + i)
+            read.update(range(span.first_segment, span.end_segment))
+            run_start = None
+    return {
+        **base,
+        "range": [shard.start, shard.end],
+        "frames": _hash(frames),
+        "audio": {str(k): audio[k] for k in sorted(read)},
+    }
+
+
+def shard_key(parts: dict[str, object]) -> str:
+    """A shard's segment's name in the kept segments: the hash of its :func:`shard_parts`."""
+    return _hash(parts)[:32]
 
 
 def detect_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str) -> str:

@@ -1,16 +1,20 @@
-"""The run directory of one output: a lock, finished segments and a manifest, for resume.
+"""The kept segments of one output: a lock, finished segments named by their content, and a manifest.
 
 Beside ``<dir>/<name>.mp4`` live ``<dir>/.<name>.mp4.lock`` (held while a render of that output runs) and
-``<dir>/.<name>.mp4.run/`` holding ``manifest.json`` and ``segments/<shard>.mkv`` (with
-``segments/<shard>.sync.npz``, its lip-sync data, when the job is scored). The directory is created
-when the first segment lands (a render that fails before leaves nothing beside the output). A segment is
-listed in the manifest only after it was written whole (temporary name, then rename), so a crash or
-Ctrl-C never leaves a listed segment half-written. The manifest carries the resume key
-(:func:`cluster.keys.resume_key`: inputs, plan, pixel settings, encoder, weights) and the compute identity
-the segments were computed with. Re-running the same command resumes: segments listed under the same key
-are reused when the pool computes with the same identity; a different key (changed input or setting) or
-identity (another device model, dtype, thread count, torch or CUDA version) starts over, so one output
-never mixes segments computed differently. The directory is removed after the output has landed.
+``<dir>/.<name>.mp4.run/`` holding ``manifest.json`` and ``segments/<key>.mkv`` (with
+``segments/<key>.sync.npz``, its lip-sync data, when the job is scored). A segment's key
+(:func:`cluster.keys.shard_key`) is what its pixels depend on: the compute identity, the encoder, the
+pixel settings, the weights, the video, the shard's output range, each frame's source index and face
+choice, and the Whisper segments its lip-synced frames read. Any later render of the output whose shard
+has the same key reuses the segment: resuming after Ctrl-C or a crash, and re-rendering after a revision
+(one changed line renders only the shards that read it). One output never mixes rounding: every key of a
+render holds the pool's compute identity.
+
+The directory is created when the first segment lands (a render that fails before leaves nothing beside
+the output) and is kept after the output has landed. A segment is listed in the manifest only after it
+was written whole (temporary name, then rename), so a crash never leaves a listed segment half-written.
+Segments are removed only by ``python -m cluster.clean`` or by ``output.segments_max_mb`` (those the last
+render did not use, oldest first, each removal logged), never silently.
 """
 
 from __future__ import annotations
@@ -22,23 +26,20 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from cluster.keys import content_digest
+from cluster.keys import content_digest, shard_key
 from musetalk.stats import ShardStats
 from shards.errors import InputError
-from shards.plan import Plan, Shard
-
-if TYPE_CHECKING:  # torch: keep this module cheap for the pre-flight checks
-    from musetalk.device import ComputeIdentity
+from shards.plan import Shard
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 1: one key per run directory, segments named by shard
 # Everything a run directory can hold (a crash right after creating it may leave it without a manifest).
 SIDE = ".sync.npz"  # a segment's lip-sync data beside it
 _OURS = {"segments", "manifest.json", "manifest.json.partial", "plan.json"}  # plan.json: older versions
@@ -103,121 +104,204 @@ def _read_holder(path: Path) -> str:
 
 
 class RunDir:
-    """Finished segments of one output under one key. Build with :meth:`open` while holding the lock."""
+    """The kept segments of one output. Build with :meth:`open` while holding the lock, give it the
+    render's shard keys (:meth:`use`), then ask which shards it holds."""
 
-    def __init__(self, root: Path, key: str, done: dict[str, dict], compute: str = "") -> None:
+    def __init__(self, root: Path, known: dict[str, dict], last: dict[str, dict], compute: str = "") -> None:
         self.root = root
-        self.key = key
-        self.compute = compute  # the compute identity of the listed segments ("" while there are none)
-        self._done = done  # shard name -> {"bytes", "sha256", "stats"}
         self.segments = root / "segments"
+        self.compute = compute  # the compute identity's key of the last render (or this one, once used)
+        self.reuse = True  # output.resume=false: render every shard again (kept segments stay)
+        self._known = known  # key -> {"bytes", "sha256", "stats", "used"}
+        self._last = last  # shard name -> the parts of its key in the last render that landed
+        self._keys: dict[str, str] = {}  # this render: shard name -> key
+        self._parts: dict[str, dict] = {}
+        self._added: set[str] = set()  # shards rendered by this render
+        self._verified: set[str] = set()
 
     @classmethod
-    def open(cls, output: Path, key: str, plan: Plan, *, resume: bool) -> RunDir:
-        """The run directory for ``output``: resumed when its manifest has ``key`` and ``resume``, else new
-        (an old one is removed; a new one appears on disk with its first segment)."""
+    def open(cls, output: Path, *, resume: bool) -> RunDir:
+        """The kept segments of ``output`` (none yet: a directory that appears with the first segment).
+        ``resume`` false: every shard renders again."""
         root = run_dir_path(output)
-        manifest = root / "manifest.json"
+        run = cls(root, {}, {})
         if root.exists():
-            old = _load_manifest(manifest)
-            if old is None and not set(os.listdir(root)) <= _OURS:
-                raise InputError(
-                    f"{root} exists but is not a run directory of this renderer (no valid manifest.json); "
-                    "move it away or choose another task.output"
-                )
-            if resume and old is not None and old.get("key") == key:
-                run = cls(root, key, old["shards"], old.get("compute", ""))
+            old = _load_manifest(root / "manifest.json")
+            if old is None:
+                if not set(os.listdir(root)) <= _OURS:
+                    raise InputError(
+                        f"{root} exists but is not a run directory of this renderer (no valid manifest.json); "
+                        "move it away or choose another task.output"
+                    )
+                logger.info("starting over in %s: it holds no segments this version can reuse", root)
+                shutil.rmtree(root)
+            else:
+                run = cls(root, old["segments"], old.get("last", {}), old.get("compute", ""))
                 run._check()
-                logger.info(
-                    "resuming: %d of %d shards already rendered in %s", len(run._done), len(plan.shards), root
-                )
-                return run
-            why = "a fresh run was asked for" if not resume else "the inputs or settings changed"
-            logger.info("starting over in %s: %s", root, why)
-            shutil.rmtree(root)
-        return cls(root, key, {})
+        run.reuse = resume
+        return run
 
-    def adopt(self, identity: ComputeIdentity) -> None:
-        """The segments still to render will be computed with ``identity``: listed segments computed
-        with another one are dropped (the output would mix rounding otherwise)."""
-        if self._done and self.compute != identity.key():
-            logger.info(
-                "starting over in %s: its %d segments were computed on %s, this pool computes on %s",
-                self.root,
-                len(self._done),
-                self.compute.replace("|", " "),
-                identity,
-            )
-            self._done = {}
-            shutil.rmtree(self.root, ignore_errors=True)
-        self.compute = identity.key()
+    def use(self, compute: str, keys: dict[str, tuple[str, dict]]) -> None:
+        """This render's shards: name -> (key, parts), computed with the compute identity ``compute``."""
+        self.compute = compute
+        self._keys = {name: key for name, (key, _) in keys.items()}
+        self._parts = {name: parts for name, (_, parts) in keys.items()}
+        for name, key in self._keys.items():
+            if key in self._known and key not in self._verified and name not in self._added:
+                self._verify(key)
 
-    def _check(self) -> None:
-        """Drop listed segments that are missing or altered, and unlisted files (partial writes)."""
-        for name, entry in list(self._done.items()):
-            seg = self.segment(name)
-            if (
-                not seg.is_file()
-                or seg.stat().st_size != entry["bytes"]
-                or content_digest(seg) != entry["sha256"]
-            ):
-                logger.warning("segment %s is missing or altered; rendering it again", seg)
-                del self._done[name]
-        for f in self.segments.iterdir() if self.segments.is_dir() else ():
-            if f.name.removesuffix(".mkv").removesuffix(SIDE) not in self._done:
-                f.unlink()
-        self._write_manifest()
+    def has(self, shard: Shard) -> bool:
+        return self._holds(shard.name)
+
+    def _holds(self, name: str) -> bool:
+        if name in self._added:
+            return True
+        return self.reuse and self._keys.get(name) in self._known
 
     def segment(self, name: str) -> Path:
-        return self.segments / f"{name}.mkv"
+        return self.segments / f"{self._keys[name]}.mkv"
 
     def side(self, name: str) -> Path:
         """A segment's lip-sync data (:class:`musetalk.syncscore.ShardSync`), beside it."""
-        return self.segments / f"{name}{SIDE}"
+        return self.segments / f"{self._keys[name]}{SIDE}"
 
     def put_side(self, shard: Shard, data: bytes) -> None:
         """Store a segment's lip-sync data whole (before :meth:`add` lists the segment), so a resumed
         render still scores every frame."""
         self.segments.mkdir(parents=True, exist_ok=True)
-        final = self.side(shard.name)
-        tmp = final.with_name(final.name + ".partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, final)
-
-    def has(self, shard: Shard) -> bool:
-        return shard.name in self._done
+        _write_whole(self.side(shard.name), data)
 
     def stats(self, shard: Shard) -> ShardStats:
-        return ShardStats(**self._done[shard.name]["stats"])
+        return ShardStats(**self._known[self._keys[shard.name]]["stats"])
 
     @property
     def done_count(self) -> int:
-        return len(self._done)
+        """Shards of this render the kept segments hold."""
+        return sum(self._holds(name) for name in self._keys)
+
+    @property
+    def rendered_count(self) -> int:
+        """Shards this render rendered (the others came from the kept segments)."""
+        return len(self._added)
 
     def add(self, shard: Shard, data: bytes, stats: ShardStats) -> None:
         """Store a finished segment, then list it (both atomically); the first one creates the directory."""
         if not self.compute:
-            raise RuntimeError("RunDir.add before adopt(): the segments' compute identity is unknown")
+            raise RuntimeError("RunDir.add before use(): the segments' keys are unknown")
         self.segments.mkdir(parents=True, exist_ok=True)
-        final = self.segment(shard.name)
-        tmp = final.with_suffix(".partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, final)
-        self._done[shard.name] = {
+        key = self._keys[shard.name]
+        _write_whole(self.segment(shard.name), data)
+        self._known[key] = {
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "stats": asdict(stats),
+            "used": time.time(),
         }
+        self._added.add(shard.name)
+        self._verified.add(key)
         self._write_manifest()
 
+    def changed(self) -> dict[str, int]:
+        """Why this render's shards rendered: per changed part of their keys (``audio``, ``frames`` (a
+        face choice or the source frames shown), ``encode``, ``compute``, ...), how many shards; ``new``
+        for a shard the last landed render did not have."""
+        why: dict[str, int] = {}
+        for name in sorted(self._added):
+            before, now = self._last.get(name), self._parts[name]
+            parts = (
+                ["new"] if before is None else [k for k in now if before.get(k) != now[k]] or ["unchanged"]
+            )
+            for part in parts:
+                why[part] = why.get(part, 0) + 1
+        return why
+
+    def landed(self, limit_mb: float | None = None, last_only: bool = False) -> None:
+        """The output landed: remember this render's shards (the next render names what changed), mark
+        their segments used, and with ``limit_mb`` remove segments this render did not use, oldest
+        first, until the kept segments fit (each removal logged). ``last_only`` (no render: cleaning)
+        keeps the segments of the last render that landed instead."""
+        if not self.root.exists():
+            return
+        if last_only:
+            keep = {shard_key(parts) for parts in self._last.values()}
+        else:
+            now = time.time()
+            for key in self._keys.values():
+                if key in self._known:
+                    self._known[key]["used"] = now
+            self._last = self._parts
+            keep = set(self._keys.values())
+        if limit_mb is not None:
+            self._evict(limit_mb * 1e6, keep)
+        self._write_manifest()
+
+    def _evict(self, limit: float, keep: set[str]) -> None:
+        total = sum(e["bytes"] for e in self._known.values())
+        for key, entry in sorted(self._known.items(), key=lambda kv: kv[1].get("used", 0.0)):
+            if total <= limit:
+                break
+            if key in keep:
+                continue
+            self._drop(key)
+            total -= entry["bytes"]
+            logger.info(
+                "kept segments of %s: removed %s (%.1f MB, last used %s) to stay under output.segments_max_mb",
+                self.root,
+                key,
+                entry["bytes"] / 1e6,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.get("used", 0.0))),
+            )
+
+    def _drop(self, key: str) -> None:
+        del self._known[key]
+        for path in (self.segments / f"{key}.mkv", self.segments / f"{key}{SIDE}"):
+            path.unlink(missing_ok=True)
+
+    def _check(self) -> None:
+        """Drop listed segments that are missing or of the wrong size, and unlisted files (partial
+        writes). Contents are checked when a render is about to reuse a segment (:meth:`use`)."""
+        for key, entry in list(self._known.items()):
+            seg = self.segments / f"{key}.mkv"
+            if not seg.is_file() or seg.stat().st_size != entry["bytes"]:
+                logger.warning("kept segment %s is missing or altered; its shard will render again", seg)
+                self._drop(key)
+        for f in self.segments.iterdir() if self.segments.is_dir() else ():
+            if f.name.removesuffix(".mkv").removesuffix(SIDE) not in self._known:
+                f.unlink()
+        self._write_manifest()
+
+    def _verify(self, key: str) -> None:
+        seg = self.segments / f"{key}.mkv"
+        if not seg.is_file() or content_digest(seg) != self._known[key]["sha256"]:
+            logger.warning("kept segment %s is missing or altered; its shard will render again", seg)
+            self._drop(key)
+            self._write_manifest()
+        else:
+            self._verified.add(key)
+
     def _write_manifest(self) -> None:
-        data = {"version": MANIFEST_VERSION, "key": self.key, "compute": self.compute, "shards": self._done}
-        tmp = self.root / "manifest.json.partial"
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.root / "manifest.json")
+        if not self.root.exists():
+            return
+        data = {
+            "version": MANIFEST_VERSION,
+            "compute": self.compute,
+            "segments": self._known,
+            "last": self._last,
+        }
+        _write_whole(self.root / "manifest.json", json.dumps(data, indent=1).encode())
+
+    def size_bytes(self) -> int:
+        return sum(e["bytes"] for e in self._known.values())
 
     def remove(self) -> None:
+        """Every kept segment of the output (``python -m cluster.clean``)."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _write_whole(final: Path, data: bytes) -> None:
+    tmp = final.with_name(final.name + ".partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, final)
 
 
 def _load_manifest(path: Path) -> dict | None:
@@ -228,7 +312,7 @@ def _load_manifest(path: Path) -> dict | None:
     if (
         not isinstance(data, dict)
         or data.get("version") != MANIFEST_VERSION
-        or not isinstance(data.get("shards"), dict)
+        or not isinstance(data.get("segments"), dict)
     ):
         return None
     return data

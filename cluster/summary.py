@@ -22,9 +22,12 @@ class JobSummary:
     stage_seconds: dict[str, float]
     worker_frames: dict[str, int]
     retries: int
-    reused_shards: int
+    reused_shards: int  # shards whose segment an earlier render of the output kept (same key)
     enhance_fallbacks: int
     parsing_fallbacks: int
+    rendered_shards: int = 0  # shards this render rendered
+    # why they rendered: per changed part of their keys (cluster.keys.shard_parts), how many shards
+    rendered_because: dict = field(default_factory=dict)
     # Model loading, apart from rendering: ``seconds`` = ``load_seconds`` + ``render_seconds``.
     load_seconds: float = 0.0  # waiting for the pool's workers to load their models (0 on a warm pool)
     render_seconds: float = 0.0
@@ -71,8 +74,14 @@ class JobSummary:
             + (
                 f" ({self.workers_start} at the start)" if self.workers_start not in (0, self.workers) else ""
             ),
-            f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards, "
-            f"{self.reused_shards} reused from an interrupted run",
+            f"time        {self.seconds:.1f} s, {self.fps:.2f} frames/s, {self.retries} retried shards",
+            f"shards      {self.rendered_shards} rendered"
+            + (
+                " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.rendered_because.items())) + ")"
+                if self.rendered_because
+                else ""
+            )
+            + f", {self.reused_shards} reused from kept segments",
             f"prepare     {self.detections} detections, {self.vae_encodes} VAE encodes, {self.parsings} parsings, "
             f"{self.audio_segments} audio segments; {self.cache_hits} frames from the avatar cache"
             + (f" ({self.cache})" if self.cache else " (off)"),

@@ -99,7 +99,7 @@ def test_sigkill_mid_batch_then_the_same_command_finishes_every_job(tiny_models,
         ref = render_local(demo_media.video, audio[n], job.output, job.pipeline, encode=job.encode).output
         assert_same_frames(decode_all(ref), out / f"{n}.mp4")
 
-    left = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
-    assert left == [], f"locks or run directories left: {left}"
+    left = sorted(p.name for p in out.iterdir() if p.name.endswith(".lock"))
+    assert left == [], f"locks left: {left}"
     assert scratch_under(tmp) == []
     assert wait_for(lambda: not processes_under(tmp))

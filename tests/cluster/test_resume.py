@@ -43,10 +43,12 @@ def _args(tiny_models, demo_media, audio, out: Path) -> list[str]:
 
 
 def _manifest_shards(out: Path) -> list[str]:
+    """The shards whose segments the output's kept segments list (named by content, each with its stats)."""
     try:
-        return sorted(json.loads((out.parent / f".{out.name}.run" / "manifest.json").read_text())["shards"])
+        manifest = json.loads((out.parent / f".{out.name}.run" / "manifest.json").read_text())
     except (OSError, ValueError):
         return []
+    return sorted(f"shard_{e['stats']['shard']:05d}" for e in manifest["segments"].values())
 
 
 def _gone(tmp: Path) -> bool:
@@ -67,16 +69,21 @@ def test_sigint_keeps_finished_shards_and_rerun_resumes_identically(
     (line,) = error_lines(stderr)
     assert "interrupted; 2 of 5 shards are kept in" in line and "run the same command again to resume" in line
     assert not out.exists()
-    segments = sorted(p.name for p in (tmp_path / ".resumed.mp4.run" / "segments").glob("*.mkv"))
-    assert segments == ["shard_00000.mkv", "shard_00001.mkv"]
+    assert len(list((tmp_path / ".resumed.mp4.run" / "segments").glob("*.mkv"))) == 2
     wait_for(lambda: _gone(tmp))  # no orphan Ray or worker processes
     assert scratch_under(tmp) == []
 
     again = cli(*_args(tiny_models, demo_media, short_audio, out), tmp=cli_tmp())
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(out.with_suffix(".summary.json").read_text())
-    assert summary["reused_shards"] == 2 and summary["frames"] == 50
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # run dir and lock gone
+    assert summary["reused_shards"] == 2 and summary["rendered_shards"] == 3 and summary["frames"] == 50
+    # the lock is gone; the segments stay for a later render (a revision renders only what changed)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".resumed.mp4.run"]
+    assert_same_frames(reference_frames, out)
+    same = cli(*_args(tiny_models, demo_media, short_audio, out), tmp=cli_tmp())  # nothing changed
+    assert same.returncode == 0, same.stderr[-3000:]
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["reused_shards"] == 5 and summary["rendered_shards"] == 0
     assert_same_frames(reference_frames, out)
 
 
@@ -110,15 +117,16 @@ def test_two_renders_of_one_output_never_mix(
     assert scratch_under(first_tmp) == []
 
 
-def _interrupt_at_third_shard(args: list[str], out: Path, hold: Path, tmp: Path):
-    """Run until shards 0 and 1 are listed and the worker blocks inside the third (and the fourth beside
-    it, with cluster.max_in_flight=2): a known point mid-job; then Ctrl-C. Returns (process, stderr)."""
+def _interrupt_at_third_shard(args: list[str], out: Path, hold: Path, tmp: Path, kept: int = 0):
+    """Run until shards 0 and 1 are listed (besides the ``kept`` segments of shards 0 and 1 an earlier
+    render left) and the worker blocks inside the third (and the fourth beside it, with
+    cluster.max_in_flight=2): a known point mid-job; then Ctrl-C. Returns (process, stderr)."""
     for name in ("shard_00000", "shard_00001"):
         (hold / f"release-{name}").touch()
     proc = cli(*args, tmp=tmp, env={HOLD_ENV: str(hold)}, wait=False)
     wait_for(
         lambda: (
-            _manifest_shards(out) == ["shard_00000", "shard_00001"]
+            _manifest_shards(out) == sorted(["shard_00000", "shard_00001"] * (1 + kept // 2))
             and "shard_00002" in {name for name, _ in held(hold)}
         )
     )
@@ -127,10 +135,10 @@ def _interrupt_at_third_shard(args: list[str], out: Path, hold: Path, tmp: Path)
     return proc, stderr
 
 
-def _interrupted_manifest(args: list[str], out: Path, hold: Path) -> dict:
+def _interrupted_manifest(args: list[str], out: Path, hold: Path, kept: int = 0) -> dict:
     """The run directory's manifest after an interrupt at the third shard (processes gone, hold reset)."""
     tmp = cli_tmp()
-    proc, stderr = _interrupt_at_third_shard(args, out, hold, tmp)
+    proc, stderr = _interrupt_at_third_shard(args, out, hold, tmp, kept)
     assert proc.returncode == 130, stderr[-3000:]
     wait_for(lambda: _gone(tmp))
     for f in hold.iterdir():
@@ -154,10 +162,18 @@ def test_resume_reuses_segments_only_of_the_same_compute_identity(
     one = _interrupted_manifest([*base, "render.threads=null", "cluster.cpus_per_worker=1"], out, hold)
     assert one["compute"].split("|")[3] == "1"
 
-    two = _interrupted_manifest([*base, "render.threads=null", "cluster.cpus_per_worker=2"], out, hold)
+    two = _interrupted_manifest(
+        [*base, "render.threads=null", "cluster.cpus_per_worker=2"], out, hold, kept=2
+    )
     assert two["compute"].split("|")[3] == "2"
-    for name in ("shard_00000", "shard_00001"):  # rendered again, not reused
-        assert two["shards"][name]["stats"]["started"] > one["shards"][name]["stats"]["started"]
+    # shards 0 and 1 rendered again, not reused: each is kept twice now, once per identity
+    assert len(one["segments"]) == 2 and len(two["segments"]) == 4
+    assert sorted(f"shard_{e['stats']['shard']:05d}" for e in two["segments"].values()) == [
+        "shard_00000",
+        "shard_00000",
+        "shard_00001",
+        "shard_00001",
+    ]
 
     again = cli(*base, "render.threads=null", "cluster.cpus_per_worker=2", tmp=cli_tmp())
     assert again.returncode == 0, again.stderr[-3000:]
