@@ -139,17 +139,25 @@ class JobRun:
             self.sync = JobSync(plan, self.pipeline, self.samples)
         self.run = RunDir.open(job.output, resume=job.resume)
         self._audio = audio_digests(self.samples)
-        if self.run.compute:  # the last render's identity: is everything kept already?
+        if self.run.compute and self.run.asked == self.asked:  # as last time: is everything kept already?
             self._keys(self.run.compute)
         self._todo()
         self.plan_seconds = time.perf_counter() - self.opened
+
+    @property
+    def asked(self) -> str:
+        """The settings a compute identity follows from on the same nodes (device, dtype, threads): a job
+        asking as its output's last render did stitches kept segments without a pool when they cover
+        every shard; one asking otherwise waits for the pool's identity."""
+        p = self.pipeline
+        return f"{p.device}|{p.dtype}|{p.threads}"
 
     def _keys(self, compute: str) -> None:
         """Every shard's key (:func:`cluster.keys.shard_key`) under the compute identity ``compute``."""
         job, plan = self.cfg, self.plan
         base = render_parts(job.video, plan, self.pipeline, job.encode, compute)
         parts = {s.name: shard_parts(base, plan, s, plan.face_choice, self._audio) for s in plan.shards}
-        self.run.use(compute, {name: (shard_key(p), p) for name, p in parts.items()})
+        self.run.use(compute, {name: (shard_key(p), p) for name, p in parts.items()}, self.asked)
 
     def _todo(self) -> None:
         self.reused = self.run.done_count

@@ -111,6 +111,7 @@ class RunDir:
         self.root = root
         self.segments = root / "segments"
         self.compute = compute  # the compute identity's key of the last render (or this one, once used)
+        self.asked = ""  # the settings that asked for that identity (cluster.job.JobRun.asked)
         self.reuse = True  # output.resume=false: render every shard again (kept segments stay)
         self._known = known  # key -> {"bytes", "sha256", "stats", "used"}
         self._last = last  # shard name -> the parts of its key in the last render that landed
@@ -137,13 +138,15 @@ class RunDir:
                 shutil.rmtree(root)
             else:
                 run = cls(root, old["segments"], old.get("last", {}), old.get("compute", ""))
+                run.asked = old.get("asked", "")
                 run._check()
         run.reuse = resume
         return run
 
-    def use(self, compute: str, keys: dict[str, tuple[str, dict]]) -> None:
-        """This render's shards: name -> (key, parts), computed with the compute identity ``compute``."""
-        self.compute = compute
+    def use(self, compute: str, keys: dict[str, tuple[str, dict]], asked: str = "") -> None:
+        """This render's shards: name -> (key, parts), computed with the compute identity ``compute``
+        (which the settings ``asked`` asked for)."""
+        self.compute, self.asked = compute, asked
         self._keys = {name: key for name, (key, _) in keys.items()}
         self._parts = {name: parts for name, (_, parts) in keys.items()}
         for name, key in self._keys.items():
@@ -285,6 +288,7 @@ class RunDir:
         data = {
             "version": MANIFEST_VERSION,
             "compute": self.compute,
+            "asked": self.asked,
             "segments": self._known,
             "last": self._last,
         }
