@@ -404,4 +404,6 @@ class JobRun:
             cache_hits=self.prep.cache_hits if self.prep is not None else 0,
             cache=self.cache.root if self.cache is not None else "",
             busy_seconds=round(busy_seconds([*stats, *prep]), 3),
+            host_cpu_seconds={k: round(v, 4) for k, v in stage_totals([*stats, *prep], "host_cpu").items()},
+            model_cpu_seconds={k: round(v, 4) for k, v in stage_totals([*stats, *prep], "model_cpu").items()},
         )

@@ -34,6 +34,7 @@ from PIL import Image
 from musetalk.config import BlendConfig
 from musetalk.device import is_device_failure
 from musetalk.parsing import PARSE_SIZE, FaceParser, parse_input
+from musetalk.stats import model_call
 from shards.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -341,7 +342,8 @@ class Blender:
         todo = [i for i, x in enumerate(inputs) if x is not None]
         if self.parser is not None and todo:
             try:
-                labels = self.parser.labels([inputs[i] for i in todo])
+                with model_call():
+                    labels = self.parser.labels([inputs[i] for i in todo])
             except (RuntimeError, ValueError, cv2.error) as err:
                 if is_device_failure(err):
                     raise
