@@ -51,7 +51,7 @@ from musetalk.stats import (
     ShardStats,
     model_call,
 )
-from shards.decode import read_frames
+from shards.decode import FrameStreams
 from shards.plan import Plan, Shard, ShardsConfig, UnitKind
 from shards.probe import VideoInfo
 from shards.segment import EncodeSettings, SegmentWriter
@@ -117,6 +117,7 @@ class FramePipeline:
         self.identity = compute_identity(self.models.device, resolve_dtype(cfg.dtype, self.models.device))
         self._device_composite = self.tuning.device_composite(self.models.device)
         self._compositor = DeviceCompositor(self.models.device) if self._device_composite else None
+        self._streams = FrameStreams()  # a unit that starts where the last one ended continues its decoder
 
     # Preparation --------------------------------------------------------------------------------
     def _decoded(
@@ -124,7 +125,7 @@ class FramePipeline:
     ) -> Channel:
         """Start a decode thread for source frames ``[start, end)`` -> a channel of (src, frame)."""
         return decode_thread(
-            group, clock, read_frames(video, start, end), start, end, self.tuning.decode_depth
+            group, clock, self._streams.read(video, start, end), start, end, self.tuning.decode_depth
         )
 
     def detect_range(
