@@ -469,4 +469,6 @@ class JobRun:
             prep_seconds=round(busy_seconds(prep), 3),
             generation_seconds=round(generation, 3),
             generation_fps=round(frames / generation, 3) if generation > 0 else 0.0,
+            host_cpu_seconds={k: round(v, 4) for k, v in stage_totals([*stats, *prep], "host_cpu").items()},
+            model_cpu_seconds={k: round(v, 4) for k, v in stage_totals([*stats, *prep], "model_cpu").items()},
         )

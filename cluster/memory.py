@@ -16,6 +16,13 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def child_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's waited-for children alone (in a worker: the ffmpeg
+    segment encoders; decoding runs in-process)."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
+
+
 def memory_mib() -> dict[str, float]:
     """This process's resident memory now, in MiB, split as Linux counts it (``/proc/self/status``):
     ``anon`` (its heap: private), ``file`` (mapped files: libraries, weights), ``shmem`` (shared memory it

@@ -51,6 +51,10 @@ class JobSummary:
     prep_seconds: float = 0.0
     generation_seconds: float = 0.0
     generation_fps: float = 0.0
+    # Thread CPU seconds per stage outside model calls (what a GPU node still pays on its CPU) and inside
+    # them (musetalk/stats.py), summed over units.
+    host_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    model_cpu_seconds: dict[str, float] = field(default_factory=dict)
     # Lip sync (cluster/syncjob.py: SyncNet on the frames before encoding; None when not scored) and the
     # quality gate (qa.*): a flagged job's output is written all the same.
     sync_confidence: float | None = None  # LSE-C, higher is better

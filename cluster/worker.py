@@ -28,7 +28,7 @@ import torch
 from cluster import faults, storage
 from cluster.cache import AvatarStore
 from cluster.inputs import JobFiles, JobInputs, ShardInputs, WorkerInputs, sweep_dead_scratch
-from cluster.memory import cpu_seconds, memory_mib, trim_heap
+from cluster.memory import child_cpu_seconds, cpu_seconds, memory_mib, trim_heap
 from cluster.weights import local_models
 from musetalk.audio import AudioFeatures
 from musetalk.config import PipelineConfig
@@ -62,7 +62,7 @@ class RenderWorker:
         self.inputs = WorkerInputs(fetch=ray.get)
         self._pipelines: dict[PipelineConfig, FramePipeline] = {}
         self._lock = threading.Lock()
-        self._cpu_at_ready = 0.0
+        self._cpu_at_ready = self._child_cpu_at_ready = 0.0
         self.loads = 0
         self.load_seconds = 0.0
         self.units = 0  # generation shards rendered
@@ -85,7 +85,7 @@ class RenderWorker:
         self.loads += 1
         self.load_seconds = time.perf_counter() - start
         self._pipelines[cfg] = self.pipeline
-        self._cpu_at_ready = cpu_seconds()
+        self._cpu_at_ready, self._child_cpu_at_ready = cpu_seconds(), child_cpu_seconds()
         logger.info(
             "worker %s ready on %s (models loaded in %.1f s)",
             self.name,
@@ -101,7 +101,7 @@ class RenderWorker:
 
     def info(self) -> dict:
         """Name, model loads and their seconds, units rendered (the driver charges loads to jobs); CPU
-        seconds since the models loaded (ffmpeg children included) and peak RSS (benchmarks)."""
+        seconds since the models loaded (ffmpeg children included, and apart) and peak RSS (benchmarks)."""
         with self._lock:
             return {
                 "name": self.name,
@@ -110,6 +110,7 @@ class RenderWorker:
                 "units": self.units,
                 "prep_units": self.prep_units,
                 "cpu_seconds": cpu_seconds() - self._cpu_at_ready,
+                "child_cpu_seconds": child_cpu_seconds() - self._child_cpu_at_ready,  # the ffmpeg encoders
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "memory_mib": memory_mib(),
                 "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20

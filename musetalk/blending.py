@@ -34,6 +34,7 @@ from PIL import Image
 from musetalk.config import BlendConfig
 from musetalk.device import is_device_failure
 from musetalk.parsing import PARSE_SIZE, FaceParser, parse_input
+from musetalk.stats import model_call
 from shards.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -261,14 +262,45 @@ def make_material(region: np.ndarray | None, box: Box, square: Box, cfg: BlendCo
         return BlendMaterial(square=square, mask=mask, parsed=True)
 
     parsed = in_square is not None and _enough(in_square, box, square, ratio)
-    source = in_square if parsed else np.full((side, side), 255, dtype=np.uint8)
-    blurred = upstream_mask(source, box, square, ratio)
-    ellipse = np.zeros((side, side), dtype=np.float32)
-    x1, y1, x2, y2 = box
-    _place(ellipse, ellipse_mask(y2 - y1, x2 - x1, cfg.ellipse_feather), x1 - square[0], y1 - square[1])
-    mask = np.rint(blurred.astype(np.float32) * ellipse).astype(np.uint8)
+    # The ellipse is 0 outside the face box, so only the box (inside the square) can be non-zero: the blur
+    # and the weighting run over that window alone (plus the blur's reach), bit-identical to whole-square
+    # arrays (the uint8 Gaussian is a fixed-point, position-independent filter; see the tests).
+    mask = np.zeros((side, side), dtype=np.uint8)
+    x1, y1, x2, y2 = box[0] - square[0], box[1] - square[1], box[2] - square[0], box[3] - square[1]
+    cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x2, side), min(y2, side)
+    if cx2 > cx1 and cy2 > cy1:
+        blurred = _blurred_window(in_square if parsed else None, (cx1, cy1, cx2, cy2), side, ratio)
+        ellipse = _ellipse(y2 - y1, x2 - x1, cfg.ellipse_feather)[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+        mask[cy1:cy2, cx1:cx2] = np.rint(blurred.astype(np.float32) * ellipse).astype(np.uint8)
     mask.flags.writeable = False
     return BlendMaterial(square=square, mask=mask, parsed=parsed)
+
+
+@functools.lru_cache(maxsize=64)
+def _ellipse(height: int, width: int, feather: float) -> np.ndarray:
+    """:func:`ellipse_mask`, read-only and kept for the next box of the same size (boxes move slowly)."""
+    out = ellipse_mask(height, width, feather)
+    out.flags.writeable = False
+    return out
+
+
+def _blurred_window(
+    in_square: np.ndarray | None, rect: Box, side: int, upper_boundary_ratio: float
+) -> np.ndarray:
+    """:func:`upstream_mask` of ``in_square`` (None: all 255) cut to ``rect`` (the face box inside the
+    square, square coordinates), computed over ``rect`` widened by the kernel's reach only: every output
+    pixel sees the same input window as in the whole square (the image's own edges, with their reflection,
+    are edges of the window too), and outside ``rect`` the kept mask is 0 in both."""
+    x1, y1, x2, y2 = rect
+    ksize = blur_kernel_size(side)
+    reach = ksize // 2
+    wx1, wy1, wx2, wy2 = max(x1 - reach, 0), max(y1 - reach, 0), min(x2 + reach, side), min(y2 + reach, side)
+    kept = np.zeros((wy2 - wy1, wx2 - wx1), dtype=np.uint8)
+    inner = kept[y1 - wy1 : y2 - wy1, x1 - wx1 : x2 - wx1]
+    inner[...] = 255 if in_square is None else in_square[y1:y2, x1:x2]
+    kept[: max(int(side * upper_boundary_ratio) - wy1, 0)] = 0
+    blurred = cv2.GaussianBlur(kept, (ksize, ksize), 0)
+    return blurred[y1 - wy1 : y2 - wy1, x1 - wx1 : x2 - wx1]
 
 
 def _enough(in_square: np.ndarray, box: Box, square: Box, upper_boundary_ratio: float) -> bool:
@@ -341,7 +373,8 @@ class Blender:
         todo = [i for i, x in enumerate(inputs) if x is not None]
         if self.parser is not None and todo:
             try:
-                labels = self.parser.labels([inputs[i] for i in todo])
+                with model_call():
+                    labels = self.parser.labels([inputs[i] for i in todo])
             except (RuntimeError, ValueError, cv2.error) as err:
                 if is_device_failure(err):
                     raise

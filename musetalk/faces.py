@@ -27,6 +27,7 @@ from face_alignment.utils import CENTER_Y_OFFSET, REFERENCE_SCALE, crop, get_pre
 
 from musetalk.config import FaceConfig
 from musetalk.layout import ModelLayout
+from musetalk.stats import model_call
 from shards.errors import ConfigError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ class FaceAnalyzer:
         batch = np.stack(images + [images[-1]] * (self.cfg.batch_size - n))  # padded: batch-mate invariance
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
         x = x - torch.tensor(S3FD_MEAN_BGR, device=self.device).view(1, 3, 1, 1)
-        outputs = self.s3fd_net(x)
+        with model_call():
+            outputs = self.s3fd_net(x)
         levels = [
             (F.softmax(outputs[k], dim=1)[:n, 1].cpu().numpy(), outputs[k + 1][:n].cpu().numpy())
             for k in range(0, len(outputs), 2)
@@ -171,7 +173,7 @@ class FaceAnalyzer:
     def _haar(self, image: np.ndarray) -> np.ndarray:
         """Haar cascade boxes (N, 5) [x1, y1, x2, y2, neighbours] for one (h, w, 3) uint8 BGR image."""
         gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        with self._haar_lock:
+        with self._haar_lock, model_call():
             rects, neighbours = self.haar.detectMultiScale2(
                 gray,
                 scaleFactor=HAAR_SCALE_FACTOR,
@@ -198,7 +200,8 @@ class FaceAnalyzer:
             scales.append(scale)
         n = len(crops)
         batch = np.stack(crops + [crops[-1]] * (self.cfg.batch_size - n))  # padded like detection
-        heatmaps = self.fan(torch.from_numpy(batch).to(self.device))[-1][:n].float().cpu().numpy()
+        with model_call():
+            heatmaps = self.fan(torch.from_numpy(batch).to(self.device))[-1][:n].float().cpu().numpy()
         result = []
         for i in range(n):
             _, points, _ = get_preds_fromhm(heatmaps[i : i + 1], centers[i], scales[i])

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -38,10 +39,19 @@ from musetalk.stages import (
     Stopped,
     ThreadGroup,
     current_stream,
+    decode_thread,
     on_stream,
 )
-from musetalk.stats import ENHANCE_FALLBACK, FACE, PARSING_FALLBACK, PASSTHROUGH, PrepStats, ShardStats
-from shards.decode import read_frames
+from musetalk.stats import (
+    ENHANCE_FALLBACK,
+    FACE,
+    PARSING_FALLBACK,
+    PASSTHROUGH,
+    PrepStats,
+    ShardStats,
+    model_call,
+)
+from shards.decode import FrameStreams
 from shards.plan import Plan, Shard, ShardsConfig, UnitKind
 from shards.probe import VideoInfo
 from shards.segment import EncodeSettings, SegmentWriter
@@ -99,37 +109,24 @@ class FramePipeline:
         # shards.segment.AVSegmentWriter where there is no ffmpeg binary (scripts/gpu_check.py)
         self._writer = writer
         self.tuning = tuning or PipelineTuning.of(cfg)
-        if cfg.threads:
+        if cfg.threads:  # OpenCV too: its results do not depend on it, and stage CPU clocks then see it all
             torch.set_num_threads(cfg.threads)
+            cv2.setNumThreads(cfg.threads)
         self.models = models or load_models(cfg, self.tuning)
         # what the rounding of this pipeline's results depends on (keys of reusable work include it)
         self.identity = compute_identity(self.models.device, resolve_dtype(cfg.dtype, self.models.device))
         self._device_composite = self.tuning.device_composite(self.models.device)
         self._compositor = DeviceCompositor(self.models.device) if self._device_composite else None
+        self._streams = FrameStreams()  # a unit that starts where the last one ended continues its decoder
 
     # Preparation --------------------------------------------------------------------------------
     def _decoded(
         self, group: ThreadGroup, clock: StageClock, video: VideoInfo, start: int, end: int
     ) -> Channel:
         """Start a decode thread for source frames ``[start, end)`` -> a channel of (src, frame)."""
-        decoded = group.channel(self.tuning.decode_depth)
-
-        def run() -> None:
-            frames = read_frames(video, start, end)
-            src = start
-            while True:
-                with clock.stage("decode"):
-                    frame = next(frames, None)
-                if frame is None:
-                    break
-                decoded.put((src, frame))
-                src += 1
-            if src != end:
-                raise RuntimeError(f"source frames [{start}, {end}): decoded {src - start} frames")
-            decoded.put(END)
-
-        group.start("decode", run)
-        return decoded
+        return decode_thread(
+            group, clock, self._streams.read(video, start, end), start, end, self.tuning.decode_depth
+        )
 
     def detect_range(
         self,
@@ -165,7 +162,7 @@ class FramePipeline:
         stats = PrepStats(
             unit=f"detect {start}-{end}",
             frames=end - start,
-            seconds=clock.totals(),
+            **clock.report(),
             detections=len(found),
             wall_seconds=time.perf_counter() - wall,
             started=started,
@@ -202,8 +199,8 @@ class FramePipeline:
 
         def flush(masks: ThreadPoolExecutor) -> None:
             nonlocal encodes, parsings
-            with clock.stage("vae_encode", device=True):
-                crops = np.stack([crop for _, _, crop, _ in pending])
+            crops = np.stack([crop for _, _, crop, _ in pending])
+            with clock.stage("vae_encode", device=True), model_call():
                 latents = m.generator.encode(crops, self.cfg.batch_size)
             encodes += len(pending)
             with clock.stage("blend_prepare", device=True):
@@ -246,7 +243,7 @@ class FramePipeline:
         stats = PrepStats(
             unit=f"prepare {start}-{end}",
             frames=end - start,
-            seconds=clock.totals(),
+            **clock.report(),
             vae_encodes=encodes,
             parsings=parsings,
             wall_seconds=time.perf_counter() - wall,
@@ -267,11 +264,11 @@ class FramePipeline:
         started, wall, clock = time.time(), time.perf_counter(), StageClock(self.models.device)
         out = {}
         for k in segments:
-            with clock.stage("audio", device=True):
+            with clock.stage("audio", device=True), model_call():
                 out[k] = self.models.audio.encode(samples[k * SEGMENT_SAMPLES : (k + 1) * SEGMENT_SAMPLES], k)
         stats = PrepStats(
             unit=f"audio {segments}",
-            seconds=clock.totals(),
+            **clock.report(),
             audio_segments=len(segments),
             wall_seconds=time.perf_counter() - wall,
             started=started,
@@ -362,7 +359,7 @@ class FramePipeline:
             frames=shard.frames,
             face_frames=shard.frames - kinds.count(PASSTHROUGH),
             decoded_frames=hi - lo,
-            seconds=ctx.clock.totals(),
+            **ctx.clock.report(),
             enhance_fallbacks=kinds.count(ENHANCE_FALLBACK),
             parsing_fallbacks=kinds.count(PARSING_FALLBACK),
             frame_kinds=kinds,
@@ -413,10 +410,10 @@ class FramePipeline:
         if with_face:
             ts = [t for t, _ in with_face]
             latents = torch.stack([torch.from_numpy(np.array(e.latents)) for _, e in with_face])
-            with ctx.clock.stage("generate", device=True):
+            with ctx.clock.stage("generate", device=True), model_call():
                 generated = m.generator.generate(latents, ctx.windows(ts), self.cfg.batch_size)
             if m.enhancer is not None:
-                with ctx.clock.stage("enhance", device=True):
+                with ctx.clock.stage("enhance", device=True), model_call():
                     enhanced = []
                     for t, face in zip(ts, generated, strict=True):  # one call per face: which fell back
                         one, fell = m.enhancer.enhance(face[None])

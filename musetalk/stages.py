@@ -15,7 +15,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from musetalk.stats import model_cpu_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -204,12 +207,16 @@ class StageClock:
 
     Host stages are timed with ``perf_counter``. A ``device`` stage on CUDA is timed with CUDA events
     recorded on the current stream and resolved once, in :meth:`totals` (no synchronize per stage).
+    Every stage also counts its thread's CPU time, inside model calls and outside them
+    (:func:`musetalk.stats.model_call`): :meth:`cpu_totals`.
     """
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
         self._lock = threading.Lock()
         self._seconds: dict[str, float] = defaultdict(float)
+        self._host_cpu: dict[str, float] = defaultdict(float)
+        self._model_cpu: dict[str, float] = defaultdict(float)
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextmanager
@@ -218,12 +225,16 @@ class StageClock:
         if device and self._cuda:
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
-        start = time.perf_counter()
+        start, cpu, model = time.perf_counter(), time.thread_time(), model_cpu_seconds()
         try:
             yield
         finally:
             elapsed = time.perf_counter() - start
+            in_model = model_cpu_seconds() - model
+            host = time.thread_time() - cpu - in_model
             with self._lock:
+                self._host_cpu[name] += host
+                self._model_cpu[name] += in_model
                 if events is None:
                     self._seconds[name] += elapsed
                 else:
@@ -238,3 +249,35 @@ class StageClock:
                     self._seconds[name] += start.elapsed_time(end) / 1000.0
                 self._events.clear()
             return dict(self._seconds)
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """The ``seconds``, ``host_cpu`` and ``model_cpu`` of a unit's stats (:mod:`musetalk.stats`), once
+        its threads are done: wall seconds per stage (:meth:`totals`), and thread CPU seconds per stage
+        outside and inside model calls."""
+        seconds = self.totals()
+        with self._lock:
+            return {"seconds": seconds, "host_cpu": dict(self._host_cpu), "model_cpu": dict(self._model_cpu)}
+
+
+def decode_thread(
+    group: ThreadGroup, clock: StageClock, frames: Iterator[np.ndarray], start: int, end: int, depth: int
+) -> Channel:
+    """Start a thread of ``group`` that puts (src, frame) for source frames ``[start, end)`` from ``frames``
+    (a decoder's iterator over exactly those frames) into a channel of ``depth`` items, timed as ``decode``."""
+    decoded = group.channel(depth)
+
+    def run() -> None:
+        src = start
+        while True:
+            with clock.stage("decode"):
+                frame = next(frames, None)
+            if frame is None:
+                break
+            decoded.put((src, frame))
+            src += 1
+        if src != end:
+            raise RuntimeError(f"source frames [{start}, {end}): decoded {src - start} frames")
+        decoded.put(END)
+
+    group.start("decode", run)
+    return decoded

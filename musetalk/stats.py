@@ -3,11 +3,20 @@
 :data:`STAGES` names the timed stages in pipeline order; :class:`ShardStats` and :class:`PrepStats` travel
 back from Ray workers as is (a resume manifest stores ShardStats as JSON); :func:`stage_totals` and
 :func:`busy_seconds` sum them over a job. No torch here: the run directory imports this cheaply.
+
+Host CPU: each stage also counts the CPU time of the thread that ran it (``time.thread_time``), apart
+from the CPU time spent inside model calls (:func:`model_call`, wrapped around every network forward and
+the Haar cascade): ``host_cpu`` is what a GPU node would still pay on its CPU, ``model_cpu`` what a GPU
+takes off it. Thread time is load-proof: other processes on the machine do not inflate it.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 STAGES = (
@@ -24,6 +33,28 @@ STAGES = (
 
 # ShardStats.frame_kinds, one character per output frame.
 FACE, PASSTHROUGH, PARSING_FALLBACK, ENHANCE_FALLBACK = "F", "P", "p", "e"
+
+
+_model = threading.local()  # per thread: CPU seconds inside model calls so far, and the nesting depth
+
+
+@contextmanager
+def model_call() -> Iterator[None]:
+    """Charge this thread's CPU time inside the block to model calls (nested blocks count once)."""
+    depth = getattr(_model, "depth", 0)
+    _model.depth = depth + 1
+    start = time.thread_time() if depth == 0 else 0.0
+    try:
+        yield
+    finally:
+        _model.depth = depth
+        if depth == 0:
+            _model.seconds = model_cpu_seconds() + time.thread_time() - start
+
+
+def model_cpu_seconds() -> float:
+    """CPU seconds this thread has spent inside :func:`model_call` blocks so far."""
+    return getattr(_model, "seconds", 0.0)
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,8 @@ class ShardStats:
     frame_kinds: str = ""
     wall_seconds: float = 0.0
     started: float = 0.0  # wall-clock (epoch) seconds when the shard started: busy intervals per worker
+    host_cpu: dict[str, float] = field(default_factory=dict)  # thread CPU s per stage outside model calls
+    model_cpu: dict[str, float] = field(default_factory=dict)  # thread CPU s per stage inside model calls
 
     @property
     def total_seconds(self) -> float:
@@ -72,11 +105,14 @@ class PrepStats:
     worker: str = ""
     wall_seconds: float = 0.0
     started: float = 0.0  # wall-clock (epoch) seconds when the unit started
+    host_cpu: dict[str, float] = field(default_factory=dict)  # as ShardStats.host_cpu
+    model_cpu: dict[str, float] = field(default_factory=dict)  # as ShardStats.model_cpu
 
 
-def stage_totals(stats: list[ShardStats] | tuple[ShardStats, ...]) -> dict[str, float]:
-    """Seconds per stage summed over shards, in pipeline order."""
-    return {k: sum(s.seconds.get(k, 0.0) for s in stats) for k in STAGES}
+def stage_totals(stats, what: str = "seconds") -> dict[str, float]:
+    """Seconds per stage summed over units (ShardStats and PrepStats), in pipeline order: wall
+    (``what="seconds"``), thread CPU outside model calls (``"host_cpu"``) or inside them (``"model_cpu"``)."""
+    return {k: sum(getattr(s, what).get(k, 0.0) for s in stats) for k in STAGES}
 
 
 def busy_seconds(stats) -> float:

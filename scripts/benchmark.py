@@ -279,6 +279,7 @@ def run_pool(
     stage_sum = sum(summary.stage_seconds.values())
     cuda = [w["peak_cuda_mib"] for w in per_worker if w.get("peak_cuda_mib") is not None]
     return {
+        "host_cpu": host_cpu(summary, per_worker),
         "workers": workers,
         "shards": summary.shards,
         "prep_units": sum(w["prep_units"] for w in per_worker),
@@ -299,6 +300,39 @@ def run_pool(
         ],
         "worker_peak_rss_mib": round(max(w["peak_rss_mib"] for w in per_worker), 1),
         "peak_cuda_memory_mib": round(max(cuda), 1) if cuda else None,
+    }
+
+
+def host_cpu(summary, per_worker: list[dict]) -> dict:
+    """CPU milliseconds per output frame that a GPU node would still pay on its CPU: the workers' CPU outside
+    model calls (thread CPU time inside every network forward and the Haar cascade subtracted), split by
+    stage, with the encoder apart (the ffmpeg children plus the thread that feeds them).
+
+    ``stages``: each stage's thread CPU outside model calls; ``outside_models_and_encoder``: their sum
+    without ``encode``; ``encoder``: ``encode`` + the ffmpeg children; ``process_outside_models_and_encoder``:
+    the worker processes' whole CPU (every thread: libav's decoder threads, Ray, queues) less model calls
+    and the encoder, ``unattributed`` the part of it no stage clock saw; ``model``: inside model calls."""
+    frames = max(summary.frames, 1)
+
+    def ms(seconds: float) -> float:
+        return round(seconds * 1000 / frames, 3)
+
+    stages = summary.host_cpu_seconds
+    children = sum(w.get("child_cpu_seconds", 0.0) for w in per_worker)
+    own = sum(w["cpu_seconds"] for w in per_worker) - children
+    model = sum(summary.model_cpu_seconds.values())
+    outside = sum(v for k, v in stages.items() if k != "encode")
+    process = own - model - stages.get("encode", 0.0)
+    return {
+        "unit": "CPU ms per output frame",
+        "outside_models_and_encoder": ms(outside),
+        "encoder": ms(stages.get("encode", 0.0) + children),
+        "encoder_children": ms(children),
+        "process_outside_models_and_encoder": ms(process),
+        "unattributed": ms(process - outside),
+        "model": ms(model),
+        "stages": {k: ms(v) for k, v in stages.items()},
+        "model_stages": {k: ms(v) for k, v in summary.model_cpu_seconds.items() if v > 0},
     }
 
 
@@ -432,6 +466,14 @@ def table(res: dict) -> str:
             f"{run['stage_seconds'][k]:>10.2f}" for k in stages
         )
         lines.append(row)
+    for run in res["runs"]:
+        cpu = run["host_cpu"]
+        lines.append(
+            f"{run['workers']} x {run['shards']}: host CPU ms/frame outside model calls: "
+            f"{cpu['outside_models_and_encoder']:.2f} by stage clocks ({cpu['process_outside_models_and_encoder']:.2f} "
+            f"whole worker processes), encoder {cpu['encoder']:.2f}, model calls {cpu['model']:.2f}; by stage: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in cpu["stages"].items() if v > 0)
+        )
     lines.append(f"driver peak RSS {res['driver_peak_rss_mib']:.0f} MiB")
     lines.append(f"1080p paste, one CPU thread, ms/frame: {res['paste_ms_1080p_one_thread']}")
     if res["peak_cuda_memory_mib"] is not None:

@@ -1,4 +1,5 @@
-"""Frame-exact decoding with PyAV: frames ``[start, end)`` of a probed video, seeking or not.
+"""Frame-exact decoding with PyAV: frames ``[start, end)`` of a probed video, seeking or not
+(:func:`read_frames`), and decoders kept open across consecutive ranges (:class:`FrameStreams`).
 
 See ``shards.probe`` for how frames are indexed.
 """
@@ -7,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -32,6 +36,66 @@ def read_frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
     if info.mode == "decode order":
         return _frames_in_decode_order(info, start, end)
     return _frames(info, start, end)
+
+
+class FrameStreams:
+    """Decoders kept open between range reads of one process (a worker's units), so a read that starts
+    where an earlier read of the same file stopped continues that decoder: consecutive units decode as one
+    sequential pass, with no seek and no keyframe pre-roll per unit. The frames are :func:`read_frames`'s
+    (equal to a sequential decode) either way. Thread-safe: a decoder serves one read at a time; at most
+    ``keep`` idle decoders stay open (the oldest is closed), each holding its file and one decoded frame."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[tuple, Iterator[np.ndarray]] = OrderedDict()
+        self.opened = 0  # decoders opened (each a seek and its pre-roll); continued reads open none
+
+    def read(self, info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
+        """Frames ``[start, end)`` as :func:`read_frames` gives them."""
+        if not (0 <= start <= end <= info.frame_count):
+            raise ValueError(
+                f"frame range [{start}, {end}) is outside [0, {info.frame_count}] for {info.path}"
+            )
+        return self._read(info, start, end)
+
+    def _read(self, info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
+        if start == end:
+            return
+        st = os.stat(info.path)
+        key = (info, st.st_ino, st.st_size, st.st_mtime_ns)  # a file replaced since is a new file
+        with self._lock:
+            stream = self._idle.pop((key, start), None)
+            if stream is None:
+                self.opened += 1
+        if stream is None:
+            stream = read_frames(info, start, info.frame_count)
+        done = False
+        try:
+            for _ in range(end - start):
+                yield next(stream)
+            done = True
+        finally:
+            if done and end < info.frame_count:
+                self._park((key, end), stream)
+            else:  # the end of the file, or a reader that stopped early or failed
+                stream.close()
+
+    def _park(self, key: tuple, stream: Iterator[np.ndarray]) -> None:
+        with self._lock:
+            closing = [self._idle.pop(key)] if key in self._idle else []
+            self._idle[key] = stream
+            while len(self._idle) > self._keep:
+                closing.append(self._idle.popitem(last=False)[1])
+        for old in closing:
+            old.close()
+
+    def close(self) -> None:
+        """Close every idle decoder."""
+        with self._lock:
+            idle, self._idle = list(self._idle.values()), OrderedDict()
+        for stream in idle:
+            stream.close()
 
 
 def _to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:

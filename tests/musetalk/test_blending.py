@@ -15,6 +15,8 @@ from torch import nn
 from musetalk.blending import (
     Blender,
     BlendMaterial,
+    _enough,
+    _place,
     blend_square,
     blur_kernel_size,
     composite,
@@ -22,6 +24,8 @@ from musetalk.blending import (
     fit_face,
     make_material,
     parsing_mask,
+    region_to_square,
+    upstream_mask,
 )
 from musetalk.config import BlendConfig
 from musetalk.layout import ModelLayout
@@ -441,3 +445,41 @@ def test_composite_is_pil_paste_with_a_mask():
 def test_ellipse_off_without_parsing_is_a_config_error():
     with pytest.raises(ConfigError, match="blend.ellipse=false needs blend.parsing=true"):
         Blender(None, BlendConfig(ellipse=False, parsing=False))
+
+
+def whole_square_material(region, box, square, cfg: BlendConfig) -> np.ndarray:
+    """The ellipse-on mask computed over the whole blend square (the maths before the box-window speed-up):
+    upstream's mask steps on the square, times the ellipse placed in a square of zeros."""
+    side = square[2] - square[0]
+    in_square = region_to_square(region, side)
+    if not _enough(in_square, box, square, cfg.upper_boundary_ratio):
+        in_square = np.full((side, side), 255, dtype=np.uint8)
+    blurred = upstream_mask(in_square, box, square, cfg.upper_boundary_ratio)
+    ellipse = np.zeros((side, side), dtype=np.float32)
+    x1, y1, x2, y2 = box
+    _place(ellipse, ellipse_mask(y2 - y1, x2 - x1, cfg.ellipse_feather), x1 - square[0], y1 - square[1])
+    return np.rint(blurred.astype(np.float32) * ellipse).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_box_window_mask_is_bit_identical_to_the_whole_square_maths(seed):
+    """Blur and ellipse over the face box alone equal the whole square's, for boxes at 1080p sizes too,
+    narrow squares (expand 1: the box touches the square's edges), any top cut and the parsing fallback."""
+    rng = np.random.default_rng(seed)
+    labels = face_labels()
+    for _ in range(6):
+        w, h = int(rng.integers(9, 700)), int(rng.integers(9, 700))
+        x1, y1 = int(rng.integers(-50, 1300)), int(rng.integers(-50, 500))
+        box = (x1, y1, x1 + w, y1 + h)
+        cfg = BlendConfig(
+            expand=float(rng.choice([1.0, 1.2, 1.5])),
+            upper_boundary_ratio=float(rng.choice([0.0, 0.3, 0.5, 0.8])),
+            ellipse_feather=float(rng.choice([0.0, 0.15, 0.5])),
+        )
+        square = blend_square(box, cfg.expand)[0]
+        region = parsing_mask(labels, "jaw") if rng.random() < 0.7 else np.zeros((512, 512), np.uint8)
+        material = make_material(region, box, square, cfg)
+        np.testing.assert_array_equal(material.mask, whole_square_material(region, box, square, cfg))
+        fallback = make_material(None, box, square, cfg)
+        full = np.full((512, 512), 255, dtype=np.uint8)
+        np.testing.assert_array_equal(fallback.mask, whole_square_material(full, box, square, cfg))

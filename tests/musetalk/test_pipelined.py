@@ -15,7 +15,7 @@ import psutil
 import pytest
 import soundfile as sf
 
-import musetalk.pipeline as pipeline_module
+import shards.decode as decode_module
 from musetalk.config import FaceConfig, PipelineConfig
 from musetalk.local import plan_job
 from musetalk.pipeline import FramePipeline
@@ -103,7 +103,7 @@ def _fail_in(where: str, monkeypatch, pipe):
         raise ValueError(f"boom in {where}")
 
     if where == "decode":
-        real = pipeline_module.read_frames
+        real = decode_module.read_frames
 
         def frames(*args):
             it = real(*args)
@@ -111,7 +111,7 @@ def _fail_in(where: str, monkeypatch, pipe):
             yield next(it)
             boom()
 
-        monkeypatch.setattr(pipeline_module, "read_frames", frames)
+        monkeypatch.setattr(decode_module, "read_frames", frames)
     elif where == "detect":
         monkeypatch.setattr(pipe.models.analyzer, "detect", boom)
     elif where == "generate":
@@ -160,7 +160,7 @@ def _frames_alive_at(monkeypatch, model, method: str) -> tuple[list, list[int]]:
     """Track every decoded frame (weak references) and count those still alive at each call of
     ``model.method``: (the references, the counts)."""
     decoded, alive = [], []
-    real_read, real_call = pipeline_module.read_frames, getattr(model, method)
+    real_read, real_call = decode_module.read_frames, getattr(model, method)
 
     def read(*args):
         for frame in real_read(*args):
@@ -171,7 +171,7 @@ def _frames_alive_at(monkeypatch, model, method: str) -> tuple[list, list[int]]:
         alive.append(sum(ref() is not None for ref in decoded))
         return real_call(*args)
 
-    monkeypatch.setattr(pipeline_module, "read_frames", read)
+    monkeypatch.setattr(decode_module, "read_frames", read)
     monkeypatch.setattr(model, method, call)
     return decoded, alive
 

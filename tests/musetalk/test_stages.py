@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import numpy as np
+import torch
 
-from musetalk.stages import END, ThreadGroup
+from musetalk.stages import END, StageClock, ThreadGroup
+from musetalk.stats import model_call, model_cpu_seconds
 
 
 def test_a_channel_yields_items_until_end_then_stays_exhausted():
@@ -33,3 +36,44 @@ def test_a_consumer_that_drops_an_item_is_not_holding_it_through_the_channel():
         gc.collect()
         assert ref() is None
         assert next(it, None) is None
+
+
+def _spin(rounds: int) -> int:
+    """CPU work in this thread (a loop, so thread time moves whatever the machine's load)."""
+    total = 0
+    for i in range(rounds):
+        total += i * i
+    return total
+
+
+def test_stage_clock_splits_thread_cpu_into_model_calls_and_the_rest():
+    clock = StageClock(torch.device("cpu"))
+    with clock.stage("detect"):
+        _spin(200_000)  # host work
+        with model_call():
+            _spin(200_000)
+            with model_call():  # nested: counted once
+                _spin(200_000)
+    with clock.stage("blend"):
+        _spin(100_000)
+    report = clock.report()
+    assert set(report) == {"seconds", "host_cpu", "model_cpu"}
+    assert report["host_cpu"]["detect"] > 0 and report["model_cpu"]["detect"] > 0
+    assert report["host_cpu"]["blend"] > 0 and report["model_cpu"]["blend"] == 0
+    # model CPU is thread CPU: it cannot exceed the thread's CPU while the stage ran (wall seconds bound it)
+    assert report["host_cpu"]["detect"] + report["model_cpu"]["detect"] <= report["seconds"]["detect"] + 1e-3
+
+
+def test_model_cpu_is_counted_per_thread():
+    before = model_cpu_seconds()
+    seen = []
+
+    def other() -> None:
+        with model_call():
+            _spin(300_000)
+        seen.append(model_cpu_seconds())
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen[0] > 0 and model_cpu_seconds() == before

@@ -161,6 +161,13 @@ def test_pool_run_renders_through_the_driver_and_reports_the_workers(tiny_models
         worker["cpu_seconds"], abs=1e-3
     )
     assert worker["peak_rss_mib"] > 0
+    cpu = res["host_cpu"]  # CPU ms per output frame outside model calls, by stage, the encoder apart
+    assert cpu["stages"].keys() == set(STAGES) and cpu["outside_models_and_encoder"] > 0
+    assert cpu["outside_models_and_encoder"] == pytest.approx(
+        sum(v for k, v in cpu["stages"].items() if k != "encode"), abs=0.01
+    )
+    assert cpu["encoder"] >= cpu["encoder_children"] > 0 and cpu["model"] > 0
+    assert cpu["model_stages"].keys() >= {"detect", "vae_encode", "blend_prepare", "generate"}
     memory = worker["memory_mib"]  # Linux: resident memory now, by kind, and its peak
     assert memory["anon"] > 0 and memory["hwm"] >= memory["rss"] >= memory["anon"]
     assert res["worker_peak_rss_mib"] == pytest.approx(worker["peak_rss_mib"], abs=0.1)

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from shards.decode import count_frames, read_frames
+from shards.decode import FrameStreams, count_frames, read_frames
 from shards.ffmpeg import ffmpeg_exe
 from shards.probe import probe_video
 from tests.shards.media_clips import plain_decode, same_frames
@@ -91,3 +91,38 @@ def test_rotated_video_decodes_upright(clips, source_frames, name, rotation, k):
     reference = np.frombuffer(raw, np.uint8).reshape(-1, info.height, info.width, 3)
     assert len(reference) == len(frames)
     assert np.abs(reference.astype(np.int16) - np.stack(frames)).mean() < 1.0
+
+
+@pytest.mark.parametrize("name", ["cfr", "cfr_h264", "vfr"])
+def test_frame_streams_continue_a_decoder_across_consecutive_ranges(clips, name):
+    """Consecutive ranges (mid-GOP boundaries included) continue one decoder and give read_frames' frames;
+    a gap, an abandoned read or the end of the file opens a new one."""
+    info = probe_video(clips[name])
+    full = list(read_frames(info, 0, info.frame_count))
+    streams = FrameStreams()
+    got = []
+    for start, end in [(0, 5), (5, 17), (17, 17), (17, 30)]:
+        got += list(streams.read(info, start, end))
+    assert streams.opened == 1 and same_frames(got, full[:30])
+    assert same_frames(list(streams.read(info, 33, 36)), full[33:36]) and streams.opened == 2
+    partial = streams.read(info, 36, 39)
+    assert same_frames([next(partial)], full[36:37])
+    partial.close()  # a reader that stopped early: its decoder is closed, not kept
+    assert same_frames(list(streams.read(info, 37, info.frame_count)), full[37:]) and streams.opened == 3
+    assert same_frames(list(streams.read(info, 30, 33)), full[30:33]) and streams.opened == 3  # kept at 30
+    with pytest.raises(ValueError, match="outside"):
+        streams.read(info, 0, info.frame_count + 1)
+    streams.close()
+
+
+def test_frame_streams_keep_a_bounded_number_of_idle_decoders(clips):
+    info = probe_video(clips["cfr"])
+    streams = FrameStreams(keep=2)
+    for start in (0, 10, 20):
+        list(streams.read(info, start, start + 2))
+    assert streams.opened == 3
+    list(streams.read(info, 2, 4))  # the oldest idle decoder (at 2) was closed when the third was kept
+    assert streams.opened == 4
+    list(streams.read(info, 22, 24))  # the newest is still there
+    assert streams.opened == 4
+    streams.close()
