@@ -199,9 +199,10 @@ class FramePipeline:
 
         def flush(masks: ThreadPoolExecutor) -> None:
             nonlocal encodes, parsings
-            crops = np.stack([crop for _, _, crop, _ in pending])
-            with clock.stage("vae_encode", device=True), model_call():
-                latents = m.generator.encode(crops, self.cfg.batch_size)
+            with clock.stage("vae_encode", device=True):
+                crops = np.stack([crop for _, _, crop, _ in pending])
+                with model_call():
+                    latents = m.generator.encode(crops, self.cfg.batch_size)
             encodes += len(pending)
             with clock.stage("blend_prepare", device=True):
                 regions = m.blender.parse_inputs([x for _, _, _, x in pending])
