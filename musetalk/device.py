@@ -95,3 +95,12 @@ def is_device_failure(err: BaseException) -> bool:
     if isinstance(err, device_errors):
         return True
     return isinstance(err, RuntimeError) and any(word in str(err) for word in ("CUDA", "CUBLAS", "CUDNN"))
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor -> ``device``. To CUDA through page-locked memory and non-blocking: the copy is queued
+    on the current stream and the host thread goes on (the pinned block is not reused before the copy
+    ran: the caching host allocator records the stream). Elsewhere the tensor itself (CPU) or ``.to``."""
+    if device.type == "cuda":
+        return tensor.contiguous().pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
