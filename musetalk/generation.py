@@ -295,8 +295,8 @@ def generate_faces(
     frames share a UNet batch never changes; padding keeps each face independent of its batch mates
     anyway). One batch is in flight: batch N+1 is launched (:meth:`LatentGenerator.launch`, queued on the
     current stream) before batch N's faces are waited for, so on CUDA the device never idles while this
-    thread waits. ``enhancer`` (a :class:`musetalk.enhance.FaceEnhancer` or None) runs per face, so each
-    frame knows whether it fell back; ``windows(ts)`` gives the audio prompts, ``clock`` the stage times.
+    thread waits. ``enhancer`` (a :class:`musetalk.enhance.FaceEnhancer` or None) runs on each batch and
+    says which faces fell back; ``windows(ts)`` gives the audio prompts, ``clock`` the stage times.
     """
 
     def launch(pending: list[tuple[int, Entry]]) -> tuple[list[tuple[int, Entry]], PendingFaces | None]:
@@ -311,14 +311,11 @@ def generate_faces(
         ts = [t for t, e in pending if e.box is not None]
         out, failed = {}, set()
         if launched is not None:
-            generated = list(launched.result())
+            generated = launched.result()
             if enhancer is not None:
                 with clock.stage("enhance", device=True):
-                    for i, face in enumerate(generated):  # one call per face: which fell back
-                        one, fell = enhancer.enhance(face[None])
-                        generated[i] = one[0]
-                        if fell:
-                            failed.add(ts[i])
+                    generated, fell = enhancer.restore(generated)
+                failed = {t for t, f in zip(ts, fell, strict=True) if f}
             out = dict(zip(ts, generated, strict=True))
         for t, e in pending:
             yield Generated(t, e, out.get(t), t in failed)

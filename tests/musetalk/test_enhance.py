@@ -211,10 +211,10 @@ def test_raising_net_falls_back_per_face(faces, caplog):
 def test_a_device_failure_in_gfpgan_is_raised_not_hidden(layout, faces, error, monkeypatch):
     enhancer = load_gfpgan(layout, CPU, upscale=1)
 
-    def fail(_face):
+    def fail(_faces):
         raise error
 
-    monkeypatch.setattr(enhancer, "_run", fail)
+    monkeypatch.setattr(enhancer, "_run_batch", fail)
     with pytest.raises(type(error)):
         enhancer.enhance(faces[:1])
 
