@@ -11,7 +11,8 @@ whole blend square in int32. Two facts make most of that unnecessary, exactly:
 
 :func:`paste_into` does that in place with numpy on the CPU: bit-identical to ``paste_face``.
 :class:`DeviceCompositor` does it with torch ops on the worker's device (the face resized to its box by a
-pair of small resampling matrices, the blend in int32): on a GPU only the composited frame crosses back.
+pair of small resampling matrices, the blend in int32); :meth:`DeviceCompositor.paste_host` keeps the frame on
+the host and sends only the changing rectangle across the bus, on a CUDA stream of the compositing thread.
 Its resize is cv2's bilinear/area filter in float32 instead of cv2's 11-bit fixed point, so it stays within
 one level of :func:`musetalk.blending.fit_face`; the blend itself is exact.
 """
@@ -19,11 +20,14 @@ one level of :func:`musetalk.blending.fit_face`; the blend itself is exact.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import torch
 
 from musetalk.blending import FACE_SIZE, Box, fit_face
+from musetalk.device import upload
+from musetalk.stages import on_stream
 
 Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame coordinates, exclusive ends
 
@@ -103,12 +107,17 @@ class DeviceCompositor:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._matrices: dict[tuple[int, int, bool], torch.Tensor] = {}
+        self._lock = threading.Lock()  # units of one worker composite side by side, on streams of their own
 
     def _matrix(self, src: int, dst: int, area: bool) -> torch.Tensor:
         key = (src, dst, area)
-        if key not in self._matrices:
-            self._matrices[key] = torch.from_numpy(_resample_matrix(src, dst, area)).to(self.device)
-        return self._matrices[key]
+        with self._lock:
+            if key not in self._matrices:
+                matrix = torch.from_numpy(_resample_matrix(src, dst, area)).to(self.device)
+                if self.device.type == "cuda":  # other units' streams read it too: wait for its upload once
+                    torch.cuda.current_stream(self.device).synchronize()
+                self._matrices[key] = matrix
+            return self._matrices[key]
 
     def fit(self, face: torch.Tensor, box: Box) -> torch.Tensor:
         """(h, w, 3) uint8 face on the device -> (y2 - y1, x2 - x1, 3) uint8, as :func:`fit_face`."""
@@ -120,6 +129,16 @@ class DeviceCompositor:
         x = face.to(torch.float32).permute(2, 0, 1)  # (3, h, w)
         x = wy @ x @ wx.T  # (3, bh, bw)
         return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+    def _blend(self, base: torch.Tensor, face: torch.Tensor, box: Box, mask: torch.Tensor, rect: Rect):
+        """The composited ``rect``: ``base`` ((rh, rw, 3) uint8, the frame's rect), ``face`` (any size),
+        ``mask`` ((rh, rw) uint8, the mask's rect) -> (rh, rw, 3) uint8, all on the device."""
+        fitted = self.fit(face, box)
+        rx1, ry1, rx2, ry2 = rect
+        layer = fitted[ry1 - box[1] : ry2 - box[1], rx1 - box[0] : rx2 - box[0]].to(torch.int32)
+        m = mask[..., None].to(torch.int32)
+        v = base.to(torch.int32) * (255 - m) + layer * m + 128
+        return (((v >> 8) + v) >> 8).to(torch.uint8)
 
     def paste(
         self,
@@ -134,13 +153,50 @@ class DeviceCompositor:
         device; ``mask`` is the (side, side) uint8 mask over ``square`` on the device. Returns ``frame``."""
         if rect is None:
             return frame
-        fitted = self.fit(face, box)
         rx1, ry1, rx2, ry2 = rect
         base = frame[ry1:ry2, rx1:rx2]
-        layer = fitted[ry1 - box[1] : ry2 - box[1], rx1 - box[0] : rx2 - box[0]].to(torch.int32)
-        m = mask[ry1 - square[1] : ry2 - square[1], rx1 - square[0] : rx2 - square[0], None].to(torch.int32)
-        v = base.to(torch.int32) * (255 - m) + layer * m + 128
-        base.copy_(((v >> 8) + v) >> 8)
+        m = mask[ry1 - square[1] : ry2 - square[1], rx1 - square[0] : rx2 - square[0]]
+        base.copy_(self._blend(base, face, box, m, rect))
+        return frame
+
+    def paste_host(
+        self,
+        frame: np.ndarray,
+        face: np.ndarray,
+        box: Box,
+        square: Box,
+        mask: np.ndarray,
+        rect: Rect | None,
+        stream=None,
+    ) -> np.ndarray:
+        """:meth:`paste` IN PLACE on a host ``frame`` ((H, W, 3) uint8, writable; returned): only the
+        rectangle crosses the bus. The frame's and the mask's ``rect`` and the face go up (pinned,
+        non-blocking), the blend runs on ``stream`` (a side stream of the compositing thread, so it never
+        waits behind the UNet batches of the unit's own stream), the rectangle comes down and is written
+        back. Off CUDA (``stream`` None) the same maths on the CPU."""
+        if rect is None:
+            return frame
+        rx1, ry1, rx2, ry2 = rect
+        base = frame[ry1:ry2, rx1:rx2]
+        m = mask[ry1 - square[1] : ry2 - square[1], rx1 - square[0] : rx2 - square[0]]
+        with on_stream(stream):
+            out = self._blend(
+                upload(torch.from_numpy(np.ascontiguousarray(base)), self.device),
+                upload(torch.from_numpy(np.ascontiguousarray(face)), self.device),
+                box,
+                upload(
+                    torch.from_numpy(np.array(m)), self.device
+                ),  # a copy: the material's mask is read-only
+                rect,
+            )
+            if self.device.type == "cuda":
+                host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                done.synchronize()  # this stream's work only: the unit's stream runs on
+                out = host
+        base[...] = out.cpu().numpy()
         return frame
 
 

@@ -95,3 +95,31 @@ def is_device_failure(err: BaseException) -> bool:
     if isinstance(err, device_errors):
         return True
     return isinstance(err, RuntimeError) and any(word in str(err) for word in ("CUDA", "CUBLAS", "CUDNN"))
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor -> ``device``. To CUDA through page-locked memory and non-blocking: the copy is queued
+    on the current stream and the host thread goes on (the pinned block is not reused before the copy
+    ran: the caching host allocator records the stream). Elsewhere the tensor itself (CPU) or ``.to``."""
+    if device.type == "cuda":
+        return tensor.contiguous().pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+class _InDtype(torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *args):
+        return self.module(
+            *(a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        )
+
+
+def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` computing in ``dtype``: its weights cast, its floating inputs cast on the way in (its
+    outputs stay in ``dtype``: callers read them back with ``.float()``). For preparation models whose
+    callers build float32 inputs (S3FD, FAN); ``module`` itself when ``dtype`` is float32."""
+    return module if dtype == torch.float32 else _InDtype(module, dtype)

@@ -26,6 +26,7 @@ from face_alignment.models import FAN
 from face_alignment.utils import CENTER_Y_OFFSET, REFERENCE_SCALE, crop, get_preds_fromhm
 
 from musetalk.config import FaceConfig
+from musetalk.device import upload
 from musetalk.layout import ModelLayout
 from musetalk.stats import model_call
 from shards.errors import ConfigError, WeightsError
@@ -157,17 +158,32 @@ class FaceAnalyzer:
 
     @torch.inference_mode()
     def _s3fd(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """S3FD boxes (N, 5) per (h, w, 3) uint8 BGR image, after NMS and the score threshold."""
+        """S3FD boxes (N, 5) per (h, w, 3) uint8 BGR image, after NMS and the score threshold.
+
+        The batch goes up pinned and non-blocking, the mean is a device tensor made once, and every
+        level's scores and offsets come back in one download: one host sync per batch. The net may run
+        in another dtype (``render.dtype`` on CUDA, :func:`musetalk.device.in_dtype`): its outputs are
+        read back in float32."""
         n = len(images)
         batch = np.stack(images + [images[-1]] * (self.cfg.batch_size - n))  # padded: batch-mate invariance
-        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
-        x = x - torch.tensor(S3FD_MEAN_BGR, device=self.device).view(1, 3, 1, 1)
+        mean = getattr(self, "_s3fd_mean", None)
+        if mean is None:
+            mean = self._s3fd_mean = torch.tensor(S3FD_MEAN_BGR, device=self.device).view(1, 3, 1, 1)
+        x = upload(torch.from_numpy(batch), self.device).permute(0, 3, 1, 2).float() - mean
         with model_call():
             outputs = self.s3fd_net(x)
-        levels = [
-            (F.softmax(outputs[k], dim=1)[:n, 1].cpu().numpy(), outputs[k + 1][:n].cpu().numpy())
-            for k in range(0, len(outputs), 2)
-        ]
+        parts = []
+        for k in range(0, len(outputs), 2):
+            parts.append(F.softmax(outputs[k].float(), dim=1)[:n, 1].flatten(1))
+            parts.append(outputs[k + 1][:n].float().flatten(1))
+        flat = torch.cat(parts, dim=1).cpu().numpy()
+        levels, at = [], 0
+        for k in range(0, len(outputs), 2):
+            (_, _, h, w) = outputs[k].shape
+            scores = flat[:, at : at + h * w].reshape(n, h, w)
+            offsets = flat[:, at + h * w : at + 5 * h * w].reshape(n, 4, h, w)
+            levels.append((scores, offsets))
+            at += 5 * h * w
         return [_s3fd_decode(levels, i) for i in range(n)]
 
     def _haar(self, image: np.ndarray) -> np.ndarray:

@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.utils import is_accelerate_available
 
+from musetalk.device import upload
+from musetalk.entries import Entry
 from musetalk.layout import ModelLayout
+from musetalk.stats import model_call
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,21 @@ def _batch_invariant(*models: torch.nn.Module, channels_last: bool = False) -> N
                     module._contiguous_input = True
 
 
+class PendingFaces:
+    """Faces :meth:`LatentGenerator.launch` queued: ``host`` ((N, 256, 256, 3) uint8 BGR, pinned on CUDA)
+    is filled when ``done`` (a CUDA event after the download, None off CUDA: already filled) has passed."""
+
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None) -> None:
+        self._host = host
+        self._done = done
+
+    def result(self) -> np.ndarray:
+        """Wait for this launch's download only (not for work queued after it) -> (N, 256, 256, 3) uint8."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.numpy()
+
+
 class LatentGenerator:
     """Runs MuseTalk 1.5's VAE + UNet on 256x256 face crops, in fixed-size batches.
 
@@ -211,6 +230,16 @@ class LatentGenerator:
     ) -> np.ndarray:
         """(N, 8, 32, 32) latents + (N, 50, 384) audio prompts (positional encoding added) -> (N, 256, 256, 3)
         uint8 BGR, in batches of ``batch_size`` (the loaded default when None)."""
+        return self.launch(latents, audio, batch_size).result()
+
+    @torch.inference_mode()
+    def launch(
+        self, latents: torch.Tensor, audio: torch.Tensor, batch_size: int | None = None
+    ) -> PendingFaces:
+        """:meth:`generate`, without waiting: on CUDA the inputs go up pinned and non-blocking, every batch
+        and the faces' download into pinned host memory are queued on the current stream, and the call
+        returns at once, so the caller can queue the next batch before it waits for this one
+        (:meth:`PendingFaces.result`). Elsewhere the work is done when it returns: the same maths."""
         if latents.ndim != 4 or latents.shape[1:] != (8, LATENT_SIZE, LATENT_SIZE):
             raise ValueError(f"latents must be (N, 8, 32, 32), got {tuple(latents.shape)}")
         if audio.shape != (len(latents), AUDIO_TOKENS, AUDIO_DIM):
@@ -218,17 +247,23 @@ class LatentGenerator:
                 f"audio must be ({len(latents)}, 50, 384) to match latents, got {tuple(audio.shape)}"
             )
         batch_size = _batch(self.batch_size if batch_size is None else batch_size)
-        out = np.empty((len(latents), CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+        cuda = self.device.type == "cuda"
+        host = torch.empty((len(latents), CROP_SIZE, CROP_SIZE, 3), dtype=torch.uint8, pin_memory=cuda)
+        latents, audio = upload(latents, self.device), upload(audio, self.device)
         for start, stop in _spans(len(latents), batch_size):
             faces = self._generate_batch(
                 _pad(latents[start:stop], batch_size), _pad(audio[start:stop], batch_size)
             )
-            out[start:stop] = faces[: stop - start].cpu().numpy()
-        return out
+            host[start:stop].copy_(faces[: stop - start], non_blocking=cuda)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return PendingFaces(host, done)
 
     def _encode_batch(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, 256, 256, 3) uint8 BGR -> (B, 8, 32, 32) latents [masked, reference] on the device."""
-        rgb = crops.to(self.device).flip(-1).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        rgb = upload(crops, self.device).flip(-1).permute(0, 3, 1, 2).to(torch.float32) / 255.0
         masked = rgb.clone()
         masked[:, :, MASK_TOP:, :] = 0.0  # blanked before normalising, so those rows become -1
         halves = [
@@ -250,3 +285,72 @@ class LatentGenerator:
         image = self.vae.decode((pred / UNET_SCALE).to(self.vae.dtype)).sample.float()
         image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return image.permute(0, 2, 3, 1).flip(-1)
+
+
+@dataclass(eq=False)
+class Generated:
+    """One output frame after generation: its source frame's entry and, with a face, the generated face."""
+
+    t: int
+    entry: Entry
+    face: np.ndarray | None = None  # (256 * upscale, 256 * upscale, 3) uint8 BGR
+    enhance_failed: bool = False
+
+
+def generate_faces(
+    entries: Iterable[tuple[int, Entry]],
+    generator: LatentGenerator,
+    enhancer,
+    windows: Callable[[list[int]], torch.Tensor],
+    clock,
+    batch_size: int,
+) -> Iterator[Generated]:
+    """A shard's generation: (output frame, entry) in order -> one :class:`Generated` each, in order.
+
+    Batches close at ``batch_size`` faces, at twice that many frames, or at the end (a fixed rule: which
+    frames share a UNet batch never changes; padding keeps each face independent of its batch mates
+    anyway). One batch is in flight: batch N+1 is launched (:meth:`LatentGenerator.launch`, queued on the
+    current stream) before batch N's faces are waited for, so on CUDA the device never idles while this
+    thread waits. ``enhancer`` (a :class:`musetalk.enhance.FaceEnhancer` or None) runs on each batch and
+    says which faces fell back; ``windows(ts)`` gives the audio prompts, ``clock`` the stage times.
+    """
+
+    def launch(pending: list[tuple[int, Entry]]) -> tuple[list[tuple[int, Entry]], PendingFaces | None]:
+        faces = [(t, e) for t, e in pending if e.box is not None]
+        if not faces:
+            return pending, None
+        with clock.stage("generate", device=True):
+            latents = torch.from_numpy(np.stack([e.latents for _, e in faces]))
+            prompts = windows([t for t, _ in faces])
+            with model_call():
+                return pending, generator.launch(latents, prompts, batch_size)
+
+    def land(pending: list[tuple[int, Entry]], launched: PendingFaces | None) -> Iterator[Generated]:
+        ts = [t for t, e in pending if e.box is not None]
+        out, failed = {}, set()
+        if launched is not None:
+            with model_call():
+                generated = launched.result()
+            if enhancer is not None:
+                with clock.stage("enhance", device=True), model_call():
+                    generated, fell = enhancer.restore(generated)
+                failed = {t for t, f in zip(ts, fell, strict=True) if f}
+            out = dict(zip(ts, generated, strict=True))
+        for t, e in pending:
+            yield Generated(t, e, out.get(t), t in failed)
+
+    pending: list[tuple[int, Entry]] = []
+    flight = None
+    for t, entry in entries:
+        pending.append((t, entry))
+        n_faces = sum(e.box is not None for _, e in pending)
+        if n_faces >= batch_size or len(pending) >= 2 * batch_size:
+            launched = launch(pending)
+            if flight is not None:
+                yield from land(*flight)
+            flight, pending = launched, []
+    last = launch(pending) if pending else None
+    if flight is not None:
+        yield from land(*flight)
+    if last is not None:
+        yield from land(*last)

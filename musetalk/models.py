@@ -16,7 +16,7 @@ import torch
 from musetalk.audio import WhisperAudioEncoder, load_whisper
 from musetalk.blending import Blender
 from musetalk.config import PipelineConfig
-from musetalk.device import resolve_device, resolve_dtype
+from musetalk.device import in_dtype, resolve_device, resolve_dtype
 from musetalk.enhance import FaceEnhancer, load_gfpgan
 from musetalk.faces import FaceAnalyzer, load_face_analyzer
 from musetalk.generation import LatentGenerator, load_unet, load_vae
@@ -48,6 +48,12 @@ def load_models(cfg: PipelineConfig, tuning: PipelineTuning | None = None) -> Mo
     dtype = resolve_dtype(cfg.dtype, device)
     logger.info("loading models from %s on %s (%s)", layout.root, device, dtype)
     analyzer = load_face_analyzer(layout, cfg.face, device)
+    # preparation models follow render.dtype (float32 on a CPU: resolve_dtype); S3FD and FAN get float32
+    # inputs from their callers, so they run behind an adapter that casts them
+    if analyzer.s3fd_net is not None:
+        analyzer.s3fd_net = in_dtype(analyzer.s3fd_net, dtype)
+    if analyzer.fan is not None:
+        analyzer.fan = in_dtype(analyzer.fan, dtype)
     audio = load_whisper(layout, device, dtype)
     unet, vae = load_unet(layout, device, dtype), load_vae(layout, device, dtype)
     channels_last = device.type == "cuda" and tuning.channels_last  # GPU only, not measured: changes rounding
@@ -57,9 +63,9 @@ def load_models(cfg: PipelineConfig, tuning: PipelineTuning | None = None) -> Mo
     generator = LatentGenerator(unet, vae, device, dtype, cfg.batch_size, channels_last=channels_last)
     if device.type == "cuda" and tuning.compile:  # GPU only, not measured: changes rounding
         generator.compile()
-    parser = load_face_parser(layout, device) if cfg.blend.parsing else None
+    parser = load_face_parser(layout, device, dtype=dtype) if cfg.blend.parsing else None
     blender = Blender(parser, cfg.blend)
-    enhancer = load_gfpgan(layout, device, cfg.enhance.upscale) if cfg.enhance.enabled else None
+    enhancer = load_gfpgan(layout, device, cfg.enhance.upscale, dtype) if cfg.enhance.enabled else None
     return Models(analyzer, audio, generator, blender, enhancer, device)
 
 

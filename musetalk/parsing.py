@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from musetalk.device import upload
 from musetalk.layout import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ def parse_batch(device_type: str) -> int:
     """Crops per BiSeNet call on a device type. On a CPU, batching buys no speed (16 1080p face crops:
     5.50 CPU s one at a time, 5.69 in fours) while its activations grow with the batch (about 45 MiB per
     crop at 512x512: +143 MiB of peak RSS per call in twos, +232 in fours); 2 is the smallest batch whose
-    labels matched those of 4 on every crop we compared (1 differs in a few pixels). A GPU gets 4."""
-    return 4 if device_type == "cuda" else 2
+    labels matched those of 4 on every crop we compared (1 differs in a few pixels). A GPU gets a GPU-sized
+    batch of 16 (a prepare unit parses ``render.batch_size`` crops per call: one launch sequence for them)."""
+    return 16 if device_type == "cuda" else 2
 
 
 class ConvBNReLU(nn.Module):
@@ -197,13 +199,17 @@ def parse_input(image: np.ndarray) -> np.ndarray:
 
 
 class FaceParser:
-    """Runs a loaded BiSeNet on face crops in fixed-size batches."""
+    """Runs a loaded BiSeNet on face crops in fixed-size batches, in ``dtype`` (``render.dtype`` on CUDA,
+    float32 on a CPU; the input is normalised in float32 first)."""
 
-    def __init__(self, net: nn.Module, device: torch.device, batch_size: int = 4) -> None:
+    def __init__(
+        self, net: nn.Module, device: torch.device, batch_size: int = 4, dtype: torch.dtype = torch.float32
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.net = net.to(device).eval()
+        self.net = net.to(device, dtype).eval()
         self.device = device
+        self.dtype = dtype
         self.batch_size = batch_size
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
@@ -224,15 +230,20 @@ class FaceParser:
             chunk = list(inputs[start : start + self.batch_size])
             n = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - n)
-            x = torch.from_numpy(np.stack(chunk)).to(self.device)
+            x = upload(torch.from_numpy(np.stack(chunk)), self.device)
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
-            x = (x - self._mean) / self._std
+            x = ((x - self._mean) / self._std).to(self.dtype)
             labels = self.net(x).argmax(dim=1)[:n]
             out[start : start + n] = labels.to(torch.uint8).cpu().numpy()
         return out
 
 
-def load_face_parser(layout: ModelLayout, device: torch.device, batch_size: int | None = None) -> FaceParser:
+def load_face_parser(
+    layout: ModelLayout,
+    device: torch.device,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> FaceParser:
     """Build BiSeNet as upstream does: ResNet18 ImageNet weights into the backbone (``fc.*`` ignored),
     then the full ``79999_iter.pth`` state dict, strictly. ``batch_size``: :func:`parse_batch` unless given."""
     resnet_what = "ResNet18 ImageNet weights (face-parsing backbone)"
@@ -256,5 +267,5 @@ def load_face_parser(layout: ModelLayout, device: torch.device, batch_size: int 
     untracked = frozenset(k for k in current if k.endswith("num_batches_tracked"))
     layout.check_state_dict(parse_path, parse_what, state, current, optional=untracked)
     net.load_state_dict({**{k: current[k] for k in untracked}, **state}, strict=True)
-    log.info("loaded BiSeNet face parser from %s on %s", parse_path, device)
-    return FaceParser(net, device, batch_size or parse_batch(device.type))
+    log.info("loaded BiSeNet face parser from %s on %s (%s)", parse_path, device, dtype)
+    return FaceParser(net, device, batch_size or parse_batch(device.type), dtype)

@@ -29,6 +29,7 @@ from musetalk.config import PipelineConfig
 from musetalk.device import compute_identity, resolve_dtype
 from musetalk.entries import Entry
 from musetalk.faces import Detection, chosen_boxes, crop_face
+from musetalk.generation import generate_faces
 from musetalk.models import Models, load_models
 from musetalk.preparation import PrepPlan
 from musetalk.stages import (
@@ -41,6 +42,7 @@ from musetalk.stages import (
     current_stream,
     decode_thread,
     on_stream,
+    side_stream,
 )
 from musetalk.stats import (
     ENHANCE_FALLBACK,
@@ -57,16 +59,6 @@ from shards.probe import VideoInfo
 from shards.segment import EncodeSettings, SegmentWriter
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Generated:
-    """One output frame after generation: its source frame's entry and, with a face, the generated face."""
-
-    t: int
-    entry: Entry
-    face: np.ndarray | None = None  # (256 * upscale, 256 * upscale, 3) uint8 BGR
-    enhance_failed: bool = False
 
 
 @dataclass
@@ -326,10 +318,12 @@ class FramePipeline:
 
         Threads (bounded channels between them, depths from :class:`PipelineTuning`):
         1. decode: the source frames the shard shows, in order -> ``decoded``;
-        2. generate: per output frame in order, its entry; UNet + VAE decode per batch of faces, [GFPGAN]
-           -> ``faces`` (256x256 faces, no source frame: generation needs only latents and audio, so no
-           frame waits in memory for its batch to fill);
-        3. this thread: each output frame's source frame from ``decoded``, its face composited -> ``finished``;
+        2. entries: per output frame in order, its entry (read and decompressed off the critical path);
+           generate: UNet + VAE decode per batch of faces, batch N+1 queued before batch N is waited for,
+           [GFPGAN] -> ``faces`` (256x256 faces, no source frame: generation needs only latents and
+           audio, so no frame waits in memory for its batch to fill);
+        3. this thread: each output frame's source frame from ``decoded`` with its generated face
+           composited (on CUDA on a side stream, only the face rectangle crossing the bus) -> ``finished``;
         4. encode: ``finished`` -> the ffmpeg encoder.
         An exception in any thread stops them all and is raised here; the encoder is killed and the partial
         segment removed.
@@ -345,9 +339,11 @@ class FramePipeline:
             writer = self._writer(out_path, video.width, video.height, plan.fps, encode)
             group.on_exit(writer.abort, on_error_only=True)  # kills ffmpeg, removes the partial file
             stream = current_stream(self.models.device)
-            group.start("generate", self._generate_step, ctx, faces, stream)  # 2.
+            prefetched = group.channel(2 * self.cfg.batch_size)
+            group.start("entries", self._entries_step, ctx, prefetched)  # 2.
+            group.start("generate", self._generate_step, ctx, prefetched, faces, stream)  # 2.
             encoder = group.start("encode", self._encode_step, ctx, finished, writer)  # 4.
-            self._composite_step(ctx, decoded, faces, finished)  # 3.
+            self._composite_step(ctx, decoded, faces, finished, side_stream(self.models.device))  # 3.
             while encoder.is_alive():
                 encoder.join(0.1)
                 if group.stop.is_set():
@@ -386,49 +382,30 @@ class FramePipeline:
             on_stage=on_stage,
         )
 
-    # Step 2: generate thread ---------------------------------------------------------------------
-    def _generate_step(self, ctx: ShardContext, faces: Channel, stream) -> None:
-        """Output frames in order -> one :class:`Generated` each. Batches close at ``batch_size`` faces, at
-        twice that many frames, or at the shard's end (a fixed rule: which frames share a UNet batch never
-        changes; padding keeps each face independent of its batch mates anyway)."""
-        plan, shard, batch = ctx.plan, ctx.shard, self.cfg.batch_size
-        pending: list[tuple[int, Entry]] = []
+    # Step 2: entries and generate threads ------------------------------------------------------
+    def _entries_step(self, ctx: ShardContext, out: Channel) -> None:
+        for t in range(ctx.shard.start, ctx.shard.end):
+            out.put((t, ctx.entries(ctx.plan.source_index(t))))
+        out.put(END)
+
+    def _generate_step(self, ctx: ShardContext, entries: Channel, faces: Channel, stream) -> None:
+        """Output frames in order -> one :class:`~musetalk.generation.Generated` each, in fixed batches
+        with one in flight (:func:`musetalk.generation.generate_faces`)."""
+        m = self.models
         with on_stream(stream):
-            for t in range(shard.start, shard.end):
-                pending.append((t, ctx.entries(plan.source_index(t))))
-                n_faces = sum(e.box is not None for _, e in pending)
-                if n_faces >= batch or len(pending) >= 2 * batch or t == shard.end - 1:
-                    for item in self._generate_batch(ctx, pending):
-                        faces.put(item)
-                    pending.clear()
+            for g in generate_faces(
+                entries, m.generator, m.enhancer, ctx.windows, ctx.clock, self.cfg.batch_size
+            ):
+                faces.put(g)
         faces.put(END)
 
-    def _generate_batch(self, ctx: ShardContext, pending: list[tuple[int, Entry]]) -> list[Generated]:
-        m = self.models
-        with_face = [(t, e) for t, e in pending if e.box is not None]
-        out: dict[int, np.ndarray] = {}
-        failed: set[int] = set()
-        if with_face:
-            ts = [t for t, _ in with_face]
-            latents = torch.stack([torch.from_numpy(np.array(e.latents)) for _, e in with_face])
-            with ctx.clock.stage("generate", device=True), model_call():
-                generated = m.generator.generate(latents, ctx.windows(ts), self.cfg.batch_size)
-            if m.enhancer is not None:
-                with ctx.clock.stage("enhance", device=True), model_call():
-                    enhanced = []
-                    for t, face in zip(ts, generated, strict=True):  # one call per face: which fell back
-                        one, fell = m.enhancer.enhance(face[None])
-                        enhanced.append(one[0])
-                        if fell:
-                            failed.add(t)
-                    generated = enhanced
-            out = dict(zip(ts, generated, strict=True))
-        return [Generated(t, e, out.get(t), t in failed) for t, e in pending]
-
     # Step 3: this thread --------------------------------------------------------------------------
-    def _composite_step(self, ctx: ShardContext, decoded: Channel, faces: Channel, finished: Channel) -> None:
-        """Output frames in order: passthrough, or the generated face composited into its source frame.
-        A source frame is kept only until the last output frame that shows it (ping-pong reuses it)."""
+    def _composite_step(
+        self, ctx: ShardContext, decoded: Channel, faces: Channel, finished: Channel, stream
+    ) -> None:
+        """Output frames in order: passthrough, or the generated face composited into its source frame
+        (device compositing on ``stream``, :func:`musetalk.stages.side_stream`). A source frame is kept
+        only until the last output frame that shows it (ping-pong reuses it)."""
         store: dict[int, np.ndarray] = {}
         incoming = iter(decoded)
         if ctx.on_stage is not None:
@@ -456,8 +433,12 @@ class FramePipeline:
                 finished.put(frame)
                 continue
             material = BlendMaterial(square=e.square, mask=e.mask, parsed=e.parsed)
-            with ctx.clock.stage("blend", device=self._device_composite):
-                frame = self._paste(frame if own else frame.copy(), g.face, e.box, material, e.rect)
+            with ctx.clock.stage("blend", device=self._device_composite, stream=stream):
+                frame = frame if own else frame.copy()
+                if self._compositor is None:
+                    paste_numpy(frame, g.face, e.box, material.square, material.mask, e.rect)
+                else:
+                    self._compositor.paste_host(frame, g.face, e.box, e.square, e.mask, e.rect, stream)
             parsing_fell = self.cfg.blend.parsing and not material.parsed
             ctx.kinds.append(
                 ENHANCE_FALLBACK if g.enhance_failed else PARSING_FALLBACK if parsing_fell else FACE
@@ -468,18 +449,6 @@ class FramePipeline:
         if next(incoming, None) is not None or store:
             raise RuntimeError(f"{ctx.shard.name}: decoded frames left over")
         finished.put(END)
-
-    def _paste(self, frame: np.ndarray, face: np.ndarray, box: Box, material, rect) -> np.ndarray:
-        if self._compositor is None:
-            return paste_numpy(frame, face, box, material.square, material.mask, rect)
-        dev = self.models.device
-        host = torch.from_numpy(frame)
-        if dev.type == "cuda" and self.tuning.pin_memory:
-            host = host.pin_memory()
-        on_dev = host.to(dev, non_blocking=True)
-        mask = torch.from_numpy(material.mask.copy()).to(dev)  # the material's mask is read-only
-        out = self._compositor.paste(on_dev, torch.from_numpy(face).to(dev), box, material.square, mask, rect)
-        return out.cpu().numpy() if dev.type != "cpu" else out.numpy()
 
     # Step 4: encode thread ------------------------------------------------------------------------
     def _encode_step(self, ctx: ShardContext, finished: Channel, writer: SegmentWriter) -> None:

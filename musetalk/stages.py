@@ -42,6 +42,14 @@ def on_stream(stream) -> Iterator[None]:
         yield
 
 
+def side_stream(device: torch.device):
+    """A new CUDA stream on ``device`` for work that must not queue behind the unit's own (compositing
+    behind a UNet batch), None off CUDA. Tensors a block allocates under :func:`on_stream` belong to that
+    stream in the caching allocator, so nothing needs ``record_stream`` while each tensor stays on the
+    stream that made it."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
 class Stopped(Exception):
     """Raised in a thread waiting on a channel when another thread of its group failed."""
 
@@ -57,7 +65,8 @@ class PipelineTuning:
     Queue depths are in items (frames, or generated faces for ``faces_depth``); ``mask_workers`` threads
     build blend masks off the critical path.
     GPU-only, not measured yet: ``channels_last`` (UNet and VAE memory format: changes rounding),
-    ``compile`` (``torch.compile`` the UNet: changes rounding), ``pin_memory`` (page-locked frame uploads).
+    ``compile`` (``torch.compile`` the UNet: changes rounding). Uploads to CUDA are always
+    page-locked and non-blocking (:func:`musetalk.device.upload`).
     Several workers per GPU is a Ray resource setting (fractional ``num_gpus``) of the driver.
     """
 
@@ -71,7 +80,6 @@ class PipelineTuning:
     mask_workers: int = 2
     channels_last: bool = False
     compile: bool = False
-    pin_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.composite not in ("auto", "numpy", "device"):
@@ -206,7 +214,9 @@ class StageClock:
     """Seconds per stage, summed over every thread (stages overlap, so the sum exceeds the wall time).
 
     Host stages are timed with ``perf_counter``. A ``device`` stage on CUDA is timed with CUDA events
-    recorded on the current stream and resolved once, in :meth:`totals` (no synchronize per stage).
+    recorded on the stream that runs the stage's work (``stream``, or the calling thread's current stream),
+    so a stage on a side stream never counts the kernels queued on another; the events are resolved once,
+    in :meth:`totals`, which waits for the last event of each stage only (no device-wide synchronize).
     Every stage also counts its thread's CPU time, inside model calls and outside them
     (:func:`musetalk.stats.model_call`): :meth:`cpu_totals`.
     """
@@ -220,11 +230,13 @@ class StageClock:
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextmanager
-    def stage(self, name: str, device: bool = False) -> Iterator[None]:
+    def stage(self, name: str, device: bool = False, stream=None) -> Iterator[None]:
+        """Time the block as stage ``name``; with ``device`` on CUDA, by events on ``stream`` (a
+        ``torch.cuda.Stream``; None: the current stream). ``stream`` is ignored off CUDA."""
         events = None
         if device and self._cuda:
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            events[0].record()
+            events[0].record(stream)
         start, cpu, model = time.perf_counter(), time.thread_time(), model_cpu_seconds()
         try:
             yield
@@ -232,22 +244,22 @@ class StageClock:
             elapsed = time.perf_counter() - start
             in_model = model_cpu_seconds() - model
             host = time.thread_time() - cpu - in_model
+            if events is not None:
+                events[1].record(stream)
             with self._lock:
                 self._host_cpu[name] += host
                 self._model_cpu[name] += in_model
                 if events is None:
                     self._seconds[name] += elapsed
                 else:
-                    events[1].record()
                     self._events.append((name, *events))
 
     def totals(self) -> dict[str, float]:
         with self._lock:
-            if self._events:
-                torch.cuda.synchronize()
-                for name, start, end in self._events:
-                    self._seconds[name] += start.elapsed_time(end) / 1000.0
-                self._events.clear()
+            for name, start, end in self._events:
+                end.synchronize()
+                self._seconds[name] += start.elapsed_time(end) / 1000.0
+            self._events.clear()
             return dict(self._seconds)
 
     def report(self) -> dict[str, dict[str, float]]:

@@ -33,3 +33,14 @@ def test_accelerator_errors_are_device_failures():
     if accelerator is None:
         pytest.skip("this torch has no AcceleratorError")
     assert is_device_failure(accelerator("device-side assert triggered"))
+
+
+def test_in_dtype_casts_weights_and_floating_inputs_only_when_needed():
+    from musetalk.device import in_dtype
+
+    net = torch.nn.Linear(4, 2)
+    assert in_dtype(net, torch.float32) is net  # a CPU computes in float32: nothing changes
+    half = in_dtype(torch.nn.Linear(4, 2), torch.bfloat16)
+    out = half(torch.ones(3, 4))  # a float32 input, as S3FD's and FAN's callers build it
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 2)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())

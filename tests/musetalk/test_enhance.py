@@ -211,10 +211,10 @@ def test_raising_net_falls_back_per_face(faces, caplog):
 def test_a_device_failure_in_gfpgan_is_raised_not_hidden(layout, faces, error, monkeypatch):
     enhancer = load_gfpgan(layout, CPU, upscale=1)
 
-    def fail(_face):
+    def fail(_faces):
         raise error
 
-    monkeypatch.setattr(enhancer, "_run", fail)
+    monkeypatch.setattr(enhancer, "_run_batch", fail)
     with pytest.raises(type(error)):
         enhancer.enhance(faces[:1])
 
@@ -222,3 +222,33 @@ def test_a_device_failure_in_gfpgan_is_raised_not_hidden(layout, faces, error, m
 def test_rejects_wrong_input_shape(layout):
     with pytest.raises(ValueError, match="256"):
         FaceEnhancer(nn.Identity(), CPU, 1).enhance(np.zeros((1, 128, 128, 3), np.uint8))
+
+
+def test_a_batch_that_raises_is_rerun_face_by_face(layout, faces, caplog):
+    """GPU-sized batches are padded, so a face gets the same result whatever its batch mates; a batch that
+    raises (not a device failure) is rerun face by face, and only the face that still fails falls back."""
+    single = load_gfpgan(layout, CPU, upscale=1)
+    black = np.zeros_like(faces[0])
+
+    class FailsOnBlack(nn.Module):
+        """The real net, raising as a shape error would on the one bad (all-black) face."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, **kwargs):
+            if bool((x.flatten(1) == -1.0).all(dim=1).any()):
+                raise RuntimeError("a face this net cannot take")
+            return self.net(x, **kwargs)
+
+    clean = FaceEnhancer(single.net, CPU, 1, batch_size=2)
+    expected, fell = clean.restore(np.stack([faces[0], faces[0], faces[1]]))  # [0 0] [1 + padding]
+    assert fell == [False] * 3
+    batched = FaceEnhancer(FailsOnBlack(single.net), CPU, 1, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="musetalk.enhance"):
+        out, fell = batched.restore(np.stack([faces[0], black, faces[1]]))  # [0 black] [1 + padding]
+    assert fell == [False, True, False] and caplog.text.count("GFPGAN failed") == 1
+    np.testing.assert_array_equal(out[0], expected[0])  # rerun alone (padded with itself)
+    np.testing.assert_array_equal(out[2], expected[2])
+    np.testing.assert_array_equal(out[1], black)  # the Lanczos fallback at upscale 1: the face itself

@@ -371,3 +371,61 @@ def test_full_size_unet_from_the_real_config_runs_batch_invariant_on_cpu(models,
     faces = gen.generate(latents, audio[:2])
     assert faces.shape == (2, 256, 256, 3)
     np.testing.assert_array_equal(gen.generate(latents[[1, 0]], audio[[1, 0]]), faces[[1, 0]])
+
+
+# ---------------------------------------------------------------- launch and the generate thread
+
+
+def test_launch_queues_what_generate_returns(models, crops: np.ndarray, audio: torch.Tensor) -> None:
+    gen = _generator(models, 2)
+    latents = gen.encode(crops)
+    pending = gen.launch(latents, audio)  # on the CPU the work is done here; on CUDA it is queued
+    np.testing.assert_array_equal(pending.result(), gen.generate(latents, audio))
+
+
+def test_generate_faces_launches_the_next_batch_before_it_waits(
+    models, crops: np.ndarray, audio: torch.Tensor, monkeypatch
+) -> None:
+    """Batches close at 2 faces or 4 frames; batch N+1 is launched before batch N's faces are read, and
+    every frame comes out once, in order, with the face a plain ``generate`` gives it."""
+    from musetalk.entries import Entry
+    from musetalk.generation import generate_faces
+    from musetalk.stages import StageClock
+
+    gen = _generator(models, 2)
+    latents = gen.encode(crops)
+    no_face = {3, 7}
+    face_ts = [t for t in range(10) if t not in no_face]
+    row = {t: i % len(crops) for i, t in enumerate(face_ts)}
+    entries = [
+        (t, Entry(t) if t in no_face else Entry(t, (0, 0, 8, 8), latents[row[t]].numpy())) for t in range(10)
+    ]
+    windows = {t: audio[row[t]] for t in face_ts}
+    events: list[str] = []
+    real_launch = gen.launch
+
+    def launch(lat, aud):
+        pending = real_launch(lat, aud)
+        events.append(f"launch {len(lat)}")
+        real_result = pending.result
+        pending.result = lambda: (events.append("result"), real_result())[1]
+        return pending
+
+    monkeypatch.setattr(gen, "launch", launch)
+    out = list(
+        generate_faces(
+            entries, gen, None, lambda ts: torch.stack([windows[t] for t in ts]), StageClock(CPU), 2
+        )
+    )
+    # batches [0 1] [2 3 4] [5 6] [7 8 9]: each launched before the previous one is read
+    assert events == ["launch 2", "launch 2", "result", "launch 2", "result", "launch 2", "result", "result"]
+    assert [g.t for g in out] == list(range(10))
+    expected = gen.generate(
+        torch.from_numpy(np.stack([latents[row[t]].numpy() for t in face_ts])),
+        torch.stack([windows[t] for t in face_ts]),
+    )
+    for g in out:
+        if g.t in no_face:
+            assert g.face is None
+        else:
+            np.testing.assert_array_equal(g.face, expected[face_ts.index(g.t)])

@@ -134,3 +134,38 @@ def test_parsing_errors_fail_the_unit_only_when_the_device_fails(
     else:
         entries, _ = box_pipeline.prepare_range(info, 0, 2, boxes)
         assert [e.parsed for e in entries] == [False, False]
+
+
+@pytest.mark.parametrize("error", ["oom", "generic"])
+def test_enhancement_errors_fail_the_shard_only_when_the_device_fails(
+    box_pipeline, tiny_models, demo_media, tmp_path, error, monkeypatch
+):
+    """A device failure in GFPGAN fails the generation unit (nothing is left at the output path; the pool
+    retries the unit, then the job fails with one line); any other GFPGAN error falls back per face."""
+    import torch
+
+    from musetalk.enhance import load_gfpgan
+    from musetalk.layout import ModelLayout
+    from musetalk.stats import ENHANCE_FALLBACK
+
+    enhancer = load_gfpgan(ModelLayout.at(tiny_models, tiny=True), box_pipeline.models.device, upscale=1)
+    cfg = replace(box_pipeline.cfg, enhance=EnhanceConfig(enabled=True, upscale=1))
+    pipeline = FramePipeline(cfg, models=replace(box_pipeline.models, enhancer=enhancer))
+
+    def fail(_faces):
+        if error == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise RuntimeError("expected input to have 3 channels")
+
+    monkeypatch.setattr(enhancer, "_run_batch", fail)
+    audio = trimmed_audio(demo_media.audio, tmp_path / "short.wav", 0.6)
+    out = tmp_path / "enhanced.mp4"
+    if error == "oom":
+        with pytest.raises(torch.OutOfMemoryError):
+            render_local(demo_media.video, audio, out, cfg, encode=LOSSLESS, pipeline=pipeline)
+        assert not out.exists()
+    else:
+        result = render_local(demo_media.video, audio, out, cfg, encode=LOSSLESS, pipeline=pipeline)
+        kinds = "".join(s.frame_kinds for s in result.stats)
+        assert sum(s.face_frames for s in result.stats) > 0
+        assert kinds.count(ENHANCE_FALLBACK) == sum(s.face_frames for s in result.stats)

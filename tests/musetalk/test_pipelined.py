@@ -115,7 +115,7 @@ def _fail_in(where: str, monkeypatch, pipe):
     elif where == "detect":
         monkeypatch.setattr(pipe.models.analyzer, "detect", boom)
     elif where == "generate":
-        monkeypatch.setattr(pipe.models.generator, "generate", boom)
+        monkeypatch.setattr(pipe.models.generator, "launch", boom)
     elif where == "mask":
         monkeypatch.setattr(pipe.models.blender, "material", boom)
     elif where == "encode":
@@ -208,7 +208,7 @@ def test_generation_holds_no_frame_while_its_batch_fills(pipe, demo_media, tmp_p
         models=pipe.models,
         tuning=PipelineTuning(decode_depth=1, encode_depth=1),
     )
-    _, alive_at_generate = _frames_alive_at(monkeypatch, pipe.models.generator, "generate")
+    _, alive_at_generate = _frames_alive_at(monkeypatch, pipe.models.generator, "launch")
     stats = shallow.render_shard(
         video=info,
         plan=plan,

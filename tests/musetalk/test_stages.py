@@ -77,3 +77,20 @@ def test_model_cpu_is_counted_per_thread():
     thread.start()
     thread.join()
     assert seen[0] > 0 and model_cpu_seconds() == before
+
+
+def test_stage_clock_times_host_and_device_stages_without_a_stream_off_cuda():
+    """Off CUDA there is no side stream and a device stage (with or without a stream) is host-timed."""
+    import torch
+
+    from musetalk.stages import StageClock, side_stream
+
+    cpu = torch.device("cpu")
+    assert side_stream(cpu) is None
+    clock = StageClock(cpu)
+    with clock.stage("blend", device=True, stream=side_stream(cpu)):
+        pass
+    with clock.stage("generate", device=True):
+        pass
+    totals = clock.totals()
+    assert set(totals) == {"blend", "generate"} and all(v >= 0 for v in totals.values())
