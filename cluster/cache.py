@@ -24,7 +24,7 @@ from cluster.keys import content_digest, detect_key, prepare_key, weights_identi
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.entries import ChunkReader, detections_from_json
-from musetalk.faces import Detection
+from musetalk.faces import FrameFaces
 from musetalk.preparation import PrepPlan
 from shards.errors import StorageError
 from shards.plan import PrepUnit, UnitKind
@@ -175,9 +175,9 @@ class AvatarCache:
             out[(a, b)] = blob
         return out
 
-    def detections(self, frames: list[int]) -> dict[int, Detection | None]:
+    def detections(self, frames: list[int]) -> dict[int, FrameFaces]:
         """Raw detections the cache holds for sorted ``frames`` (only the files that hold some of them)."""
-        out: dict[int, Detection | None] = {}
+        out: dict[int, FrameFaces] = {}
         if not frames:
             return out
         for a, b in self._ranges(self.detect):

@@ -42,6 +42,7 @@ from musetalk.local import plan_job
 from musetalk.preparation import PrepPlan
 from musetalk.stats import PrepStats, ShardStats, busy_seconds, stage_totals
 from musetalk.syncscore import SyncedSegment
+from musetalk.tracks import is_track
 from shards.errors import FarmError
 from shards.plan import PrepUnit, Shard, UnitKind, dispatch_order
 from shards.stitch import concat_and_mux
@@ -150,6 +151,7 @@ class JobRun:
             smooth_radius=self.pipeline.face.smooth_radius,
             lead=PREP_LEAD * max(1, workers) * job.cluster.max_in_flight,
             also_detect={s.name: self.sync.source_frames(s) for s in self.todo} if self.sync else None,
+            whole=is_track(self.pipeline.face.select),
         )
         chunks, detections = {}, {}
         self.cache = AvatarCache.open(job.cache, job.video, self.pipeline, identity, self.label)
@@ -213,7 +215,9 @@ class JobRun:
             prepared = ShardInputs(
                 tuple((a, b, [h]) for a, b, h in chunks),
                 tuple((k, [h]) for k, h in segments),
-                sync=self.sync.shard_plan(unit, self.prep.detections) if self.sync is not None else None,
+                sync=self.sync.shard_plan(unit, self.prep.detections, self.info.width, self.prep.tracks)
+                if self.sync is not None
+                else None,
             )
             return actor.render.remote(self.inputs, self.plan, unit, self.cfg.encode, prepared)
         if unit.kind is not UnitKind.PREPARE:
@@ -224,6 +228,8 @@ class JobRun:
             (self.info.height, self.info.width),
             self.pipeline.face,
             self.plan.source_frames,
+            lambda s: self.pipeline.face.select,
+            tracks=self.prep.tracks,
         )
         shared = self.cache.shared if self.cache is not None else None
         return actor.prepare.remote(self.inputs, unit, boxes, shared)

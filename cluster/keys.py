@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster import storage
-from musetalk.config import PACING_FIELDS, PipelineConfig
+from musetalk.config import PACING_FIELDS, FaceConfig, PipelineConfig
 from musetalk.layout import ModelLayout
+from musetalk.tracks import VERSION as TRACKS_VERSION
+from musetalk.tracks import is_track
 from shards.plan import Plan
 from shards.segment import EncodeSettings
 
@@ -38,6 +40,18 @@ _CHUNK = 1 << 20
 _FINGERPRINT_BYTES = 1 << 20
 # Bump when the avatar cache's entry format or any preparation rule changes: old entries are never read.
 CACHE_FORMAT = 2
+
+
+def _face_choice(face: FaceConfig) -> dict:
+    """The face settings prepared entries depend on: with ``select=largest`` the keys entries had before
+    face choices existed (they still hold the same faces); any other choice keys its own entries, and a
+    track id the tracker's version too (ids come from the tracker)."""
+    values = asdict(face)
+    if face.select == "largest":
+        del values["select"]
+    elif is_track(face.select):
+        values["tracks"] = TRACKS_VERSION
+    return values
 
 
 def _hash(obj) -> str:
@@ -135,6 +149,8 @@ def resume_key(
 def detect_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str) -> str:
     """What raw detections depend on: detector, landmarks or not, detection size and batch, weights,
     the compute identity."""
+    from musetalk.entries import DETECTIONS_FORMAT
+
     f = pipeline.face
     return (
         "d"
@@ -143,6 +159,7 @@ def detect_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str
                 "format": CACHE_FORMAT,
                 "detector": f.detector,
                 "crop": f.crop,
+                "detections": DETECTIONS_FORMAT,
                 "detect_max_side": f.detect_max_side,
                 "batch_size": f.batch_size,
                 "compute": identity.key(),
@@ -162,7 +179,7 @@ def prepare_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: st
         + _hash(
             {
                 "format": CACHE_FORMAT,
-                "face": asdict(pipeline.face),
+                "face": _face_choice(pipeline.face),
                 "blend": asdict(pipeline.blend),
                 "batch_size": pipeline.batch_size,
                 "parse_batch": parse_batch(identity.device),
