@@ -117,7 +117,7 @@ class Track:
     @property
     def mean_box(self) -> FBox:
         x1, y1, x2, y2 = np.mean(np.asarray(self.boxes, dtype=np.float64), axis=0)
-        return (round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1))
+        return (round(float(x1), 1), round(float(y1), 1), round(float(x2), 1), round(float(y2), 1))
 
     def summary(self) -> dict:
         """The listing's view: id, first and last frame, mean box, frames seen."""
