@@ -144,6 +144,8 @@ class JobRun:
         self.run.adopt(identity)
         self._todo()
         self.pool_id, self.workers = pool_id, workers
+        select = self.pipeline.face.select
+        self.choice = lambda s: select  # the face of each source frame (boxes and the cache's chunk keys)
         self.prep = PrepPlan(
             self.plan,
             self.todo,
@@ -151,10 +153,10 @@ class JobRun:
             smooth_radius=self.pipeline.face.smooth_radius,
             lead=PREP_LEAD * max(1, workers) * job.cluster.max_in_flight,
             also_detect={s.name: self.sync.source_frames(s) for s in self.todo} if self.sync else None,
-            whole=is_track(self.pipeline.face.select),
+            whole=is_track(select),
         )
         chunks, detections = {}, {}
-        self.cache = AvatarCache.open(job.cache, job.video, self.pipeline, identity, self.label)
+        self.cache = AvatarCache.open(job.cache, job.video, self.pipeline, identity, self.label, self.choice)
         if self.cache is not None:
             # a local cache's bytes reach workers through Ray (driver-owned); a shared cache's URIs as they are
             chunks = {
@@ -228,10 +230,10 @@ class JobRun:
             (self.info.height, self.info.width),
             self.pipeline.face,
             self.plan.source_frames,
-            lambda s: self.pipeline.face.select,
+            self.choice,
             tracks=self.prep.tracks,
         )
-        shared = self.cache.shared if self.cache is not None else None
+        shared = self.cache.shared(unit) if self.cache is not None else None
         return actor.prepare.remote(self.inputs, unit, boxes, shared)
 
     def landed(self, unit: PrepUnit | Shard, data, stats) -> list[PrepUnit | Shard]:

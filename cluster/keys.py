@@ -29,7 +29,7 @@ from cluster import storage
 from musetalk.config import PACING_FIELDS, FaceConfig, PipelineConfig
 from musetalk.layout import ModelLayout
 from musetalk.tracks import VERSION as TRACKS_VERSION
-from musetalk.tracks import is_track
+from musetalk.tracks import is_track, parse_select
 from shards.plan import Plan
 from shards.segment import EncodeSettings
 
@@ -43,15 +43,20 @@ CACHE_FORMAT = 2
 
 
 def _face_choice(face: FaceConfig) -> dict:
-    """The face settings prepared entries depend on: with ``select=largest`` the keys entries had before
-    face choices existed (they still hold the same faces); any other choice keys its own entries, and a
-    track id the tracker's version too (ids come from the tracker)."""
+    """The face settings prepared entries depend on, less the face choice: it is each chunk's own part of
+    the key (:func:`choice_digest`), so a job choosing the largest face keeps the keys entries had before
+    choices existed, and two choices share every chunk where they agree."""
     values = asdict(face)
-    if face.select == "largest":
-        del values["select"]
-    elif is_track(face.select):
-        values["tracks"] = TRACKS_VERSION
+    del values["select"]
     return values
+
+
+def choice_digest(choices: Iterable[str | int | None]) -> str:
+    """The key part of an entry chunk made for the face ``choices`` of its frames (None: passed
+    through): the choices, and the tracker's version where one names a track (ids come from it)."""
+    values = [None if c is None else str(parse_select(c)) for c in choices]
+    tracked = any(v is not None and is_track(v) for v in values)
+    return _hash({"choices": values, "tracks": TRACKS_VERSION if tracked else None})[:12]
 
 
 def _hash(obj) -> str:
