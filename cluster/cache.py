@@ -27,6 +27,8 @@ from musetalk.device import ComputeIdentity
 from musetalk.entries import ChunkReader, detections_from_json
 from musetalk.faces import FrameFaces
 from musetalk.preparation import PrepPlan
+from musetalk.tracks import VERSION as TRACKS_VERSION
+from musetalk.tracks import Tracks
 from shards.errors import StorageError
 from shards.plan import PrepUnit, UnitKind
 
@@ -46,7 +48,8 @@ class AvatarStore:
     :mod:`cluster.storage`).
 
     Layout: ``<root>/<video sha256>/<key>/<start>-<end>.{json,npz}``: detections (``d...`` keys) as JSON,
-    prepared entries (``p...`` keys) as npz, one file per range of source frames ``[start, end)``. A file
+    prepared entries (``p...`` keys) as npz, one file per range of source frames ``[start, end)``; the
+    face tracks of a whole video (``t<version>-d...``) as one JSON over ``[0, frames)``. A file
     is written under a temporary name and renamed (or, on object stores, put in one request), so a
     reader never sees half of one; unreadable files are skipped and logged, never trusted.
     """
@@ -226,6 +229,28 @@ class AvatarCache:
                     "avatar cache: skipping unreadable detections %d-%d of %s: %s", a, b, self.label, err
                 )
         return out
+
+    def tracks(self, frames: int) -> Tracks | None:
+        """The face tracks of the video's ``frames`` source frames, if kept (a per-video result, keyed by
+        the detections it was linked from and the tracker's version)."""
+        if (0, frames) not in self._ranges(self._tracks_key):
+            return None
+        try:
+            return Tracks.from_json(self.store.read(self.video, self._tracks_key, 0, frames, "json"))
+        except (OSError, ValueError, KeyError) as err:
+            logger.warning("avatar cache: skipping unreadable face tracks of %s: %s", self.label, err)
+            return None
+
+    def remember_tracks(self, tracks: Tracks, frames: int) -> None:
+        """Keep the face tracks of the whole video; a failed write is logged (it costs reuse only)."""
+        try:
+            self.store.write(self.video, self._tracks_key, 0, frames, "json", tracks.to_json().encode())
+        except OSError as err:
+            logger.warning("avatar cache: could not write the face tracks of %s: %s", self.label, err)
+
+    @property
+    def _tracks_key(self) -> str:
+        return f"t{TRACKS_VERSION}-{self.detect}"
 
     def remember(self, unit: PrepUnit, data: bytes) -> None:
         """Write a detect or prepare unit's result; a failed write is logged (it costs reuse only)."""

@@ -4,7 +4,9 @@ Detection and tracking only (no generation, no audio): writes ``DIR/tracks.json`
 and last frame, frames seen, mean box; the shot cuts) and ``DIR/tracks.png`` (per track: a thumbnail, the
 id and a time strip marking the frames it is seen in), so a person picks ``face.select=<id>`` by looking.
 Overrides are the render's (``face.detector=haar``, ``models=tiny``, ...): the ids match a render with
-the same face settings.
+the same face settings. With the avatar cache on (``cache.*``), the detections and the tracks are read
+from and written to it (keyed like a render's on this machine's compute identity), so listing again
+costs nothing.
 
 In-process, not on the Ray pool: it loads only the face detector (and FAN for ``crop=landmarks``),
 never the VAE, UNet or Whisper, so it starts in seconds where a pool would start workers that load
@@ -33,19 +35,64 @@ THUMB = 96  # thumbnail side (px)
 STRIP = 480  # time strip width (px)
 
 
-def detect_video(analyzer, info) -> list:
-    """Every source frame's :class:`musetalk.faces.FrameFaces`, decoded and detected in batches."""
+def detect_video(analyzer, info, start: int, end: int) -> dict:
+    """Source frame -> :class:`musetalk.faces.FrameFaces` for frames ``[start, end)``, detected in batches."""
     from shards.decode import read_frames
 
-    found, batch = [], []
-    for frame in read_frames(info, 0, info.frame_count):
+    found, batch = {}, []
+
+    def flush() -> None:
+        found.update(zip(range(start + len(found), end), analyzer.detect_all(batch), strict=False))
+        batch.clear()
+
+    for frame in read_frames(info, start, end):
         batch.append(frame)
         if len(batch) == analyzer.cfg.batch_size:
-            found += analyzer.detect_all(batch)
-            batch = []
+            flush()
     if batch:
-        found += analyzer.detect_all(batch)
+        flush()
     return found
+
+
+def video_tracks(job, info, label: str):
+    """The tracks of ``job.video``: from the avatar cache if it holds them, else linked from every frame's
+    detections (those in the cache read, the rest detected here and written there, chunk by chunk)."""
+    import torch
+
+    from cluster.cache import AvatarCache
+    from musetalk.device import compute_identity, resolve_device, resolve_dtype
+    from musetalk.entries import detections_to_json
+    from musetalk.faces import load_face_analyzer
+    from musetalk.layout import ModelLayout
+    from musetalk.preparation import block_ranges
+    from musetalk.tracks import link_frames
+    from shards.plan import PrepUnit, UnitKind
+
+    pipeline, n = job.pipeline, info.frame_count
+    device = resolve_device(pipeline.device)
+    if pipeline.threads is not None:
+        torch.set_num_threads(pipeline.threads)
+    identity = compute_identity(device, resolve_dtype(pipeline.dtype, device))
+    cache = AvatarCache.open(job.cache, job.video, pipeline, identity, label)
+    if cache is not None and (tracks := cache.tracks(n)) is not None:
+        logger.info("face tracks of %s from the avatar cache", label)
+        return tracks
+    found = cache.detections(list(range(n))) if cache is not None else {}
+    missing = [k for k in range(n) if k not in found]
+    if missing:
+        analyzer = load_face_analyzer(
+            ModelLayout.at(pipeline.models_dir, pipeline.tiny), pipeline.face, device
+        )
+        for a, b in block_ranges(missing, job.shards.prep_length):
+            block = detect_video(analyzer, info, a, b)
+            found.update(block)
+            if cache is not None:
+                cache.remember(PrepUnit(UnitKind.DETECT, 0, a, b), detections_to_json(block).encode())
+    logger.info("%s: %d of %d frames detected here", label, len(missing), n)
+    tracks = link_frames([found[k] for k in range(n)])
+    if cache is not None:
+        cache.remember_tracks(tracks, n)
+    return tracks
 
 
 def tracks_sheet(tracks, info) -> np.ndarray:
@@ -79,13 +126,11 @@ def tracks_sheet(tracks, info) -> np.ndarray:
 def list_faces(video: Path, out_dir: Path, overrides: list[str]):
     """Detect every face of ``video``, link the tracks, write ``tracks.json`` and ``tracks.png`` into
     ``out_dir`` (both or neither); returns the :class:`musetalk.tracks.Tracks`."""
+    from dataclasses import replace
+
     from cluster.config import compose_job
     from cluster.weights import local_models
-    from musetalk.device import resolve_device
-    from musetalk.faces import load_face_analyzer
-    from musetalk.layout import ModelLayout
     from musetalk.testing.tiny_models import ensure_tiny_models
-    from musetalk.tracks import link_frames
     from shards.probe import probe_video
 
     if not video.is_file():
@@ -93,13 +138,11 @@ def list_faces(video: Path, out_dir: Path, overrides: list[str]):
     # the render's config, composed as a render would (the audio and output are never touched here)
     task = [f"task.video={video}", f"task.audio={video}", f"task.output={out_dir.resolve() / 'unused.mp4'}"]
     job = compose_job([*task, *overrides])
-    pipeline = local_models(job.pipeline)
-    if pipeline.tiny:
-        ensure_tiny_models(Path(pipeline.models_dir))
+    job = replace(job, pipeline=local_models(job.pipeline))
+    if job.pipeline.tiny:
+        ensure_tiny_models(Path(job.pipeline.models_dir))
     info = probe_video(video)
-    layout = ModelLayout.at(pipeline.models_dir, pipeline.tiny)
-    analyzer = load_face_analyzer(layout, pipeline.face, resolve_device(pipeline.device))
-    tracks = link_frames(detect_video(analyzer, info))
+    tracks = video_tracks(job, info, str(video))
     listing = {
         "video": str(video),
         "frames": info.frame_count,

@@ -144,6 +144,7 @@ class JobRun:
         self.run.adopt(identity)
         self._todo()
         self.pool_id, self.workers = pool_id, workers
+        self._tracks_kept = False
         select = self.pipeline.face.select
         self.choice = lambda s: select  # the face of each source frame (boxes and the cache's chunk keys)
         self.prep = PrepPlan(
@@ -217,7 +218,7 @@ class JobRun:
             prepared = ShardInputs(
                 tuple((a, b, [h]) for a, b, h in chunks),
                 tuple((k, [h]) for k, h in segments),
-                sync=self.sync.shard_plan(unit, self.prep.detections, self.info.width, self.prep.tracks)
+                sync=self.sync.shard_plan(unit, self.prep.detections, self.info.width, self._tracks())
                 if self.sync is not None
                 else None,
             )
@@ -231,10 +232,18 @@ class JobRun:
             self.pipeline.face,
             self.plan.source_frames,
             self.choice,
-            tracks=self.prep.tracks,
+            tracks=self._tracks(),
         )
         shared = self.cache.shared(unit) if self.cache is not None else None
         return actor.prepare.remote(self.inputs, unit, boxes, shared)
+
+    def _tracks(self):
+        """The video's face tracks once linked (a track choice; else None), kept in the avatar cache once."""
+        tracks = self.prep.tracks
+        if tracks is not None and self.cache is not None and not self._tracks_kept:
+            self.cache.remember_tracks(tracks, self.plan.source_frames)
+            self._tracks_kept = True
+        return tracks
 
     def landed(self, unit: PrepUnit | Shard, data, stats) -> list[PrepUnit | Shard]:
         """A unit's result: keep it, and return the units it releases."""

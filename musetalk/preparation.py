@@ -77,6 +77,8 @@ class PrepPlan:
         self.whole = whole
         self._tracks: Tracks | None = None
         self._also_of = {name: sorted(set(frames)) for name, frames in (also_detect or {}).items()}
+        if whole:  # the lip-sync crops read the chosen track's faces: the tracks of every frame
+            self._also_of = {name: list(range(plan.source_frames)) for name in self._also_of}
         self._also = sorted({k for frames in self._also_of.values() for k in frames})
         self._order = [s.name for s in shards]
         self._shown = {s.name: plan.shown_frames(s.start, s.end) for s in shards}
