@@ -42,7 +42,8 @@ def detect_video(analyzer, info, start: int, end: int) -> dict:
     found, batch = {}, []
 
     def flush() -> None:
-        found.update(zip(range(start + len(found), end), analyzer.detect_all(batch), strict=False))
+        first = start + len(found)
+        found.update(zip(range(first, first + len(batch)), analyzer.detect_all(batch), strict=True))
         batch.clear()
 
     for frame in read_frames(info, start, end):

@@ -37,7 +37,7 @@ RESCALE_EVERY_S = 2.0
 def pool_key(pipeline: PipelineConfig) -> PipelineConfig:
     """What a worker loads: ``pipeline`` with the settings a job may set on its own blanked out.
 
-    ``face.bbox_shift``, ``face.extra_margin`` and ``face.smooth_radius`` act on boxes inside
+    ``face.bbox_shift``, ``face.extra_margin``, ``face.smooth_radius`` and ``face.select`` act on boxes inside
     ``render_shard``, not on any loaded model, and ``render.composite`` and the queue depths act on a
     job's own pipeline over the loaded models, so jobs that differ only there share a pool.
     (``render.channels_last`` and ``render.compile`` change the loaded models: they stay.)
@@ -47,7 +47,7 @@ def pool_key(pipeline: PipelineConfig) -> PipelineConfig:
         pipeline,
         composite=PipelineConfig.composite,
         **pacing,
-        face=replace(pipeline.face, bbox_shift=0, extra_margin=0, smooth_radius=0),
+        face=replace(pipeline.face, bbox_shift=0, extra_margin=0, smooth_radius=0, select="largest"),
     )
 
 
