@@ -68,6 +68,12 @@ def test_largest_is_the_first_face_and_rules_follow_their_track():
     assert right == {0: (100, 10, 140, 50), 1: (100, 10, 140, 50), 2: (100, 10, 140, 50)}
     none = boxes_from_detections(dets, range(3), (60, 150), cfg, 3, lambda s: None if s == 1 else "1")
     assert none == {0: (10, 10, 50, 50), 1: None, 2: (10, 10, 50, 50)}
+    # smoothing stops at a cut: frame 2 is another shot, its face (moved by 4 px) is not averaged in
+    moved = (104.0, 14.0, 144.0, 54.0)
+    cut = {0: faces(A), 1: faces(A, B), 2: FrameFaces((Detection(moved, 1.0),), BRIGHT)}
+    assert boxes_from_detections(cut, [1], (60, 150), cfg, 3, lambda s: "right") == {1: (100, 10, 140, 50)}
+    no_cut = {**cut, 2: faces(moved)}
+    assert boxes_from_detections(no_cut, [1], (60, 150), cfg, 3, lambda s: "right") == {1: (102, 12, 142, 52)}
 
 
 @pytest.fixture(scope="module")
