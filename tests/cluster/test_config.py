@@ -247,3 +247,17 @@ def test_the_yaml_agrees_with_the_typed_defaults(monkeypatch):
             if isinstance(value, str) and value.startswith("${oc.env:"):  # the default after the env var
                 value = value.split(",", 1)[1].rstrip("}").strip("'")
             assert value == default, f"{group}.{f.name}: YAML {value!r}, typed default {default!r}"
+
+
+@pytest.mark.parametrize(
+    "value, typed", [("largest", "largest"), ("center", "center"), ("2", "2"), ("'3'", "3")]
+)
+def test_face_select_values(value, typed):
+    assert job_from_config(_compose("+task=test", f"face.select={value}")).pipeline.face.select == typed
+
+
+@pytest.mark.parametrize("value", ["biggest", "0", "-1", "true"])
+def test_face_select_refused_in_one_line(value):
+    with pytest.raises(ConfigError, match=r"face.select") as err:
+        job_from_config(_compose("+task=test", f"face.select={value}"))
+    assert "\n" not in str(err.value)
