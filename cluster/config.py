@@ -17,7 +17,7 @@ from musetalk.config import PACING_FIELDS, BlendConfig, EnhanceConfig, FaceConfi
 from shards.dub import DubSettings
 from shards.errors import ConfigError, InputError
 from shards.plan import ShardsConfig
-from shards.ranges import load_ranges
+from shards.ranges import load_ranges, parse_select
 from shards.segment import EncodeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +205,7 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
     face = typed(
         FaceConfig,
         "face",
-        {**node("face"), "bbox_shift": get("task.bbox_shift", int, 0)},
+        {**_select_as_text(node("face")), "bbox_shift": get("task.bbox_shift", int, 0)},
         {"bbox_shift": "task.bbox_shift"},
     )
     pipeline = typed(
@@ -353,6 +353,14 @@ def _target(value: str, root: str) -> tuple[Path, str | None]:
     return storage.staging_root() / "outputs" / storage.key(value) / PurePosixPath(value).name, value
 
 
+def _select_as_text(face: dict) -> dict:
+    """``face.select=2`` reaches us as an int: a track id is kept as text, like the rule names."""
+    select = face.get("select")
+    if isinstance(select, int) and not isinstance(select, bool):
+        return {**face, "select": str(select)}
+    return face
+
+
 def check_type(key: str, value, kind: type, nullable: bool = False) -> tuple[object, str | None]:
     """(``value`` as ``kind``, None), or (None, the problem): bool is not an int, an int is a valid float."""
     if value is None:
@@ -439,6 +447,10 @@ def pipeline_problems(p: PipelineConfig) -> list[str]:
         out.append(f"face.detector must be s3fd or haar, got {p.face.detector!r}")
     if p.face.crop not in ("landmarks", "box"):
         out.append(f"face.crop must be landmarks or box, got {p.face.crop!r}")
+    try:
+        parse_select(p.face.select)
+    except ValueError as err:
+        out.append(str(err))
     if p.face.smooth_radius < 0:
         out.append(f"face.smooth_radius must be >= 0, got {p.face.smooth_radius}")
     if p.face.extra_margin < 0:

@@ -45,6 +45,7 @@ from musetalk.local import plan_job
 from musetalk.preparation import PrepPlan
 from musetalk.stats import PrepStats, ShardStats, busy_seconds, stage_totals
 from musetalk.syncscore import SyncedSegment
+from musetalk.tracks import is_track
 from shards.errors import FarmError
 from shards.plan import PrepUnit, Shard, UnitKind, dispatch_order
 from shards.stitch import concat_and_mux
@@ -55,8 +56,6 @@ logger = logging.getLogger(__name__)
 # cluster.max_in_flight) among those still to land: enough queued work to keep every slot busy, while the
 # entry chunks in the object store stay bounded however long the video (musetalk.preparation).
 PREP_LEAD = 2
-# The job's face choice (Plan.face_choice outside dub ranges): today's behaviour until face.select lands.
-JOB_FACE = "largest"
 
 
 def pinned(job: JobConfig) -> PipelineConfig:
@@ -120,7 +119,7 @@ class JobRun:
             job.audio,
             shard_frames=job.shards.length,
             shard_seconds=job.shards.seconds,
-            face=JOB_FACE,
+            face=str(self.pipeline.face.select),
             dub=job.dub,
             track=track,
         )
@@ -176,6 +175,10 @@ class JobRun:
         self._keys(identity.key())
         self._todo()
         self.pool_id, self.workers = pool_id, workers
+        self._tracks_kept = False
+        # the face of each source frame (boxes and the cache's chunk keys): the job's face.select, in a dub
+        # with ranges each range's face, None (passing through) outside them
+        self.choice = self.plan.face_choice
         self.prep = PrepPlan(
             self.plan,
             self.todo,
@@ -183,11 +186,10 @@ class JobRun:
             smooth_radius=self.pipeline.face.smooth_radius,
             lead=PREP_LEAD * max(1, workers) * job.cluster.max_in_flight,
             also_detect={s.name: self.sync.source_frames(s) for s in self.todo} if self.sync else None,
+            whole=any(is_track(face) for face in self.plan.faces),
         )
         chunks, detections = {}, {}
-        self.cache = AvatarCache.open(
-            job.cache, job.video, self.pipeline, identity, self.label, self.plan.choice_key()
-        )
+        self.cache = AvatarCache.open(job.cache, job.video, self.pipeline, identity, self.label, self.choice)
         if self.cache is not None:
             # a local cache's bytes reach workers through Ray (driver-owned); a shared cache's URIs as they are
             chunks = {
@@ -264,7 +266,9 @@ class JobRun:
             prepared = ShardInputs(
                 tuple((a, b, [h]) for a, b, h in chunks),
                 tuple((k, [h]) for k, h in segments),
-                sync=self.sync.shard_plan(unit, self.prep.detections) if self.sync is not None else None,
+                sync=self.sync.shard_plan(unit, self.prep.detections, self.info.width, self._tracks())
+                if self.sync is not None
+                else None,
             )
             return actor.render.remote(self.inputs, self.plan, unit, self.cfg.encode, prepared)
         if unit.kind is not UnitKind.PREPARE:
@@ -275,10 +279,19 @@ class JobRun:
             (self.info.height, self.info.width),
             self.pipeline.face,
             self.plan.source_frames,
-            self.plan.face_choice,
+            self.choice,
+            tracks=self._tracks(),
         )
-        shared = self.cache.shared if self.cache is not None else None
+        shared = self.cache.shared(unit) if self.cache is not None else None
         return actor.prepare.remote(self.inputs, unit, boxes, shared)
+
+    def _tracks(self):
+        """The video's face tracks once linked (a track choice; else None), kept in the avatar cache once."""
+        tracks = self.prep.tracks
+        if tracks is not None and self.cache is not None and not self._tracks_kept:
+            self.cache.remember_tracks(tracks, self.plan.source_frames)
+            self._tracks_kept = True
+        return tracks
 
     def landed(self, unit: PrepUnit | Shard, data, stats) -> list[PrepUnit | Shard]:
         """A unit's result: keep it, and return the units it releases."""

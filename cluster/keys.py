@@ -21,15 +21,18 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster import storage
-from musetalk.config import PACING_FIELDS, PipelineConfig
+from musetalk.config import PACING_FIELDS, FaceConfig, PipelineConfig
 from musetalk.layout import ModelLayout
+from musetalk.tracks import VERSION as TRACKS_VERSION
+from musetalk.tracks import is_track
 from shards.plan import Plan, Shard
+from shards.ranges import parse_select
 from shards.segment import EncodeSettings
 
 if TYPE_CHECKING:  # torch: keep this module cheap for the pre-flight checks
@@ -39,6 +42,23 @@ _CHUNK = 1 << 20
 _FINGERPRINT_BYTES = 1 << 20
 # Bump when the avatar cache's entry format or any preparation rule changes: old entries are never read.
 CACHE_FORMAT = 2
+
+
+def _face_choice(face: FaceConfig) -> dict:
+    """The face settings prepared entries depend on, less the face choice: it is each chunk's own part of
+    the key (:func:`choice_digest`), so a job choosing the largest face keeps the keys entries had before
+    choices existed, and two choices share every chunk where they agree."""
+    values = asdict(face)
+    del values["select"]
+    return values
+
+
+def choice_digest(choices: Iterable[str | int | None]) -> str:
+    """The key part of an entry chunk made for the face ``choices`` of its frames (None: passed
+    through): the choices, and the tracker's version where one names a track (ids come from it)."""
+    values = [None if c is None else str(parse_select(c)) for c in choices]
+    tracked = any(v is not None and is_track(v) for v in values)
+    return _hash({"choices": values, "tracks": TRACKS_VERSION if tracked else None})[:12]
 
 
 def _hash(obj) -> str:
@@ -186,6 +206,8 @@ def shard_key(parts: dict[str, object]) -> str:
 def detect_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str) -> str:
     """What raw detections depend on: detector, landmarks or not, detection size and batch, weights,
     the compute identity."""
+    from musetalk.entries import DETECTIONS_FORMAT
+
     f = pipeline.face
     return (
         "d"
@@ -194,6 +216,7 @@ def detect_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str
                 "format": CACHE_FORMAT,
                 "detector": f.detector,
                 "crop": f.crop,
+                "detections": DETECTIONS_FORMAT,
                 "detect_max_side": f.detect_max_side,
                 "batch_size": f.batch_size,
                 "compute": identity.key(),
@@ -203,10 +226,10 @@ def detect_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str
     )
 
 
-def prepare_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str, choice: str = "") -> str:
-    """What prepared entries depend on: every face and blend setting, the VAE and parser batches,
-    weights, the compute identity, and the per-frame face choice of a dub job with ranges (``choice``:
-    frames outside its ranges hold no face)."""
+def prepare_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: str) -> str:
+    """What prepared entries depend on besides each frame's face choice (``cluster.cache.AvatarCache
+    .chunk_key`` adds it per chunk): every other face and blend setting, the VAE and parser batches,
+    weights, the compute identity."""
     from musetalk.parsing import parse_batch
 
     return (
@@ -214,13 +237,12 @@ def prepare_key(pipeline: PipelineConfig, identity: ComputeIdentity, weights: st
         + _hash(
             {
                 "format": CACHE_FORMAT,
-                "face": asdict(pipeline.face),
+                "face": _face_choice(pipeline.face),
                 "blend": asdict(pipeline.blend),
                 "batch_size": pipeline.batch_size,
                 "parse_batch": parse_batch(identity.device),
                 "compute": identity.key(),
                 "weights": weights,
-                **({"choice": choice} if choice else {}),
             }
         )[:16]
     )

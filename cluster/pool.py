@@ -37,10 +37,11 @@ RESCALE_EVERY_S = 2.0
 def pool_key(pipeline: PipelineConfig) -> PipelineConfig:
     """What a worker loads: ``pipeline`` with the settings a job may set on its own blanked out.
 
-    ``face.bbox_shift``, ``face.extra_margin`` and ``face.smooth_radius`` act on boxes inside
-    ``render_shard``, not on any loaded model, and ``render.batch_size``, ``render.composite`` and the
-    queue depths act on a job's own pipeline over the loaded models (the VAE and UNet take the batch size
-    per call), so jobs that differ only there share a pool: a sweep over batch sizes loads the weights once.
+    ``face.bbox_shift``, ``face.extra_margin``, ``face.smooth_radius`` and ``face.select`` act on boxes
+    inside ``render_shard``, not on any loaded model, and ``render.batch_size``, ``render.composite`` and
+    the queue depths act on a job's own pipeline over the loaded models (the VAE and UNet take the batch
+    size per call), so jobs that differ only there share a pool: a sweep over batch sizes loads the
+    weights once.
     (``render.channels_last`` and ``render.compile`` change the loaded models: they stay.)
     """
     pacing = {name: getattr(PipelineConfig, name) for name in PACING_FIELDS}
@@ -49,7 +50,7 @@ def pool_key(pipeline: PipelineConfig) -> PipelineConfig:
         batch_size=PipelineConfig.batch_size,
         composite=PipelineConfig.composite,
         **pacing,
-        face=replace(pipeline.face, bbox_shift=0, extra_margin=0, smooth_radius=0),
+        face=replace(pipeline.face, bbox_shift=0, extra_margin=0, smooth_radius=0, select="largest"),
     )
 
 

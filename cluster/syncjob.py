@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from cluster.config import QaConfig
 from cluster.rundir import RunDir
 from musetalk.config import PipelineConfig
-from musetalk.faces import Detection
+from musetalk.faces import FrameFaces, as_faces
 from musetalk.syncscore import FPS, ShardSync, ShardSyncPlan, SyncPlan, audio_windows, job_scores
+from musetalk.tracks import Tracks, chosen
 from shards.plan import Plan, Shard
 
 logger = logging.getLogger(__name__)
@@ -80,12 +81,17 @@ class JobSync:
             {self.plan.source_index(self.sync.frames[k]) for k in self.sync.context(shard.start, shard.end)}
         )
 
-    def shard_plan(self, shard: Shard, detections: dict[int, Detection | None]) -> ShardSyncPlan:
-        """What the shard's worker crops (its detections are all in: see :meth:`source_frames`)."""
+    def shard_plan(
+        self, shard: Shard, detections: dict[int, FrameFaces], width: int, tracks: Tracks | None = None
+    ) -> ShardSyncPlan:
+        """What the shard's worker crops (its detections are all in: see :meth:`source_frames`): the raw
+        box of the face ``face.select`` chooses (``tracks``: the video's, when it names a track)."""
         boxes = {}
         for k in self.sync.context(shard.start, shard.end):
-            det = detections[self.plan.source_index(self.sync.frames[k])]
-            boxes[k] = None if det is None else tuple(float(v) for v in det.box)
+            src = self.plan.source_index(self.sync.frames[k])
+            faces = as_faces(detections[src]).faces
+            i = chosen(self.pipeline.face.select, src, [d.box for d in faces], width, tracks)
+            boxes[k] = None if i is None else tuple(float(v) for v in faces[i].box)
         return self.sync.shard(shard.start, shard.end, boxes)
 
     def result(self, run: RunDir, face_frames: int) -> SyncResult:

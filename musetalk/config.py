@@ -18,6 +18,9 @@ class FaceConfig:
     extra_margin: int = 10  # pixels added below the chin (upstream v1.5), clipped to the frame
     detect_max_side: int = 640  # detection runs on frames downscaled so the longer side is at most this
     smooth_radius: int = 2  # temporal box smoothing over source frames [s - r, s + r]
+    # which face: largest (per frame, the default) | left | right | center (per-frame rules) | a track id
+    # (int, see `python -m cluster.faces`); musetalk.tracks explains each
+    select: str = "largest"
     batch_size: int = 8  # detector batch (padded to this size so results never depend on batch-mates)
 
 

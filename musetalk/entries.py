@@ -1,29 +1,31 @@
 """Avatar entries: everything the renderer derives from a source frame alone, as data and bytes.
 
 Upstream's realtime "avatar" mode prepares a video once and then renders any audio over it. Here a job's
-preparation (:mod:`musetalk.preparation`) makes, per source frame: raw detections (box, score, landmarks:
-JSON, :func:`detections_to_json`), from which smoothed crop boxes are a pure function of the frame
-(:func:`musetalk.faces.boxes_from_detections`), and an :class:`Entry` (the VAE latents of its crop and its
+preparation (:mod:`musetalk.preparation`) makes, per source frame: raw detections (every face: box,
+score, landmarks; the frame's cut signature: JSON, :func:`detections_to_json`), from which smoothed crop
+boxes are a pure function of the frame and the face choice (:func:`musetalk.faces.boxes_from_detections`), and an :class:`Entry` (the VAE latents of its crop and its
 blend material), packed per chunk of consecutive source frames into one npz (:func:`pack_chunk`,
 per-frame members, so a reader loads only the frames it shows: :class:`ChunkReader`,
 :class:`EntrySource`). The avatar cache (:mod:`cluster.cache`) keeps both per video. A format other than
-:data:`FORMAT` is refused, never read.
+:data:`FORMAT` (:data:`DETECTIONS_FORMAT`) is refused, never read.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from musetalk.blending import Box
-from musetalk.faces import Detection
+from musetalk.faces import Detection, FrameFaces, as_faces
 from musetalk.lru import LRU
+from musetalk.tracks import SIGNATURE_SIDE
 
-FORMAT = 1  # bump when the entry or detections format changes: old files are never read
+FORMAT = 1  # bump when the entry format changes: old files are never read
+DETECTIONS_FORMAT = 2  # the same for detections (2: every face of a frame and its cut signature)
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,37 +114,41 @@ class EntrySource:
         raise KeyError(f"source frame {src} was never prepared")
 
 
-def detections_to_json(detections: dict[int, Detection | None]) -> str:
-    return json.dumps(
-        {
-            "format": FORMAT,
-            "frames": {
-                str(s): None
-                if d is None
-                else {
-                    "box": list(d.box),
-                    "score": d.score,
-                    "landmarks": None if d.landmarks is None else np.asarray(d.landmarks).tolist(),
-                }
-                for s, d in sorted(detections.items())
-            },
-        }
-    )
+def detections_to_json(detections: Mapping[int, FrameFaces | Detection | None]) -> str:
+    """Every face of each source frame (box, score, landmarks) and its cut signature (hex bytes)."""
+
+    def face(d: Detection) -> dict:
+        marks = None if d.landmarks is None else np.asarray(d.landmarks).tolist()
+        return {"box": list(d.box), "score": d.score, "landmarks": marks}
+
+    frames = {}
+    for s, found in sorted(detections.items()):
+        f = as_faces(found)
+        sig = None if f.signature is None else np.asarray(f.signature, dtype=np.uint8).tobytes().hex()
+        frames[str(s)] = {"faces": [face(d) for d in f.faces], "signature": sig}
+    return json.dumps({"format": DETECTIONS_FORMAT, "frames": frames})
 
 
-def detections_from_json(text: str) -> dict[int, Detection | None]:
+def detections_from_json(text: str) -> dict[int, FrameFaces]:
     meta = json.loads(text)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"avatar detections format {meta.get('format')} is not {FORMAT}")
-    out: dict[int, Detection | None] = {}
-    for s, d in meta["frames"].items():
-        out[int(s)] = (
+    if meta.get("format") != DETECTIONS_FORMAT:
+        raise ValueError(f"avatar detections format {meta.get('format')} is not {DETECTIONS_FORMAT}")
+    out: dict[int, FrameFaces] = {}
+    for s, f in meta["frames"].items():
+        sig = f["signature"]
+        out[int(s)] = FrameFaces(
+            tuple(
+                Detection(
+                    box=tuple(d["box"]),
+                    score=d["score"],
+                    landmarks=None
+                    if d["landmarks"] is None
+                    else np.asarray(d["landmarks"], dtype=np.float32),
+                )
+                for d in f["faces"]
+            ),
             None
-            if d is None
-            else Detection(
-                box=tuple(d["box"]),
-                score=d["score"],
-                landmarks=None if d["landmarks"] is None else np.asarray(d["landmarks"], dtype=np.float32),
-            )
+            if sig is None
+            else np.frombuffer(bytes.fromhex(sig), dtype=np.uint8).reshape(SIGNATURE_SIDE, -1),
         )
     return out

@@ -29,7 +29,9 @@ from musetalk.config import FaceConfig
 from musetalk.device import upload
 from musetalk.layout import ModelLayout
 from musetalk.stats import model_call
+from musetalk.tracks import Tracks, follow, is_track, link_frames, signature
 from shards.errors import ConfigError, WeightsError
+from shards.ranges import parse_select
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +61,31 @@ _HOURGLASS_KEY = re.compile(r"^m(\d+)\.")
 
 @dataclass(frozen=True)
 class Detection:
-    """The largest face of one frame."""
+    """One face of one frame."""
 
     box: tuple[float, float, float, float]  # detector box x1, y1, x2, y2, full-frame pixels (may exceed it)
     score: float  # S3FD: softmax face score; Haar: number of merged neighbour detections
     landmarks: np.ndarray | None = None  # (68, 2) float32 full-frame (x, y), when landmarks were computed
 
 
+@dataclass(frozen=True, eq=False)
+class FrameFaces:
+    """Every face of one source frame, largest first (empty: no face), and the frame's signature
+    (:func:`musetalk.tracks.signature`, for shot cuts; None where unknown)."""
+
+    faces: tuple[Detection, ...] = ()
+    signature: np.ndarray | None = None
+
+
+def as_faces(found: FrameFaces | Detection | None) -> FrameFaces:
+    """A frame's detections as :class:`FrameFaces` (a single Detection or None is read as one face or none)."""
+    if isinstance(found, FrameFaces):
+        return found
+    return FrameFaces(() if found is None else (found,))
+
+
 class FaceAnalyzer:
-    """Finds the largest face per frame and, for ``crop == "landmarks"``, its 68 FAN landmarks.
+    """Finds every face per frame and, for ``crop == "landmarks"``, its 68 FAN landmarks.
 
     Built from already-loaded parts (see :func:`load_face_analyzer`): exactly one of ``s3fd_net`` /
     ``haar`` for ``cfg.detector``, and ``fan`` when ``cfg.crop == "landmarks"``.
@@ -99,44 +117,53 @@ class FaceAnalyzer:
         self.fan = fan.eval() if fan is not None and cfg.crop == "landmarks" else None
 
     def detect(self, frames: Sequence[np.ndarray]) -> list[Detection | None]:
-        """Largest face per frame of (H, W, 3) uint8 BGR frames, or None where there is none.
+        """The largest face per frame (:meth:`detect_all`'s first), or None where there is none."""
+        return [found.faces[0] if found.faces else None for found in self.detect_all(frames)]
+
+    def detect_all(self, frames: Sequence[np.ndarray]) -> list[FrameFaces]:
+        """Every face per (H, W, 3) uint8 BGR frame, largest first, and the frame's cut signature.
 
         Detection runs on copies shrunk to ``cfg.detect_max_side`` (boxes come back in full-frame pixels);
-        S3FD and FAN batches are padded to ``cfg.batch_size`` so no result depends on its batch-mates.
+        S3FD and FAN batches are padded to ``cfg.batch_size`` so no result depends on its batch-mates (FAN
+        runs once per face: a face's landmarks do not depend on the other faces of its frame either).
         """
         for i, frame in enumerate(frames):
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
                 raise ValueError(f"frame {i}: expected (H, W, 3) uint8 BGR, got {frame.shape} {frame.dtype}")
-        boxes: list[np.ndarray | None] = [None] * len(frames)  # (5,) x1, y1, x2, y2, score full-frame
+        boxes: list[list[np.ndarray]] = [[] for _ in frames]  # (5,) x1, y1, x2, y2, score full-frame
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, frame in enumerate(frames):
             by_shape.setdefault(frame.shape, []).append(i)
         for indices in by_shape.values():
             for start in range(0, len(indices), self.cfg.batch_size):
                 chunk = indices[start : start + self.cfg.batch_size]
-                for i, box in zip(chunk, self._detect_chunk([frames[i] for i in chunk]), strict=True):
-                    boxes[i] = box
-        landmarks: list[np.ndarray | None] = [None] * len(frames)
+                for i, found in zip(chunk, self._detect_chunk([frames[i] for i in chunk]), strict=True):
+                    boxes[i] = found
+        faces = [(i, j) for i, found in enumerate(boxes) for j in range(len(found))]
+        landmarks: dict[tuple[int, int], np.ndarray] = {}
         if self.fan is not None:
-            with_face = [i for i, box in enumerate(boxes) if box is not None]
-            for start in range(0, len(with_face), self.cfg.batch_size):
-                chunk = with_face[start : start + self.cfg.batch_size]
-                found = self._landmarks([frames[i] for i in chunk], [boxes[i] for i in chunk])
-                for i, points in zip(chunk, found, strict=True):
-                    landmarks[i] = points
+            for start in range(0, len(faces), self.cfg.batch_size):
+                chunk = faces[start : start + self.cfg.batch_size]
+                found = self._landmarks([frames[i] for i, _ in chunk], [boxes[i][j] for i, j in chunk])
+                landmarks.update(zip(chunk, found, strict=True))
         return [
-            None
-            if box is None
-            else Detection(
-                box=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
-                score=float(box[4]),
-                landmarks=points,
+            FrameFaces(
+                tuple(
+                    Detection(
+                        box=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+                        score=float(box[4]),
+                        landmarks=landmarks.get((i, j)),
+                    )
+                    for j, box in enumerate(found)
+                ),
+                signature(frames[i]),
             )
-            for box, points in zip(boxes, landmarks, strict=True)
+            for i, found in enumerate(boxes)
         ]
 
-    def _detect_chunk(self, frames: list[np.ndarray]) -> list[np.ndarray | None]:
-        """Largest face box (5,) [x1, y1, x2, y2, score] in full-frame pixels for same-size frames."""
+    def _detect_chunk(self, frames: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Every face box (5,) [x1, y1, x2, y2, score] in full-frame pixels for same-size frames, largest
+        first (ties: detector order, so the first is the face the largest-face rule always took)."""
         height, width = frames[0].shape[:2]
         small = [_downscale(frame, self.cfg.detect_max_side) for frame in frames]
         sx, sy = width / small[0].shape[1], height / small[0].shape[0]
@@ -144,16 +171,16 @@ class FaceAnalyzer:
             found = self._s3fd(small)
         else:
             found = [self._haar(image) for image in small]
-        result: list[np.ndarray | None] = []
+        result: list[list[np.ndarray]] = []
         for dets in found:
-            if len(dets) == 0:
-                result.append(None)
-                continue
             areas = (dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])
-            best = dets[int(np.argmax(areas))].astype(np.float64)
-            best[[0, 2]] *= sx
-            best[[1, 3]] *= sy
-            result.append(best)
+            faces = []
+            for k in np.argsort(-areas, kind="stable"):
+                box = dets[int(k)].astype(np.float64)
+                box[[0, 2]] *= sx
+                box[[1, 3]] *= sy
+                faces.append(box)
+            result.append(faces)
         return result
 
     @torch.inference_mode()
@@ -268,6 +295,10 @@ def _validate(cfg: FaceConfig) -> None:
         problems.append(f"face.smooth_radius must be >= 0, got {cfg.smooth_radius}")
     if cfg.extra_margin < 0:
         problems.append(f"face.extra_margin must be >= 0, got {cfg.extra_margin}")
+    try:
+        parse_select(cfg.select)
+    except ValueError as err:
+        problems.append(str(err))
     if problems:
         raise ConfigError("invalid face config: " + "; ".join(problems))
 
@@ -448,41 +479,39 @@ def crop_face(frame: np.ndarray, box: Box) -> np.ndarray:
 
 
 def boxes_from_detections(
-    detections: Mapping[int, Detection | None],
+    detections: Mapping[int, FrameFaces | Detection | None],
     frames: Iterable[int],
     frame_shape: tuple[int, int],
     cfg: FaceConfig,
     source_frames: int,
+    choice: Callable[[int], str | int | None] | None = None,
+    tracks: Tracks | None = None,
 ) -> dict[int, Box | None]:
     """Smoothed crop boxes of source ``frames``: each reads the raw boxes of its
-    :func:`smoothing_window` (``detections`` must hold them), exactly as one pass over the whole video
-    would compute them, so a box is a pure function of its source frame."""
+    :func:`smoothing_window` (``detections`` must hold them), so a box is a pure function of its frame.
+    ``choice(src)``: which face of frame ``src`` (a ``face.select`` value, default ``cfg.select``; None:
+    no box, the frame passes through). The window follows the chosen face's track
+    (:func:`musetalk.tracks.follow`); a frame whose chosen face is absent gets no box. A track id needs
+    the whole video's ``tracks`` (or every frame's ``detections``, to link them here)."""
     r = cfg.smooth_radius
-    raw: dict[int, Box | None] = {}
+    raw: dict[tuple[int, int], Box | None] = {}
 
-    def raw_box(k: int) -> Box | None:
-        if k not in raw:
-            raw[k] = crop_box(detections[k], frame_shape, cfg)
-        return raw[k]
+    def raw_box(k: int, i: int) -> Box | None:
+        if (k, i) not in raw:
+            raw[(k, i)] = crop_box(as_faces(detections[k]).faces[i], frame_shape, cfg)
+        return raw[(k, i)]
 
     out = {}
     for s in frames:
+        spec = cfg.select if choice is None else choice(s)
+        if spec is None:
+            out[s] = None
+            continue
+        if tracks is None and is_track(spec):
+            tracks = link_frames([as_faces(detections[k]) for k in range(source_frames)])
         window = smoothing_window(s, r, source_frames)
-        out[s] = smooth_boxes([raw_box(k) for k in window], r)[s - window.start]
+        faces = [as_faces(detections[k]) for k in window]
+        picked = follow(spec, s, window, faces, int(frame_shape[1]), tracks)
+        boxes = [None if i is None else raw_box(k, i) for k, i in zip(window, picked, strict=True)]
+        out[s] = smooth_boxes(boxes, r)[s - window.start]
     return out
-
-
-def chosen_boxes(
-    detections: Mapping[int, Detection | None],
-    frames: Iterable[int],
-    frame_shape: tuple[int, int],
-    cfg: FaceConfig,
-    source_frames: int,
-    choice: Callable[[int], str | None],
-) -> dict[int, Box | None]:
-    """:func:`boxes_from_detections` with the job's per-frame face ``choice`` (``Plan.face_choice``): a frame
-    whose choice is None gets no box, so it passes through untouched. The one place the choice meets the
-    boxes (which face a spec picks is the face tracks' concern)."""
-    frames = list(frames)
-    boxes = boxes_from_detections(detections, frames, frame_shape, cfg, source_frames)
-    return {s: (box if choice(s) is not None else None) for s, box in boxes.items()}

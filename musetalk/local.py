@@ -101,7 +101,10 @@ def render_local(
     stats = []
     with tempfile.TemporaryDirectory(prefix="musetalk-local-") as tmp:
         track = Path(tmp) / "dub.wav"
-        info, samples, plan = plan_job(video, audio, shard_frames=shard_frames, dub=dub, track=track)
+        face = str(cfg.face.select)
+        info, samples, plan = plan_job(
+            video, audio, shard_frames=shard_frames, face=face, dub=dub, track=track
+        )
         pipeline = pipeline or FramePipeline(cfg)
         entries, features, prep = pipeline.prepare_job(info, samples, plan, chunk)
         segments = []

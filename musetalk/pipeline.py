@@ -28,7 +28,7 @@ from musetalk.composite import DeviceCompositor, active_rect, paste_numpy
 from musetalk.config import PipelineConfig
 from musetalk.device import compute_identity, resolve_dtype
 from musetalk.entries import Entry
-from musetalk.faces import Detection, chosen_boxes, crop_face
+from musetalk.faces import FrameFaces, boxes_from_detections, crop_face
 from musetalk.generation import generate_faces
 from musetalk.models import Models, load_models
 from musetalk.preparation import PrepPlan
@@ -53,6 +53,7 @@ from musetalk.stats import (
     ShardStats,
     model_call,
 )
+from musetalk.tracks import is_track
 from shards.decode import FrameStreams
 from shards.plan import Plan, Shard, ShardsConfig, UnitKind
 from shards.probe import VideoInfo
@@ -127,16 +128,16 @@ class FramePipeline:
         end: int,
         on_stage: Callable[[str], None] | None = None,
         progress: Callable[[int], None] | None = None,
-    ) -> tuple[dict[int, Detection | None], PrepStats]:
-        """Raw detections (largest face, landmarks) of source frames ``[start, end)``, in padded batches.
+    ) -> tuple[dict[int, FrameFaces], PrepStats]:
+        """Raw detections (every face, landmarks) of source frames ``[start, end)``, in padded batches.
         ``progress(n)`` is called per batch of ``n`` source frames detected."""
         started, wall, clock = time.time(), time.perf_counter(), StageClock(self.models.device)
-        found: dict[int, Detection | None] = {}
+        found: dict[int, FrameFaces] = {}
         batch: list[tuple[int, np.ndarray]] = []
 
         def detect() -> None:
             with clock.stage("detect"):
-                dets = self.models.analyzer.detect([f for _, f in batch])
+                dets = self.models.analyzer.detect_all([f for _, f in batch])
             found.update((s, d) for (s, _), d in zip(batch, dets, strict=True))
             if progress is not None:
                 progress(len(batch))
@@ -271,10 +272,11 @@ class FramePipeline:
     def prepare_job(
         self, video: VideoInfo, samples: np.ndarray, plan: Plan, chunk: int = ShardsConfig.prep_length
     ) -> tuple[dict[int, Entry], AudioFeatures, list[PrepStats]]:
-        """Every preparation a job needs, in this process (:class:`musetalk.preparation.PrepPlan`):
-        detections of the shown source frames and their smoothing context, boxes, entries (``chunk``
-        source frames at a time), Whisper features."""
-        prep = PrepPlan(plan, plan.shards, chunk=chunk, smooth_radius=self.cfg.face.smooth_radius)
+        """Every preparation a job needs, in this process (:class:`musetalk.preparation.PrepPlan`): detections
+        (all frames' if a track is chosen), boxes of each frame's face (``plan.face_choice``), entries
+        (``chunk`` source frames a unit), Whisper features."""
+        f, whole = self.cfg.face, any(is_track(face) for face in plan.faces)
+        prep = PrepPlan(plan, plan.shards, chunk=chunk, smooth_radius=f.smooth_radius, whole=whole)
         prep.start()
         stats: list[PrepStats] = []
         for unit in prep.units_of(UnitKind.DETECT):
@@ -284,8 +286,8 @@ class FramePipeline:
         entries: dict[int, Entry] = {}
         shape = (video.height, video.width)
         for unit in prep.units_of(UnitKind.PREPARE):
-            frames, n = range(unit.start, unit.end), plan.source_frames
-            boxes = chosen_boxes(prep.detections, frames, shape, self.cfg.face, n, plan.face_choice)
+            rng, n = range(unit.start, unit.end), plan.source_frames
+            boxes = boxes_from_detections(prep.detections, rng, shape, f, n, plan.face_choice, prep.tracks)
             done, st = self.prepare_range(video, unit.start, unit.end, boxes)
             entries.update((e.src, e) for e in done)
             stats.append(st)

@@ -29,7 +29,8 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 
 from musetalk.audio import audio_span
-from musetalk.faces import Detection, smoothing_window
+from musetalk.faces import FrameFaces, smoothing_window
+from musetalk.tracks import Tracks, link_frames
 from shards.plan import Plan, PrepUnit, Shard, UnitKind
 
 
@@ -65,13 +66,19 @@ class PrepPlan:
         smooth_radius: int,
         lead: int | None = None,
         also_detect: Mapping[str, Iterable[int]] | None = None,
+        whole: bool = False,
     ) -> None:
         """``lead``: prepare only for the first ``lead`` shards still to land (None: everything at once).
         ``also_detect``: shard name -> source frames whose raw detections that shard reads besides its
         boxes' (the lip-sync crops, :mod:`cluster.syncjob`): they are detected too, and the shard is
-        released only once they are in."""
+        released only once they are in. ``whole``: every prepare unit reads every source frame's detections
+        (a face chosen by track: tracks link the whole video), so all are detected before any prepares."""
         self.plan, self.chunk, self.radius, self._lead = plan, chunk, smooth_radius, lead
+        self.whole = whole
+        self._tracks: Tracks | None = None
         self._also_of = {name: sorted(set(frames)) for name, frames in (also_detect or {}).items()}
+        if whole:  # the lip-sync crops read the chosen track's faces: the tracks of every frame
+            self._also_of = {name: list(range(plan.source_frames)) for name in self._also_of}
         self._also = sorted({k for frames in self._also_of.values() for k in frames})
         self._order = [s.name for s in shards]
         self._shown = {s.name: plan.shown_frames(s.start, s.end) for s in shards}
@@ -81,7 +88,7 @@ class PrepPlan:
             span = audio_span(plan.total_samples, plan.fps, s.start, s.end)
             self.shard_segments[s.name] = range(span.first_segment, span.end_segment)
         self._shards = list(shards)
-        self.detections: dict[int, Detection | None] = {}
+        self.detections: dict[int, FrameFaces] = {}
         self.chunks: dict[tuple[int, int], object] = {}
         self.segments: dict[int, object] = {}
         self.units: list[PrepUnit] = []
@@ -97,6 +104,8 @@ class PrepPlan:
     def context(self, frames: Iterable[int]) -> list[int]:
         """The source frames whose raw detections the smoothed boxes of ``frames`` read, sorted."""
         n = self.plan.source_frames
+        if self.whole:
+            return list(range(n)) if any(True for _ in frames) else []
         return sorted({k for s in frames for k in smoothing_window(s, self.radius, n)})
 
     def detections_wanted(self, covered: Iterable[tuple[int, int]] = ()) -> list[int]:
@@ -108,7 +117,7 @@ class PrepPlan:
     def start(
         self,
         chunks: dict[tuple[int, int], object] | None = None,
-        detections: dict[int, Detection | None] | None = None,
+        detections: dict[int, FrameFaces] | None = None,
     ) -> list[PrepUnit]:
         """Plan every unit, given entry ``chunks`` already available (``(start, end) -> handle``) and raw
         ``detections`` already known; returns the units that can run now (detect, audio, and prepare
@@ -156,6 +165,17 @@ class PrepPlan:
         return [*detect, *audio, *self._take_ready()]
 
     @property
+    def tracks(self) -> Tracks | None:
+        """With ``whole``, the face tracks of the video once every frame's detections are in (linked once);
+        else None."""
+        if not self.whole or len(self.detections) < self.plan.source_frames:
+            return None
+        if self._tracks is None:
+            n = self.plan.source_frames
+            self._tracks = link_frames([self.detections[k] for k in range(n)])
+        return self._tracks
+
+    @property
     def cache_hits(self) -> int:
         """Shown source frames whose entries were already available when the plan started."""
         return len(self.shown) - len(self.entries_needed)
@@ -170,7 +190,7 @@ class PrepPlan:
         return unit
 
     # Progress --------------------------------------------------------------------------------------
-    def detected(self, unit: PrepUnit, found: dict[int, Detection | None]) -> list[PrepUnit]:
+    def detected(self, unit: PrepUnit, found: dict[int, FrameFaces]) -> list[PrepUnit]:
         """A detect unit landed: the prepare units it completed (each released once, in frame order)."""
         if unit.name not in self._detecting:
             return []  # a duplicate report
@@ -247,7 +267,7 @@ class PrepPlan:
         segments = [(k, self.segments[k]) for k in self.shard_segments[shard.name]]
         return chunks, segments
 
-    def detections_for(self, unit: PrepUnit) -> dict[int, Detection | None]:
+    def detections_for(self, unit: PrepUnit) -> dict[int, FrameFaces]:
         """The raw detections a prepare unit's smoothed boxes read."""
         return {k: self.detections[k] for k in self.context(range(unit.start, unit.end))}
 

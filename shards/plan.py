@@ -150,18 +150,16 @@ class Plan:
         return None
 
     @property
+    def faces(self) -> set[str]:
+        """Every face choice the job makes (the job's, and each dub range's)."""
+        return {self.face, *(r.face for r in self.ranges)}
+
+    @property
     def chosen_frames(self) -> int:
         """Output frames meant to be lip-synced (those whose choice is not None): the face share's base."""
         if not (self.dub and self.ranges):
             return self.output_frames
         return sum(r.end - r.start for r in self.ranges)
-
-    def choice_key(self) -> str:
-        """What :meth:`face_choice` adds to the keys of prepared entries ("" when every frame takes the
-        job's face: entries of such jobs are shared)."""
-        if not (self.dub and self.ranges):
-            return ""
-        return json.dumps([asdict(r) for r in self.ranges])
 
     def shown_frames(self, start: int, end: int) -> list[int]:
         """The distinct source frames output frames ``[start, end)`` show, sorted."""

@@ -36,12 +36,38 @@ _SECONDS = re.compile(r"\d+(?:\.\d+)?")
 _ARROW = re.compile(r"\s*(\S+)\s*-->\s*(\S+)\s*")
 
 
+def parse_select(spec: object) -> str | int:
+    """A face choice (``face.select``, a range's ``face``) as a rule name or a track id (int); ValueError
+    names the accepted values. The one grammar of face choices (musetalk.tracks applies them)."""
+    if isinstance(spec, bool):
+        raise ValueError(f"face.select must be one of {', '.join(FACE_RULES)} or a track id, got {spec!r}")
+    if isinstance(spec, int):
+        track = spec
+    elif isinstance(spec, str) and spec.strip().lstrip("+").isdigit():
+        track = int(spec)
+    elif isinstance(spec, str) and spec in FACE_RULES:
+        return spec
+    else:
+        raise ValueError(
+            f"face.select must be one of {', '.join(FACE_RULES)} or a track id (an integer >= 1, listed by "
+            f"`python -m cluster.faces VIDEO`), got {spec!r}"
+        )
+    if track < 1:
+        raise ValueError(f"face.select: track ids start at 1, got {spec!r}")
+    return track
+
+
 def face_problem(spec: str) -> str | None:
-    """The problem with a face spec (``largest``, ``left``, ``right``, ``center`` or a track id: an
-    integer >= 0), if any. Whether a track id exists is checked once the video's tracks are known."""
-    if spec in FACE_RULES or re.fullmatch(r"\d+", spec):
-        return None
-    return f"face {spec!r} is not a face spec; use one of {', '.join(FACE_RULES)} or a track id (an integer)"
+    """The problem with a range's face spec (:func:`parse_select`), if any. Whether a track id exists is
+    checked once the video's tracks are known."""
+    try:
+        parse_select(spec)
+    except ValueError:
+        return (
+            f"face {spec!r} is not a face spec; use one of {', '.join(FACE_RULES)} or a track id "
+            "(an integer >= 1, listed by `python -m cluster.faces VIDEO`)"
+        )
+    return None
 
 
 def parse_time(text: str) -> Fraction:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from cluster.config import CacheConfig
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.entries import Entry, EntrySource, pack_chunk
+from shards.plan import PrepUnit, UnitKind
 
 CPU = ComputeIdentity("cpu", "x86_64 AVX2", "float32", 1, "2.13.0")
 
@@ -95,12 +97,33 @@ def test_a_usable_cache_is_keyed_by_the_compute_identity(tiny_models, demo_media
     )
 
 
-def test_a_dub_jobs_face_choice_is_in_the_prepared_entries_key(tiny_models, demo_media, tmp_path):
-    """Frames outside a dub's ranges are prepared without a face: their entries are keyed apart (detections
-    are not: they hold every face either way); a job whose every frame takes the job's face shares them."""
-    pipeline = PipelineConfig(models_dir=str(tiny_models), tiny=True)
-    cfg = CacheConfig(dir=str(tmp_path / "avatars"))
-    plain = AvatarCache.open(cfg, demo_media.video, pipeline, CPU, "a.mp4")
-    same = AvatarCache.open(cfg, demo_media.video, pipeline, CPU, "b.mp4", "")
-    dub = AvatarCache.open(cfg, demo_media.video, pipeline, CPU, "c.mp4", '[{"start": 5, "end": 25}]')
-    assert plain.prepare == same.prepare != dub.prepare and plain.detect == dub.detect
+def test_entry_chunks_are_keyed_by_the_face_they_hold(tmp_path):
+    """A chunk's key holds its frames' face choices: the largest face everywhere keeps the bare prepare
+    key (entries made before face choices still hit), another choice reads only its own chunks, and the
+    same choice hits again."""
+    from musetalk.preparation import PrepPlan
+    from shards.plan import plan_shards
+
+    store = AvatarStore(str(tmp_path / "avatars"))
+
+    def cache(choice):
+        return AvatarCache(store, "v", "d1", "p1", "job", choice)
+
+    largest, track2 = cache(None), cache(lambda s: "2")
+    ranged = cache(lambda s: "2" if s < 4 else None)
+    assert largest.chunk_key(0, 8) == "p1" == cache(lambda s: "largest").chunk_key(0, 8)
+    keys = {c.chunk_key(0, 8) for c in (largest, track2, ranged, cache(lambda s: "left"))}
+    assert len(keys) == 4 and track2.chunk_key(0, 8) == cache(lambda s: 2).chunk_key(0, 8)
+    assert ranged.chunk_key(8, 16) != track2.chunk_key(8, 16) and ranged.chunk_key(0, 4) == track2.chunk_key(
+        0, 4
+    )
+
+    plan = plan_shards(
+        source_frames=16, total_samples=16 * 640, sample_rate=16000, fps=Fraction(25), shard_frames=16
+    )
+    blob = pack_chunk([_entry(s, True) for s in range(0, 8)])
+    for c in (largest, track2):
+        c.remember(PrepUnit(UnitKind.PREPARE, 0, 0, 8), blob)
+    assert set(cache(lambda s: "2").chunks(PrepPlan(plan, plan.shards, chunk=8, smooth_radius=0))) == {(0, 8)}
+    assert set(ranged.chunks(PrepPlan(plan, plan.shards, chunk=8, smooth_radius=0))) == set()
+    assert sorted(store.keys("v")) == sorted({"p1", track2.chunk_key(0, 8)})

@@ -273,3 +273,17 @@ def test_dub_mode_settings(tmp_path):
         with pytest.raises(ConfigError, match="invalid configuration") as err:
             job_from_config(_compose("+task=test", *overrides))
         assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value, typed", [("largest", "largest"), ("center", "center"), ("2", "2"), ("'3'", "3")]
+)
+def test_face_select_values(value, typed):
+    assert job_from_config(_compose("+task=test", f"face.select={value}")).pipeline.face.select == typed
+
+
+@pytest.mark.parametrize("value", ["biggest", "0", "-1", "true"])
+def test_face_select_refused_in_one_line(value):
+    with pytest.raises(ConfigError, match=r"face.select") as err:
+        job_from_config(_compose("+task=test", f"face.select={value}"))
+    assert "\n" not in str(err.value)

@@ -13,7 +13,7 @@ from musetalk.entries import (
     detections_to_json,
     pack_chunk,
 )
-from musetalk.faces import Detection
+from musetalk.faces import Detection, FrameFaces
 
 
 def _entry(src: int, face: bool) -> Entry:
@@ -51,15 +51,15 @@ def test_chunk_round_trips_bit_exact_and_reads_single_frames():
 
 def test_detections_round_trip_exactly():
     marks = (np.random.default_rng(0).random((68, 2)) * 500).astype(np.float32)
-    found = {
-        3: None,
-        4: Detection((1.5, 2.25, 300.125, 410.0), 0.987654321, marks),
-        5: Detection((0, 0, 9, 9), 3.0),
-    }
+    sig = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    big = Detection((1.5, 2.25, 300.125, 410.0), 0.987654321, marks)
+    found = {3: FrameFaces((), sig), 4: FrameFaces((big, Detection((0, 0, 9, 9), 3.0)), None)}
     back = detections_from_json(detections_to_json(found))
-    assert back[3] is None and back[5].landmarks is None and back[5].box == (0, 0, 9, 9)
-    assert back[4].box == found[4].box and back[4].score == found[4].score
-    assert np.array_equal(back[4].landmarks, marks) and back[4].landmarks.dtype == np.float32
+    assert back[3].faces == () and np.array_equal(back[3].signature, sig) and back[4].signature is None
+    (b4, b5) = back[4].faces
+    assert b5.landmarks is None and b5.box == (0, 0, 9, 9)
+    assert b4.box == big.box and b4.score == big.score
+    assert np.array_equal(b4.landmarks, marks) and b4.landmarks.dtype == np.float32
 
 
 def test_entry_source_fetches_only_chunks_it_reads_and_holds_few():

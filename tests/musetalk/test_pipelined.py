@@ -113,7 +113,7 @@ def _fail_in(where: str, monkeypatch, pipe):
 
         monkeypatch.setattr(decode_module, "read_frames", frames)
     elif where == "detect":
-        monkeypatch.setattr(pipe.models.analyzer, "detect", boom)
+        monkeypatch.setattr(pipe.models.analyzer, "detect_all", boom)  # what detect_range calls
     elif where == "generate":
         monkeypatch.setattr(pipe.models.generator, "launch", boom)
     elif where == "mask":

@@ -221,3 +221,25 @@ def test_a_shard_waits_for_the_extra_detections_it_reads():
     assert [s.index for s in prep.ready_shards()] == [1]  # the first still waits for frame 12
     prep.detected(units[0], {12: DET})
     assert [s.index for s in prep.ready_shards()] == [0]
+
+
+def test_whole_detects_every_frame_and_links_tracks_once_all_are_in():
+    """A track choice (``whole``): 10 output frames show 0..9 of 100 source frames, yet every frame is
+    detected and no prepare unit runs before the last detection lands; the tracks come after it."""
+    from musetalk.faces import FrameFaces
+    from shards.plan import UnitKind
+
+    plan = _plan(100, 0.4, 5)
+    prep = PrepPlan(plan, plan.shards, chunk=32, smooth_radius=2, whole=True)
+    units = prep.start()
+    assert prep.detections_needed == list(range(100))
+    assert _spans(units, UnitKind.PREPARE) == [] and prep.tracks is None
+    detect = prep.units_of(UnitKind.DETECT)
+    assert _spans(detect) == [(UnitKind.DETECT, 0, 32), (UnitKind.DETECT, 32, 64), (UnitKind.DETECT, 64, 96), (UnitKind.DETECT, 96, 100)]  # fmt: skip
+    face = FrameFaces((DET,))
+    for unit in detect[:-1]:
+        assert prep.detected(unit, {k: face for k in range(unit.start, unit.end)}) == []
+    released = prep.detected(detect[-1], {k: face for k in range(96, 100)})
+    assert _spans(released) == [(UnitKind.PREPARE, 0, 10)]
+    assert [(t.id, t.first, t.last) for t in prep.tracks.tracks] == [(1, 0, 99)]
+    assert sorted(prep.detections_for(released[0])) == list(range(100))

@@ -40,7 +40,7 @@ def test_bad_times(text):
 
 
 @pytest.mark.parametrize(("spec", "ok"), [("largest", True), ("left", True), ("right", True),
-                                          ("center", True), ("3", True), ("Left", False), ("-1", False),
+                                          ("center", True), ("3", True), ("0", False), ("Left", False), ("-1", False),
                                           ("track3", False)])  # fmt: skip
 def test_face_specs(spec, ok):
     assert (face_problem(spec) is None) is ok
@@ -143,11 +143,11 @@ def test_ranges_as_frames_and_the_shard_grid_cuts_at_their_edges(tmp_path):
     assert [plan.face_choice(s) for s in (4, 5, 24, 25, 70, 71, 89, 90)] == [
         None, "left", "left", None, None, "largest", "largest", None
     ]  # fmt: skip
-    # keys: the ranges are in the plan's JSON and in the prepared entries' choice key
-    assert "left" in plan.to_json() and "left" in plan.choice_key()
+    # keys: the ranges are in the plan's JSON (each entry chunk's key holds its frames' choices)
+    assert "left" in plan.to_json() and plan.faces == {"largest", "left"}
     whole = plan_shards(source_frames=100, total_samples=samples, sample_rate=16000, fps=fps, shard_frames=40,
                         dub=True)  # fmt: skip
-    assert whole.face_choice(99) == "largest" and whole.choice_key() == ""
+    assert whole.face_choice(99) == "largest" and whole.faces == {"largest"}
 
 
 def test_a_range_without_a_frame_is_refused(tmp_path):
