@@ -404,8 +404,8 @@ def test_generate_faces_launches_the_next_batch_before_it_waits(
     events: list[str] = []
     real_launch = gen.launch
 
-    def launch(lat, aud):
-        pending = real_launch(lat, aud)
+    def launch(lat, aud, batch_size=None):
+        pending = real_launch(lat, aud, batch_size)
         events.append(f"launch {len(lat)}")
         real_result = pending.result
         pending.result = lambda: (events.append("result"), real_result())[1]
