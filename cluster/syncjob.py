@@ -85,12 +85,18 @@ class JobSync:
         self, shard: Shard, detections: dict[int, FrameFaces], width: int, tracks: Tracks | None = None
     ) -> ShardSyncPlan:
         """What the shard's worker crops (its detections are all in: see :meth:`source_frames`): the raw
-        box of the face ``face.select`` chooses (``tracks``: the video's, when it names a track)."""
+        box of the face the frame's choice picks (``Plan.face_choice``; ``tracks``: the video's, when it
+        names a track). A frame that passes through (a dub outside its ranges) is not scored: its lips
+        were never meant to follow the new audio."""
         boxes = {}
         for k in self.sync.context(shard.start, shard.end):
             src = self.plan.source_index(self.sync.frames[k])
+            face = self.plan.face_choice(src)
+            if face is None:
+                boxes[k] = None
+                continue
             faces = as_faces(detections[src]).faces
-            i = chosen(self.pipeline.face.select, src, [d.box for d in faces], width, tracks)
+            i = chosen(face, src, [d.box for d in faces], width, tracks)
             boxes[k] = None if i is None else tuple(float(v) for v in faces[i].box)
         return self.sync.shard(shard.start, shard.end, boxes)
 
