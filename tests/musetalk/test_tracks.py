@@ -129,3 +129,46 @@ def test_unknown_track_is_an_input_error_before_any_output(pipeline, clip, tmp_p
     ):
         _render(pipeline, clip, out, "9")
     assert not out.exists()
+
+
+def test_a_dub_with_two_ranges_on_two_faces_each_with_its_own_audio(pipeline, clip, tmp_path):
+    """Range 1 dubs the left face of the first shot (track 1) with its own take, range 2 the right face
+    after the cut (track 4) with another: outside the ranges every frame passes through, inside each only
+    its face's half changes; the output has the video's frames and its audio lasts the picture."""
+    import json
+
+    import soundfile as sf
+
+    from shards.dub import DubSettings
+    from shards.probe import load_audio
+
+    rate = 16000
+    for name, hz in (("anna.wav", 440), ("ben.wav", 1000)):
+        t = np.arange(rate) / rate
+        sf.write(
+            tmp_path / name, (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32), rate, subtype="PCM_16"
+        )
+    segments = tmp_path / "segments.json"
+    segments.write_text(
+        json.dumps([
+            {"start": 0.0, "end": 0.4, "face": "1", "audio": "anna.wav"},
+            {"start": 0.8, "end": 1.2, "face": "4", "audio": "ben.wav"},
+        ])
+    )  # fmt: skip
+    pipeline.cfg = replace(pipeline.cfg, face=replace(pipeline.cfg.face, select="largest"))
+    out = tmp_path / "dub.mkv"
+    render_local(
+        clip.video, clip.audio, out, pipeline.cfg, encode=LOSSLESS, pipeline=pipeline, chunk=8,
+        dub=DubSettings(segments=segments),
+    )  # fmt: skip
+    source, rendered = decode_all(clip.video), decode_all(out)
+    assert len(rendered) == len(source) == clip.frames
+    ranges = {"left": range(0, 10), "right": range(20, 30)}
+    for t, (a, b) in enumerate(zip(source, rendered, strict=True)):
+        dubbed = [side for side, frames in ranges.items() if t in frames]
+        for side in ("left", "right"):
+            x1, y1, x2, y2 = clip.region(side, t)
+            same = np.array_equal(a[y1:y2, x1:x2], b[y1:y2, x1:x2])
+            assert same != (side in dubbed), f"frame {t}, {side} face: {'dubbed' if dubbed else 'outside'}"
+    audio = load_audio(out, rate)
+    assert abs(len(audio) / rate - clip.frames / 25) <= 1 / 25
