@@ -190,10 +190,11 @@ def shard_parts(
             span = audio_span(plan.total_samples, plan.fps, shard.start + run_start, shard.start + i)
             read.update(range(span.first_segment, span.end_segment))
             run_start = None
+    tracked = any(c is not None and is_track(c) for _, c in frames)  # ids come from the tracker's version
     return {
         **base,
         "range": [shard.start, shard.end],
-        "frames": _hash(frames),
+        "frames": _hash([frames, TRACKS_VERSION]) if tracked else _hash(frames),
         "audio": {str(k): audio[k] for k in sorted(read)},
     }
 
