@@ -40,7 +40,7 @@ from cluster.syncjob import JobSync, SyncResult, gate
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.entries import detections_from_json
-from musetalk.faces import chosen_boxes
+from musetalk.faces import boxes_from_detections
 from musetalk.local import plan_job
 from musetalk.preparation import PrepPlan
 from musetalk.stats import PrepStats, ShardStats, busy_seconds, stage_totals
@@ -273,7 +273,7 @@ class JobRun:
             return actor.render.remote(self.inputs, self.plan, unit, self.cfg.encode, prepared)
         if unit.kind is not UnitKind.PREPARE:
             return actor.prepare.remote(self.inputs, unit)
-        boxes = chosen_boxes(
+        boxes = boxes_from_detections(
             self.prep.detections_for(unit),
             range(unit.start, unit.end),
             (self.info.height, self.info.width),
