@@ -9,7 +9,8 @@ SIGKILL in the middle of a job, by the pid the pool's workers report. After ever
 the driver's RSS and open file descriptors, each live worker's RSS, the object store's bytes in use,
 our worker scratch (``musetalk-job-*``) and staging bytes, live Ray actors and the driver's descendant
 processes; the avatar cache's size apart (it grows by design: one entry set per new video). Every good
-output is verified (frame count, duration) and deleted; every bad job must have failed with one line.
+output is verified (frame count, duration) and deleted with its kept segments; every bad job must have
+failed with one line.
 
 The report (``soak.json`` and ``soak.md`` in ``--out``) gives each figure's growth per 100 jobs after the
 first ``--warmup`` jobs: the least-squares slope over those jobs, times 100, relative to the figure's
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     logger.setLevel(logging.INFO)
 
+    from cluster.clean import clean
     from cluster.driver import run_jobs
     from cluster.pool import warm_pools
     from cluster.storage import staging_root
@@ -316,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"{job.name} ({job.video.name}, {job.audio.name}): {problem}")
         for p in outputs.glob(f"{job.name}*"):
             p.unlink()
+        clean(cfg.output)  # its kept segments too (python -m cluster.clean): disk growth is measured
         record = measure(staging_root(), cache)
         record.update(job=job.name, bad=job.frames is None, killed=killed[0] if killed else None,
                       seconds=round(time.perf_counter() - started, 3))  # fmt: skip
