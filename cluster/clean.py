@@ -18,6 +18,8 @@ from shards.errors import FarmError
 
 def clean(output: Path, unused: bool = False) -> int:
     """Remove ``output``'s kept segments (``unused``: those its last render did not use); bytes freed."""
+    if not run_dir_path(output).exists():
+        return 0  # nothing kept (the lock is taken only where there is something to remove)
     with output_lock(output):
         if not run_dir_path(output).exists():
             return 0

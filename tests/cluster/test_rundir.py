@@ -175,3 +175,4 @@ def test_clean_removes_the_kept_segments(tmp_path, plan):
     run.landed()
     assert main([str(out)]) == 0
     assert list(tmp_path.iterdir()) == []
+    assert main([str(tmp_path / "never" / "rendered.mp4")]) == 0  # nothing kept: nothing to do
