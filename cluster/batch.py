@@ -28,10 +28,11 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from cluster.config import MODES, JobConfig, job_from_config
+from cluster.config import JobConfig, job_from_config
 from cluster.overrides import compose
 from cluster.preflight import check_before_work, same_file
 from cluster.sweep import cell, text_table
+from shards.dub import MODES
 from shards.errors import ConfigError, FarmError, Flagged, Interrupted
 from shards.ranges import face_problem
 

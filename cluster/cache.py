@@ -131,7 +131,7 @@ class AvatarCache:
         choice: Choice = None,
     ) -> AvatarCache | None:
         """The cache for ``video``, or None when it is off or cannot be used (logged once). ``choice(src)``:
-        the face choice of each source frame (:func:`musetalk.faces.boxes_from_detections`; default
+        the face choice of each source frame (:func:`musetalk.boxes.boxes_from_detections`; default
         ``pipeline.face.select``), part of each entry chunk's key (:meth:`chunk_key`)."""
         if not cfg.enabled:
             return None

@@ -14,10 +14,10 @@ from omegaconf.errors import MissingMandatoryValue
 
 from cluster import storage
 from musetalk.config import PACING_FIELDS, BlendConfig, EnhanceConfig, FaceConfig, PipelineConfig
-from shards.dub import DubSettings
-from shards.errors import ConfigError, InputError
+from shards.dub import DubSettings, dub_settings
+from shards.errors import ConfigError
 from shards.plan import ShardsConfig
-from shards.ranges import load_ranges, parse_select
+from shards.ranges import parse_select
 from shards.segment import EncodeSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,6 @@ DEMO_DIR = REPO_ROOT / "media"
 
 # task.mode: ``audio`` (the output lasts the audio, the video ping-pongs: upstream's behaviour) or ``dub``
 # (the picture's timeline: the video's frames and length, the audio replaced; shards.dub)
-MODES = ("audio", "dub")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 X264_PRESETS = (
     "ultrafast",
@@ -295,29 +294,6 @@ def job_from_config(cfg: DictConfig) -> JobConfig:
         dub=dub,
         segments_max_mb=segments_max_mb,
     )
-
-
-def dub_settings(mode: str | None, segments: str | None, problems: list[str]) -> DubSettings | None:
-    """``task.mode`` and ``task.segments`` as the job's dub settings (None: audio mode); the segments file
-    is read and checked here, before any work (its ranges against the picture once the video is probed)."""
-    if mode not in MODES:
-        problems.append(f"task.mode must be audio or dub, got {mode!r}")
-        return None
-    if segments is not None and mode != "dub":
-        problems.append(
-            f"task.segments={segments} needs task.mode=dub (ranges are on the picture's timeline)"
-        )
-        return None
-    if mode == "audio":
-        return None
-    if segments is None:
-        return DubSettings()
-    path = Path(segments).expanduser()
-    try:
-        load_ranges(path)
-    except InputError as err:
-        problems.append(str(err))
-    return DubSettings(segments=path.resolve())
 
 
 def qa_problems(qa: QaConfig) -> list[str]:

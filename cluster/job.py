@@ -37,10 +37,10 @@ from cluster.keys import audio_digests, render_parts, shard_key, shard_parts
 from cluster.rundir import RunDir, dub_track_path, output_lock
 from cluster.summary import JobResult, JobSummary
 from cluster.syncjob import JobSync, SyncResult, gate
+from musetalk.boxes import boxes_from_detections
 from musetalk.config import PipelineConfig
 from musetalk.device import ComputeIdentity
 from musetalk.entries import detections_from_json
-from musetalk.faces import boxes_from_detections
 from musetalk.local import plan_job
 from musetalk.preparation import PrepPlan
 from musetalk.stats import PrepStats, ShardStats, busy_seconds, stage_totals

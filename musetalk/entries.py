@@ -3,7 +3,7 @@
 Upstream's realtime "avatar" mode prepares a video once and then renders any audio over it. Here a job's
 preparation (:mod:`musetalk.preparation`) makes, per source frame: raw detections (every face: box,
 score, landmarks; the frame's cut signature: JSON, :func:`detections_to_json`), from which smoothed crop
-boxes are a pure function of the frame and the face choice (:func:`musetalk.faces.boxes_from_detections`), and an :class:`Entry` (the VAE latents of its crop and its
+boxes are a pure function of the frame and the face choice (:func:`musetalk.boxes.boxes_from_detections`), and an :class:`Entry` (the VAE latents of its crop and its
 blend material), packed per chunk of consecutive source frames into one npz (:func:`pack_chunk`,
 per-frame members, so a reader loads only the frames it shows: :class:`ChunkReader`,
 :class:`EntrySource`). The avatar cache (:mod:`cluster.cache`) keeps both per video. A format other than

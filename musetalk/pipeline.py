@@ -24,11 +24,12 @@ import torch
 
 from musetalk.audio import SEGMENT_SAMPLES, AudioFeatures
 from musetalk.blending import BlendMaterial, Box
+from musetalk.boxes import boxes_from_detections, crop_face
 from musetalk.composite import DeviceCompositor, active_rect, paste_numpy
 from musetalk.config import PipelineConfig
 from musetalk.device import compute_identity, resolve_dtype
 from musetalk.entries import Entry
-from musetalk.faces import FrameFaces, boxes_from_detections, crop_face
+from musetalk.faces import FrameFaces
 from musetalk.generation import generate_faces
 from musetalk.models import Models, load_models
 from musetalk.preparation import PrepPlan

@@ -4,7 +4,7 @@ released. Pure and Ray-free: results are opaque handles (object refs, URIs, arra
 A job runs units of three kinds before its shards:
 
 - ``detect`` over the source frames whose raw detections are missing: the smoothing context
-  (:func:`musetalk.faces.smoothing_window`) of every shown frame that needs a new entry;
+  (:func:`musetalk.boxes.smoothing_window`) of every shown frame that needs a new entry;
 - ``audio``, one per 30 s Whisper segment some shard's windows read;
 - ``prepare`` over the shown frames without entries, ``chunk`` source frames at a time (ranges split at
   multiples of ``chunk``, so cache files line up across jobs on one video), each released once the raw
@@ -29,7 +29,8 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 
 from musetalk.audio import audio_span
-from musetalk.faces import FrameFaces, smoothing_window
+from musetalk.boxes import smoothing_window
+from musetalk.faces import FrameFaces
 from musetalk.tracks import Tracks, link_frames
 from shards.plan import Plan, PrepUnit, Shard, UnitKind
 

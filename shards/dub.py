@@ -22,9 +22,12 @@ import numpy as np
 from shards.errors import InputError
 from shards.plan import DubRange
 from shards.probe import load_audio
-from shards.ranges import TimeRange
+from shards.ranges import TimeRange, load_ranges
 
 logger = logging.getLogger(__name__)
+
+
+MODES = ("audio", "dub")  # task.mode: the audio drives the output (default), or the picture does
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,29 @@ class DubSettings:
     """A dub job (``task.mode=dub``): its segments file (``task.segments``; None: lip-sync every frame)."""
 
     segments: Path | None = None
+
+
+def dub_settings(mode: str | None, segments: str | None, problems: list[str]) -> DubSettings | None:
+    """``task.mode`` and ``task.segments`` as the job's dub settings (None: audio mode); the segments file
+    is read and checked here, before any work (its ranges against the picture once the video is probed)."""
+    if mode not in MODES:
+        problems.append(f"task.mode must be audio or dub, got {mode!r}")
+        return None
+    if segments is not None and mode != "dub":
+        problems.append(
+            f"task.segments={segments} needs task.mode=dub (ranges are on the picture's timeline)"
+        )
+        return None
+    if mode == "audio":
+        return None
+    if segments is None:
+        return DubSettings()
+    path = Path(segments).expanduser()
+    try:
+        load_ranges(path)
+    except InputError as err:
+        problems.append(str(err))
+    return DubSettings(segments=path.resolve())
 
 
 def frame_of(seconds: Fraction, fps: Fraction) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from musetalk.audio import audio_span, frame_windows, positional_encoding
-from musetalk.faces import crop_box, crop_face, smooth_boxes
+from musetalk.boxes import crop_box, crop_face, smooth_boxes
 from musetalk.pipeline import FramePipeline
 from shards.decode import read_frames
 from shards.plan import Plan, Shard

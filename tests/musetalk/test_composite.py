@@ -8,9 +8,9 @@ import torch
 from skimage import data
 
 from musetalk.blending import blend_square, fit_face, make_material, paste_face
+from musetalk.boxes import crop_face
 from musetalk.composite import DeviceCompositor, active_rect, paste_numpy
 from musetalk.config import BlendConfig
-from musetalk.faces import crop_face
 
 
 def _case(rng, h, w, box, face_side=256):

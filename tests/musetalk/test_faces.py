@@ -16,17 +16,9 @@ from face_alignment.detection.sfd.sfd_detector import SFDDetector
 from face_alignment.models import FAN
 from skimage import data
 
+from musetalk.boxes import CROP_SIZE, crop_box, crop_face, landmark_box, smooth_boxes
 from musetalk.config import FaceConfig
-from musetalk.faces import (
-    CROP_SIZE,
-    Detection,
-    FaceAnalyzer,
-    crop_box,
-    crop_face,
-    landmark_box,
-    load_face_analyzer,
-    smooth_boxes,
-)
+from musetalk.faces import Detection, FaceAnalyzer, load_face_analyzer
 from musetalk.layout import ModelLayout
 from musetalk.testing.tiny_faces import write_tiny_face_models
 from shards.errors import ConfigError, WeightsError

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from musetalk.blending import blend_square
+from musetalk.boxes import crop_box, smooth_boxes
 from musetalk.config import EnhanceConfig, FaceConfig, PipelineConfig
-from musetalk.faces import crop_box, smooth_boxes
 from musetalk.local import render_local
 from musetalk.pipeline import FramePipeline
 from shards.plan import output_frame_count, source_index

@@ -179,7 +179,7 @@ def _frames_alive_at(monkeypatch, model, method: str) -> tuple[list, list[int]]:
 def test_preparation_lets_each_frame_go_once_it_is_cropped(pipe, demo_media, monkeypatch):
     """A prepare unit keeps only the small crops of the frames waiting for their batch: the decoded frames
     alive while a batch is encoded are the decode queue's, however large the batch."""
-    from musetalk.faces import boxes_from_detections
+    from musetalk.boxes import boxes_from_detections
     from musetalk.stages import PipelineTuning
 
     info, _, plan = plan_job(demo_media.video, demo_media.audio, shard_frames=25)

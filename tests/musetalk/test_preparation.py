@@ -6,8 +6,9 @@ from fractions import Fraction
 
 import pytest
 
+from musetalk.boxes import boxes_from_detections
 from musetalk.config import FaceConfig, PipelineConfig
-from musetalk.faces import Detection, boxes_from_detections
+from musetalk.faces import Detection
 from musetalk.preparation import PrepPlan, block_ranges
 from shards.plan import plan_shards
 

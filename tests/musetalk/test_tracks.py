@@ -8,8 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from musetalk.boxes import boxes_from_detections
 from musetalk.config import FaceConfig, PipelineConfig
-from musetalk.faces import Detection, FrameFaces, boxes_from_detections
+from musetalk.faces import Detection, FrameFaces
 from musetalk.local import render_local
 from musetalk.pipeline import FramePipeline
 from musetalk.testing.two_faces import make_two_faces
