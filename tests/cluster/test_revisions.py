@@ -43,8 +43,8 @@ def _segments(path, faces=("largest", "largest")):
     return path
 
 
-def _render(tiny_models, media, audio, out, segments, *overrides):
-    job = job_for(
+def _job(tiny_models, media, audio, out, segments, *overrides):
+    return job_for(
         tiny_models,
         media.video,
         audio,
@@ -56,7 +56,10 @@ def _render(tiny_models, media, audio, out, segments, *overrides):
         "cluster.workers=1",
         *overrides,
     )
-    run_job(job)
+
+
+def _render(tiny_models, media, audio, out, segments, *overrides):
+    run_job(_job(tiny_models, media, audio, out, segments, *overrides))
     return json.loads(out.with_suffix(".summary.json").read_text())
 
 
@@ -118,16 +121,7 @@ def _plan_shards(tiny_models, media, audio, out, segments) -> list[tuple[int, in
     """The job's shard grid, as the driver plans it (no render)."""
     from musetalk.local import plan_job
 
-    job = job_for(
-        tiny_models,
-        media.video,
-        audio,
-        out,
-        "task.mode=dub",
-        f"task.segments={segments}",
-        "shards.length=10",
-    )
-    track = out.with_suffix(".wav")
+    job = _job(tiny_models, media, audio, out, segments)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _, _, plan = plan_job(job.video, job.audio, shard_frames=10, dub=job.dub, track=track)
+    _, _, plan = plan_job(job.video, job.audio, shard_frames=10, dub=job.dub, track=out.with_suffix(".wav"))
     return [(s.start, s.end) for s in plan.shards]
