@@ -37,7 +37,7 @@ STRIP = 480  # time strip width (px)
 
 def detect_video(analyzer, info, start: int, end: int) -> dict:
     """Source frame -> :class:`musetalk.faces.FrameFaces` for frames ``[start, end)``, detected in batches."""
-    from shards.decode import read_frames
+    from shards.decode import read_pictures
 
     found, batch = {}, []
 
@@ -46,8 +46,8 @@ def detect_video(analyzer, info, start: int, end: int) -> dict:
         found.update(zip(range(first, first + len(batch)), analyzer.detect_all(batch), strict=True))
         batch.clear()
 
-    for frame in read_frames(info, start, end):
-        batch.append(frame)
+    for picture in read_pictures(info, start, end):  # as the render's detect units see them
+        batch.append(picture)
         if len(batch) == analyzer.cfg.batch_size:
             flush()
     if batch:

@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
+import numba
 import numpy as np
-from PIL import Image
 
 from musetalk.config import BlendConfig
 from musetalk.device import is_device_failure
 from musetalk.parsing import PARSE_SIZE, FaceParser, parse_input
+from musetalk.resample import BICUBIC, coefficients, resize_square
+from musetalk.resample import warm_up as warm_up_resample
 from musetalk.stats import model_call
 from shards.errors import ConfigError
 
@@ -80,22 +83,54 @@ def _jaw_kernels(cheek_width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cone, cheek_kernel, cheeks
 
 
-def parsing_mask(labels: np.ndarray, mode: str, cheek_width: int = CHEEK_WIDTH) -> np.ndarray:
+def parsing_mask(
+    labels: np.ndarray, mode: str, cheek_width: int = CHEEK_WIDTH, window: Box | None = None
+) -> np.ndarray:
     """(512, 512) class ids -> (512, 512) uint8 {0, 255} blend region, by upstream mode.
 
     ``raw``: skin, mouth and lips. ``neck``: those plus the neck. ``jaw``: skin dilated with upstream's
     33x33 cone kernel (10 px sideways, 16 px up, a tapering 6 px down), that dilation eroded again by a
     35x3 ellipse (twice) in the outer cheek bands (columns <= 256 - width and >= 256 + width), the nose
     removed, mouth and lips added.
+
+    ``window`` (x1, y1, x2, y2): only those pixels are computed (the same values as the whole map's), the
+    rest is 0. The morphology runs over the window widened by its kernels' reach, so every computed pixel
+    sees what it sees in the whole map (the map's own edges are edges of the widened window too).
     """
     if labels.shape != (PARSE_SIZE, PARSE_SIZE):
         raise ValueError(f"parsing labels must be ({PARSE_SIZE}, {PARSE_SIZE}), got {labels.shape}")
+    if window is not None:
+        x1, y1, x2, y2 = window
+        reach_x, reach_y = _morphology_reach(mode, cheek_width)
+        wx1, wy1 = max(x1 - reach_x, 0), max(y1 - reach_y, 0)
+        wx2, wy2 = min(x2 + reach_x, PARSE_SIZE), min(y2 + reach_y, PARSE_SIZE)
+        out = np.zeros((PARSE_SIZE, PARSE_SIZE), dtype=np.uint8)
+        part = _parsing_mask(labels[wy1:wy2, wx1:wx2], mode, cheek_width, wx1)
+        out[y1:y2, x1:x2] = part[y1 - wy1 : y2 - wy1, x1 - wx1 : x2 - wx1]
+        return out
+    return _parsing_mask(labels, mode, cheek_width, 0)
+
+
+def _morphology_reach(mode: str, cheek_width: int) -> tuple[int, int]:
+    """How far (columns, rows) a pixel of :func:`parsing_mask` looks: jaw's dilation, then erosion twice."""
+    if mode != "jaw":
+        return 0, 0
+    cone, cheek_kernel, _ = _jaw_kernels(cheek_width)
+    return (
+        cone.shape[1] // 2 + 2 * (cheek_kernel.shape[1] // 2),
+        cone.shape[0] // 2 + 2 * (cheek_kernel.shape[0] // 2),
+    )
+
+
+def _parsing_mask(labels: np.ndarray, mode: str, cheek_width: int, column: int) -> np.ndarray:
+    """:func:`parsing_mask` of a part of the map whose first column is map column ``column``."""
     if mode == "raw":
         keep = np.isin(labels, (SKIN, *MOUTH_AND_LIPS))
     elif mode == "neck":
         keep = np.isin(labels, (SKIN, *MOUTH_AND_LIPS, NECK))
     elif mode == "jaw":
         cone, cheek_kernel, cheeks = _jaw_kernels(cheek_width)
+        cheeks = cheeks[: labels.shape[0], column : column + labels.shape[1]]
         skin = np.where(labels == SKIN, 255, 0).astype(np.uint8)
         dilated = cv2.dilate(skin, cone, iterations=1)
         eroded = cv2.erode(dilated, cheek_kernel, iterations=2)
@@ -109,17 +144,36 @@ def parsing_mask(labels: np.ndarray, mode: str, cheek_width: int = CHEEK_WIDTH) 
 def ellipse_mask(height: int, width: int, feather: float) -> np.ndarray:
     """(height, width) float32 in [0, 1]: the ellipse inscribed in the rectangle, 1 for normalised radius
     ``r <= 1 - feather``, a smoothstep down to 0 at ``r = 1`` (the rectangle's edge midpoints)."""
+    return _ellipse_rows(height, width, feather, 0, height)
+
+
+def _ellipse_rows(height: int, width: int, feather: float, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of :func:`ellipse_mask` (the same values: every pixel is computed alone)."""
     if height < 1 or width < 1:
         raise ValueError(f"ellipse size must be positive, got {height}x{width}")
     if not 0.0 <= feather <= 1.0:
         raise ConfigError(f"ellipse_feather must be in [0, 1], got {feather}")
-    ys = (np.arange(height, dtype=np.float64) + 0.5 - height / 2) / (height / 2)
-    xs = (np.arange(width, dtype=np.float64) + 0.5 - width / 2) / (width / 2)
-    r = np.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
-    if feather == 0.0:
-        return (r <= 1.0).astype(np.float32)
-    t = np.clip((1.0 - r) / feather, 0.0, 1.0)
-    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+    out = np.empty((max(stop - start, 0), width), dtype=np.float32)
+    _ellipse_kernel(height, width, float(feather), start, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _ellipse_kernel(height, width, feather, start, out):  # pragma: no cover - compiled
+    """In double precision, operation for operation: ys = (y + 0.5 - h / 2) / (h / 2), likewise xs,
+    r = sqrt(ys * ys + xs * xs), then 1 inside ``r <= 1`` (no feather) or the smoothstep of
+    clip((1 - r) / feather, 0, 1); rounded to float32 once."""
+    hh, hw = height / 2, width / 2
+    for i in range(out.shape[0]):
+        ys = (float(start + i) + 0.5 - hh) / hh
+        for j in range(width):
+            xs = (float(j) + 0.5 - hw) / hw
+            r = math.sqrt(ys * ys + xs * xs)
+            if feather == 0.0:
+                out[i, j] = 1.0 if r <= 1.0 else 0.0
+            else:
+                t = min(max((1.0 - r) / feather, 0.0), 1.0)
+                out[i, j] = t * t * (3.0 - 2.0 * t)
 
 
 def crop_padded(frame: np.ndarray, box: Box) -> np.ndarray:
@@ -147,10 +201,11 @@ def blur_kernel_size(side: int) -> int:
     return int(0.05 * side // 2 * 2) + 1
 
 
-def region_to_square(region: np.ndarray, side: int) -> np.ndarray:
+def region_to_square(region: np.ndarray, side: int, window: Box | None = None) -> np.ndarray:
     """(512, 512) uint8 parsing mask -> (side, side) uint8, with Pillow's default filter for "L" images
-    (bicubic, antialiased when shrinking), as upstream's ``face_seg`` does."""
-    return np.asarray(Image.fromarray(region).resize((side, side), Image.Resampling.BICUBIC))
+    (bicubic, antialiased when shrinking), as upstream's ``face_seg`` does; with ``window`` (x1, y1, x2, y2
+    in the square) only that part (:func:`musetalk.resample.resize_square`, Pillow's pixels exactly)."""
+    return resize_square(region, side, BICUBIC, window)
 
 
 def upstream_mask(square_mask: np.ndarray, box: Box, square: Box, upper_boundary_ratio: float) -> np.ndarray:
@@ -242,6 +297,30 @@ class BlendMaterial:
     parsed: bool  # False when the pure-ellipse fallback was used
 
 
+def kept_window(box: Box, square: Box, upper_boundary_ratio: float) -> Box:
+    """Where upstream keeps the parsing mask, in square coordinates: the face box inside the square, below
+    the top cut (rows ``< int(side * upper_boundary_ratio)`` are zeroed). May be empty (x2 <= x1 or y2 <= y1)."""
+    side = square[2] - square[0]
+    x1, y1, x2, y2 = box[0] - square[0], box[1] - square[1], box[2] - square[0], box[3] - square[1]
+    return max(x1, 0), max(y1, 0, int(side * upper_boundary_ratio)), min(x2, side), min(y2, side)
+
+
+def region_window(box: Box, square: Box, upper_boundary_ratio: float) -> Box:
+    """The pixels of the (512, 512) parsing region that :func:`make_material` (ellipse on) reads: those the
+    bicubic resize of :func:`kept_window` reads (x1, y1, x2, y2; empty when the kept window is)."""
+    side = square[2] - square[0]
+    x1, y1, x2, y2 = kept_window(box, square, upper_boundary_ratio)
+    if x2 <= x1 or y2 <= y1:
+        return 0, 0, 0, 0
+    first, count, _ = coefficients(PARSE_SIZE, side, BICUBIC)
+    return (
+        int(first[x1]),
+        int(first[y1]),
+        int(first[x2 - 1] + count[x2 - 1]),
+        int(first[y2 - 1] + count[y2 - 1]),
+    )
+
+
 def make_material(region: np.ndarray | None, box: Box, square: Box, cfg: BlendConfig) -> BlendMaterial:
     """The material of one face box from its (512, 512) uint8 {0, 255} parsing mask (:func:`parsing_mask`),
     or the fallback when ``region`` is None; ``square`` is ``blend_square(box, cfg.expand)[0]``.
@@ -255,64 +334,55 @@ def make_material(region: np.ndarray | None, box: Box, square: Box, cfg: BlendCo
     if side == 0:
         return BlendMaterial(square=square, mask=np.zeros((0, 0), dtype=np.uint8), parsed=False)
     ratio = cfg.upper_boundary_ratio
-    in_square = None if region is None else region_to_square(region, side)
-    if not cfg.ellipse and in_square is not None:
-        mask = upstream_mask(in_square, box, square, ratio)
+    if not cfg.ellipse and region is not None:
+        mask = upstream_mask(region_to_square(region, side), box, square, ratio)
         mask.flags.writeable = False
         return BlendMaterial(square=square, mask=mask, parsed=True)
 
-    parsed = in_square is not None and _enough(in_square, box, square, ratio)
-    # The ellipse is 0 outside the face box, so only the box (inside the square) can be non-zero: the blur
-    # and the weighting run over that window alone (plus the blur's reach), bit-identical to whole-square
-    # arrays (the uint8 Gaussian is a fixed-point, position-independent filter; see the tests).
+    # Only the kept window of the parsing mask can survive upstream's steps, and the ellipse is 0 outside
+    # the face box: the resize, the blur and the weighting run over that window alone (plus the blur's
+    # reach), bit-identical to whole-square arrays (Pillow's resampler and the uint8 Gaussian are
+    # position-independent filters; see the tests).
+    keep = kept_window(box, square, ratio)
+    kx1, ky1, kx2, ky2 = keep
+    kept = None
+    if region is not None and kx2 > kx1 and ky2 > ky1:
+        kept = region_to_square(region, side, keep)
+    parsed = kept is not None and int((kept >= 128).sum()) >= MIN_PARSED_FRACTION * kept.size
     mask = np.zeros((side, side), dtype=np.uint8)
     x1, y1, x2, y2 = box[0] - square[0], box[1] - square[1], box[2] - square[0], box[3] - square[1]
-    cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x2, side), min(y2, side)
-    if cx2 > cx1 and cy2 > cy1:
-        blurred = _blurred_window(in_square if parsed else None, (cx1, cy1, cx2, cy2), side, ratio)
-        ellipse = _ellipse(y2 - y1, x2 - x1, cfg.ellipse_feather)[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
-        mask[cy1:cy2, cx1:cx2] = np.rint(blurred.astype(np.float32) * ellipse).astype(np.uint8)
+    if kx2 > kx1 and ky2 > ky1:
+        top, blurred = _blurred_band(kept if parsed else None, keep, side)
+        ellipse = _ellipse_band(y2 - y1, x2 - x1, cfg.ellipse_feather, top - y1, ky2 - y1)
+        mask[top:ky2, kx1:kx2] = np.rint(blurred.astype(np.float32) * ellipse[:, kx1 - x1 : kx2 - x1])
     mask.flags.writeable = False
     return BlendMaterial(square=square, mask=mask, parsed=parsed)
 
 
 @functools.lru_cache(maxsize=64)
-def _ellipse(height: int, width: int, feather: float) -> np.ndarray:
-    """:func:`ellipse_mask`, read-only and kept for the next box of the same size (boxes move slowly)."""
-    out = ellipse_mask(height, width, feather)
+def _ellipse_band(height: int, width: int, feather: float, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of :func:`ellipse_mask`, read-only and kept for the next box of the same
+    geometry (boxes move slowly)."""
+    out = _ellipse_rows(height, width, feather, start, stop)
     out.flags.writeable = False
     return out
 
 
-def _blurred_window(
-    in_square: np.ndarray | None, rect: Box, side: int, upper_boundary_ratio: float
-) -> np.ndarray:
-    """:func:`upstream_mask` of ``in_square`` (None: all 255) cut to ``rect`` (the face box inside the
-    square, square coordinates), computed over ``rect`` widened by the kernel's reach only: every output
-    pixel sees the same input window as in the whole square (the image's own edges, with their reflection,
-    are edges of the window too), and outside ``rect`` the kept mask is 0 in both."""
-    x1, y1, x2, y2 = rect
+def _blurred_band(kept: np.ndarray | None, keep: Box, side: int) -> tuple[int, np.ndarray]:
+    """:func:`upstream_mask`'s blur of a mask that is ``kept`` over the non-empty window ``keep`` (None: 255
+    there) and 0 elsewhere, over the rows of ``keep``'s columns it can reach: ``(top, band)`` with
+    ``band = blurred[top:keep.y2, keep.x1:keep.x2]``; above ``top`` (``keep.y1`` less the kernel's
+    reach) the blur is 0. Computed over the band widened by the reach only: every output pixel reads the
+    same input as in the whole square (the square's own edges, with their reflection, are edges here too)."""
+    x1, y1, x2, y2 = keep
     ksize = blur_kernel_size(side)
     reach = ksize // 2
-    wx1, wy1, wx2, wy2 = max(x1 - reach, 0), max(y1 - reach, 0), min(x2 + reach, side), min(y2 + reach, side)
-    kept = np.zeros((wy2 - wy1, wx2 - wx1), dtype=np.uint8)
-    inner = kept[y1 - wy1 : y2 - wy1, x1 - wx1 : x2 - wx1]
-    inner[...] = 255 if in_square is None else in_square[y1:y2, x1:x2]
-    kept[: max(int(side * upper_boundary_ratio) - wy1, 0)] = 0
-    blurred = cv2.GaussianBlur(kept, (ksize, ksize), 0)
-    return blurred[y1 - wy1 : y2 - wy1, x1 - wx1 : x2 - wx1]
-
-
-def _enough(in_square: np.ndarray, box: Box, square: Box, upper_boundary_ratio: float) -> bool:
-    """Whether the (side, side) uint8 parsing mask keeps at least ``MIN_PARSED_FRACTION`` of the box
-    area below the top cut (pixels >= 128 count)."""
-    side = in_square.shape[0]
-    area = np.zeros((side, side), dtype=bool)
-    bx1, by1, bx2, by2 = box[0] - square[0], box[1] - square[1], box[2] - square[0], box[3] - square[1]
-    area[max(by1, 0) : max(by2, 0), max(bx1, 0) : max(bx2, 0)] = True
-    area[: int(side * upper_boundary_ratio)] = False
-    total = int(area.sum())
-    return total > 0 and int((in_square[area] >= 128).sum()) >= MIN_PARSED_FRACTION * total
+    top = max(y1 - reach, 0)
+    wx1, wy1, wx2, wy2 = max(x1 - reach, 0), max(top - reach, 0), min(x2 + reach, side), min(y2 + reach, side)
+    window = np.zeros((wy2 - wy1, wx2 - wx1), dtype=np.uint8)
+    window[y1 - wy1 : y2 - wy1, x1 - wx1 : x2 - wx1] = 255 if kept is None else kept
+    blurred = cv2.GaussianBlur(window, (ksize, ksize), 0)
+    return top, blurred[top - wy1 : y2 - wy1, x1 - wx1 : x2 - wx1]
 
 
 class Blender:
@@ -339,16 +409,16 @@ class Blender:
 
     def prepare(self, frames: Sequence[np.ndarray], boxes: Sequence[Box]) -> list[BlendMaterial]:
         """Masks for (H, W, 3) uint8 BGR source frames and their face boxes, one material per pair."""
-        regions = self.parse(frames, boxes)
-        materials = [self.material(region, box) for box, region in zip(boxes, regions, strict=True)]
+        labels = self.parse(frames, boxes)
+        materials = [self.material(found, box) for box, found in zip(boxes, labels, strict=True)]
         fallbacks = sum(not m.parsed for m in materials)
         if self.parser is not None and fallbacks:
             log.info("blend: %d of %d masks fell back to the pure ellipse", fallbacks, len(materials))
         return materials
 
     def parse(self, frames: Sequence[np.ndarray], boxes: Sequence[Box]) -> list[np.ndarray | None]:
-        """The model half of :meth:`prepare`: (512, 512) uint8 {0, 255} parsing regions (:func:`parsing_mask`)
-        per frame, None where there is no parser, no square, or parsing failed. Batched by the parser."""
+        """The model half of :meth:`prepare`: (512, 512) uint8 class ids per frame, None where there is no
+        parser, no square, or parsing failed. Batched by the parser."""
         if len(frames) != len(boxes):
             raise ValueError(f"prepare got {len(frames)} frames but {len(boxes)} boxes")
         return self.parse_inputs(
@@ -364,12 +434,15 @@ class Blender:
         square = blend_square(box, self.cfg.expand)[0]
         if self.parser is None or square[2] <= square[0]:
             return None
-        return parse_input(crop_padded(frame, square))
+        h, w = frame.shape[:2]
+        inside = square[0] >= 0 and square[1] >= 0 and square[2] <= w and square[3] <= h
+        crop = frame[square[1] : square[3], square[0] : square[2]] if inside else crop_padded(frame, square)
+        return parse_input(crop)
 
     def parse_inputs(self, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
-        """Regions, as :meth:`parse`, from :meth:`parse_input` results: the whole list falls back to None
+        """Class ids, as :meth:`parse`, from :meth:`parse_input` results: the whole list falls back to None
         (the ellipse) when the parser fails on it."""
-        regions: list[np.ndarray | None] = [None] * len(inputs)
+        found: list[np.ndarray | None] = [None] * len(inputs)
         todo = [i for i, x in enumerate(inputs) if x is not None]
         if self.parser is not None and todo:
             try:
@@ -381,12 +454,22 @@ class Blender:
                 log.warning("face parsing failed on %d frames, using the ellipse mask: %s", len(todo), err)
             else:
                 for i, label_map in zip(todo, labels, strict=True):
-                    regions[i] = parsing_mask(label_map, self.cfg.mode)
-        return regions
+                    found[i] = label_map
+        return found
 
-    def material(self, region: np.ndarray | None, box: Box) -> BlendMaterial:
-        """The CPU half of :meth:`prepare` for one box (pure numpy/OpenCV/Pillow: safe in a thread pool)."""
-        return make_material(region, box, blend_square(box, self.cfg.expand)[0], self.cfg)
+    def material(self, labels: np.ndarray | None, box: Box) -> BlendMaterial:
+        """The CPU half of :meth:`prepare` for one box, from its class ids (:meth:`parse_inputs`; None: the
+        fallback): the parsing region (:func:`parsing_mask`, only where the mask can survive) and
+        :func:`make_material`. Pure numpy/OpenCV: safe in a thread pool."""
+        square = blend_square(box, self.cfg.expand)[0]
+        region = None
+        if labels is not None:
+            window = (
+                None if not self.cfg.ellipse else region_window(box, square, self.cfg.upper_boundary_ratio)
+            )
+            if window is None or (window[2] > window[0] and window[3] > window[1]):
+                region = parsing_mask(labels, self.cfg.mode, window=window)
+        return make_material(region, box, square, self.cfg)
 
     def paste(self, frame: np.ndarray, face: np.ndarray, box: Box, material: BlendMaterial) -> np.ndarray:
         """Composite a generated face into a NEW copy of ``frame`` (upstream's ``get_image`` paste).
@@ -407,3 +490,10 @@ class Blender:
         if square[2] <= square[0]:
             return frame.copy()
         return paste_face(frame, fit_face(face, box), box, square, material.mask)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the blend's compiled loops: the resizes and the ellipse. A
+    one-off cost per process (about half a second) that belongs with loading the models."""
+    warm_up_resample()
+    ellipse_mask(2, 2, 0.5)

@@ -11,11 +11,11 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import cv2
 import numpy as np
 
 from musetalk.config import FaceConfig
 from musetalk.faces import CROP_MODES, Detection, FrameFaces, as_faces
+from musetalk.resample import resize_lanczos4
 from musetalk.tracks import Tracks, follow, is_track, link_frames
 from shards.errors import ConfigError
 
@@ -142,12 +142,13 @@ def smooth_boxes(boxes: Sequence[Box | None], radius: int) -> list[Box | None]:
 
 
 def crop_face(frame: np.ndarray, box: Box) -> np.ndarray:
-    """The box of an (H, W, 3) uint8 BGR frame resized to (256, 256, 3) uint8 BGR with Lanczos (upstream)."""
+    """The box of an (H, W, 3) uint8 BGR frame resized to (256, 256, 3) uint8 BGR with OpenCV's Lanczos
+    (upstream), through :func:`musetalk.resample.resize_lanczos4`."""
     x1, y1, x2, y2 = box
     height, width = frame.shape[:2]
     if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
         raise ValueError(f"crop box {box} is empty or outside the {width}x{height} frame")
-    return cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)
+    return resize_lanczos4(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE))  # OpenCV's pixels, exactly
 
 
 def boxes_from_detections(

@@ -41,6 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from musetalk.device import is_device_failure, upload
 from musetalk.layout import ModelLayout
+from musetalk.resample import resize_lanczos4
 from shards.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,7 @@ class FaceEnhancer:
     def _fallback(self, face: np.ndarray) -> np.ndarray:
         if face.shape[0] == self.out_size:
             return face.copy()
-        return cv2.resize(face, (self.out_size, self.out_size), interpolation=cv2.INTER_LANCZOS4)
+        return resize_lanczos4(face, (self.out_size, self.out_size))
 
     def _run_batch(self, faces: list[np.ndarray]) -> list[np.ndarray | None]:
         """(256, 256, 3) uint8 BGR faces -> (out, out, 3) uint8 BGR each, None where GFPGAN's output is not
@@ -267,9 +268,11 @@ class FaceEnhancer:
                 out.append(None)
                 continue
             restored = cv2.cvtColor(row[:-1].reshape(NET_SIZE, NET_SIZE, 3), cv2.COLOR_RGB2BGR)
-            if self.out_size != NET_SIZE:
-                interp = cv2.INTER_AREA if self.out_size < NET_SIZE else cv2.INTER_LANCZOS4
-                restored = cv2.resize(restored, (self.out_size, self.out_size), interpolation=interp)
+            size = (self.out_size, self.out_size)
+            if self.out_size < NET_SIZE:
+                restored = cv2.resize(restored, size, interpolation=cv2.INTER_AREA)
+            elif self.out_size > NET_SIZE:
+                restored = resize_lanczos4(restored, size)
             out.append(restored)
         return out
 

@@ -25,7 +25,8 @@ from musetalk.lru import LRU
 from musetalk.tracks import SIGNATURE_SIDE
 
 FORMAT = 1  # bump when the entry format changes: old files are never read
-DETECTIONS_FORMAT = 2  # the same for detections (2: every face of a frame and its cut signature)
+DETECTIONS_FORMAT = 3  # the same for detections (2: every face of a frame and its cut signature;
+# 3: detection on copies shrunk from the decoder's YUV, the signature from the same copy)
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,6 +30,7 @@ from musetalk.device import upload
 from musetalk.layout import ModelLayout
 from musetalk.stats import model_call
 from musetalk.tracks import signature
+from shards.decode import Picture, shrunk_size
 from shards.errors import ConfigError, WeightsError
 from shards.ranges import parse_select
 
@@ -111,35 +112,46 @@ class FaceAnalyzer:
         self._haar_lock = threading.Lock()
         self.fan = fan.eval() if fan is not None and cfg.crop == "landmarks" else None
 
-    def detect(self, frames: Sequence[np.ndarray]) -> list[Detection | None]:
+    def detect(self, frames: Sequence[np.ndarray | Picture]) -> list[Detection | None]:
         """The largest face per frame (:meth:`detect_all`'s first), or None where there is none."""
         return [found.faces[0] if found.faces else None for found in self.detect_all(frames)]
 
-    def detect_all(self, frames: Sequence[np.ndarray]) -> list[FrameFaces]:
-        """Every face per (H, W, 3) uint8 BGR frame, largest first, and the frame's cut signature.
+    def detect_all(self, frames: Sequence[np.ndarray | Picture]) -> list[FrameFaces]:
+        """Every face per (H, W, 3) uint8 BGR frame (or decoded :class:`shards.decode.Picture`), largest
+        first, and the frame's cut signature.
 
-        Detection runs on copies shrunk to ``cfg.detect_max_side`` (boxes come back in full-frame pixels);
+        Detection runs on copies shrunk to ``cfg.detect_max_side`` (a picture's own :meth:`shrunk`; an array
+        by OpenCV's area filter), boxes come back in full-frame pixels;
         S3FD and FAN batches are padded to ``cfg.batch_size`` so no result depends on its batch-mates (FAN
         runs once per face: a face's landmarks do not depend on the other faces of its frame either).
         """
         for i, frame in enumerate(frames):
+            if isinstance(frame, Picture):
+                continue
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
                 raise ValueError(f"frame {i}: expected (H, W, 3) uint8 BGR, got {frame.shape} {frame.dtype}")
         boxes: list[list[np.ndarray]] = [[] for _ in frames]  # (5,) x1, y1, x2, y2, score full-frame
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, frame in enumerate(frames):
             by_shape.setdefault(frame.shape, []).append(i)
+        signatures: list[np.ndarray | None] = [None] * len(frames)
         for indices in by_shape.values():
             for start in range(0, len(indices), self.cfg.batch_size):
                 chunk = indices[start : start + self.cfg.batch_size]
-                for i, found in zip(chunk, self._detect_chunk([frames[i] for i in chunk]), strict=True):
-                    boxes[i] = found
+                found, sigs = self._detect_chunk([frames[i] for i in chunk])
+                for i, faces, sig in zip(chunk, found, sigs, strict=True):
+                    boxes[i], signatures[i] = faces, sig
         faces = [(i, j) for i, found in enumerate(boxes) for j in range(len(found))]
         landmarks: dict[tuple[int, int], np.ndarray] = {}
         if self.fan is not None:
+            whole: dict[int, np.ndarray] = {}  # FAN crops from the whole frame: a picture converted once
             for start in range(0, len(faces), self.cfg.batch_size):
                 chunk = faces[start : start + self.cfg.batch_size]
-                found = self._landmarks([frames[i] for i, _ in chunk], [boxes[i][j] for i, j in chunk])
+                for i, _ in chunk:
+                    if i not in whole:
+                        frame = frames[i]
+                        whole[i] = frame.bgr() if isinstance(frame, Picture) else frame
+                found = self._landmarks([whole[i] for i, _ in chunk], [boxes[i][j] for i, j in chunk])
                 landmarks.update(zip(chunk, found, strict=True))
         return [
             FrameFaces(
@@ -151,16 +163,22 @@ class FaceAnalyzer:
                     )
                     for j, box in enumerate(found)
                 ),
-                signature(frames[i]),
+                signatures[i],
             )
             for i, found in enumerate(boxes)
         ]
 
-    def _detect_chunk(self, frames: list[np.ndarray]) -> list[list[np.ndarray]]:
+    def _detect_chunk(
+        self, frames: list[np.ndarray | Picture]
+    ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
         """Every face box (5,) [x1, y1, x2, y2, score] in full-frame pixels for same-size frames, largest
-        first (ties: detector order, so the first is the face the largest-face rule always took)."""
+        first (ties: detector order, so the first is the face the largest-face rule always took), and each
+        frame's cut signature, taken from the shrunk copy detection runs on (a 16x16 area average of the
+        whole frame either way; from the copy it costs a tenth)."""
         height, width = frames[0].shape[:2]
-        small = [_downscale(frame, self.cfg.detect_max_side) for frame in frames]
+        side = self.cfg.detect_max_side
+        small = [f.shrunk(side) if isinstance(f, Picture) else _downscale(f, side) for f in frames]
+        signatures = [signature(image) for image in small]
         sx, sy = width / small[0].shape[1], height / small[0].shape[0]
         if self.s3fd_net is not None:
             found = self._s3fd(small)
@@ -176,7 +194,7 @@ class FaceAnalyzer:
                 box[[1, 3]] *= sy
                 faces.append(box)
             result.append(faces)
-        return result
+        return result, signatures
 
     @torch.inference_mode()
     def _s3fd(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -267,12 +285,12 @@ def _s3fd_decode(levels: list[tuple[np.ndarray, np.ndarray]], i: int) -> np.ndar
 
 
 def _downscale(frame: np.ndarray, max_side: int) -> np.ndarray:
-    """The frame shrunk (INTER_AREA) so its longer side is at most ``max_side``; unchanged if it already is."""
+    """The frame shrunk (INTER_AREA) so its longer side is at most ``max_side``; unchanged if it already is.
+    A decoded :class:`shards.decode.Picture` shrinks itself instead, from the decoder's YUV."""
     height, width = frame.shape[:2]
-    if max(height, width) <= max_side:
+    size = shrunk_size(width, height, max_side)
+    if size == (width, height):
         return frame
-    ratio = max_side / max(height, width)
-    size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
     return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
 
 

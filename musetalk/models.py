@@ -15,6 +15,7 @@ import torch
 
 from musetalk.audio import WhisperAudioEncoder, load_whisper
 from musetalk.blending import Blender
+from musetalk.blending import warm_up as blend_warm_up
 from musetalk.config import PipelineConfig
 from musetalk.device import in_dtype, resolve_device, resolve_dtype
 from musetalk.enhance import FaceEnhancer, load_gfpgan
@@ -65,6 +66,7 @@ def load_models(cfg: PipelineConfig, tuning: PipelineTuning | None = None) -> Mo
         generator.compile()
     parser = load_face_parser(layout, device, dtype=dtype) if cfg.blend.parsing else None
     blender = Blender(parser, cfg.blend)
+    blend_warm_up()  # the blend's compiled loops load once here, not inside the first unit's clock
     enhancer = load_gfpgan(layout, device, cfg.enhance.upscale, dtype) if cfg.enhance.enabled else None
     return Models(analyzer, audio, generator, blender, enhancer, device)
 

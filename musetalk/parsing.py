@@ -21,6 +21,7 @@ from torch import nn
 
 from musetalk.device import upload
 from musetalk.layout import ModelLayout
+from musetalk.resample import BILINEAR, resize_square
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +191,19 @@ def parse_input(image: np.ndarray) -> np.ndarray:
     """(h, w, 3) uint8 BGR -> (512, 512, 3) uint8 RGB, resized as upstream: Pillow ``BILINEAR``.
 
     Pillow's bilinear filter widens its support when shrinking (an antialiased resize), unlike
-    OpenCV's ``INTER_LINEAR``; the two differ by several levels, enough to flip labels at edges.
+    OpenCV's ``INTER_LINEAR``; the two differ by several levels, enough to flip labels at edges. A square
+    (the blend square always is) goes through :func:`musetalk.resample.resize_square`, Pillow's result
+    bit for bit. The filter treats channels alike, so the BGR image is resized and its channels reversed.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
         raise ValueError(f"face parsing needs (h, w, 3) uint8 BGR images, got {image.shape} {image.dtype}")
-    rgb = Image.fromarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    return np.asarray(rgb.resize((PARSE_SIZE, PARSE_SIZE), Image.Resampling.BILINEAR))
+    if image.shape[0] == image.shape[1]:
+        resized = resize_square(image, PARSE_SIZE, BILINEAR)
+    else:
+        resized = np.asarray(
+            Image.fromarray(image).resize((PARSE_SIZE, PARSE_SIZE), Image.Resampling.BILINEAR)
+        )
+    return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
 
 
 class FaceParser:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +55,7 @@ from musetalk.stats import (
     model_call,
 )
 from musetalk.tracks import is_track
-from shards.decode import FrameStreams
+from shards.decode import FrameStreams, Picture
 from shards.plan import Plan, Shard, ShardsConfig, UnitKind
 from shards.probe import VideoInfo
 from shards.segment import EncodeSettings, SegmentWriter
@@ -122,6 +122,20 @@ class FramePipeline:
             group, clock, self._streams.read(video, start, end), start, end, self.tuning.decode_depth
         )
 
+    def _pictures(
+        self, group: ThreadGroup, clock: StageClock, video: VideoInfo, start: int, end: int
+    ) -> Channel:
+        """:meth:`_decoded` for detection: (src, :class:`shards.decode.Picture`), each already shrunk for
+        the detector in the decode thread (the whole frame is converted only if landmarks need it)."""
+        side = self.cfg.face.detect_max_side
+
+        def shrunk() -> Iterator[Picture]:
+            for picture in self._streams.pictures(video, start, end):
+                picture.shrunk(side)  # kept by the picture
+                yield picture
+
+        return decode_thread(group, clock, shrunk(), start, end, self.tuning.decode_depth)
+
     def detect_range(
         self,
         video: VideoInfo,
@@ -134,7 +148,7 @@ class FramePipeline:
         ``progress(n)`` is called per batch of ``n`` source frames detected."""
         started, wall, clock = time.time(), time.perf_counter(), StageClock(self.models.device)
         found: dict[int, FrameFaces] = {}
-        batch: list[tuple[int, np.ndarray]] = []
+        batch: list[tuple[int, Picture]] = []
 
         def detect() -> None:
             with clock.stage("detect"):
@@ -147,7 +161,7 @@ class FramePipeline:
                 on_stage(f"detect {len(found)}/{end - start}")
 
         with ThreadGroup(f"detect-{start}") as group:
-            for src, frame in self._decoded(group, clock, video, start, end):
+            for src, frame in self._pictures(group, clock, video, start, end):
                 batch.append((src, frame))
                 if len(batch) == self.cfg.face.batch_size:
                     detect()
@@ -199,11 +213,11 @@ class FramePipeline:
                     latents = m.generator.encode(crops, self.cfg.batch_size)
             encodes += len(pending)
             with clock.stage("blend_prepare", device=True):
-                regions = m.blender.parse_inputs([x for _, _, _, x in pending])
+                labels = m.blender.parse_inputs([x for _, _, _, x in pending])
             parsings += len(pending) if m.blender.parser is not None else 0
-            for (src, box, _, _), lat, region in zip(pending, latents, regions, strict=True):
+            for (src, box, _, _), lat, found in zip(pending, latents, labels, strict=True):
                 # masks are built in the pool while the next batch is decoded, encoded and parsed
-                made.append((src, box, lat.numpy(), masks.submit(self._material, clock, region, box, shape)))
+                made.append((src, box, lat.numpy(), masks.submit(self._material, clock, found, box, shape)))
             pending.clear()
             report()
             if on_stage is not None:
@@ -246,9 +260,9 @@ class FramePipeline:
         )
         return entries, stats
 
-    def _material(self, clock: StageClock, region: np.ndarray | None, box: Box, shape: tuple[int, int]):
+    def _material(self, clock: StageClock, labels: np.ndarray | None, box: Box, shape: tuple[int, int]):
         with clock.stage("blend_prepare"):
-            material = self.models.blender.material(region, box)
+            material = self.models.blender.material(labels, box)
             rect = active_rect(box, material.square, material.mask, shape)
         return material, rect
 

@@ -1,5 +1,6 @@
 """Frame-exact decoding with PyAV: frames ``[start, end)`` of a probed video, seeking or not
-(:func:`read_frames`), and decoders kept open across consecutive ranges (:class:`FrameStreams`).
+(:func:`read_frames`; :func:`read_pictures` converts each only when asked, to the whole frame or to a
+small copy for face detection), and decoders kept open across consecutive ranges (:class:`FrameStreams`).
 
 See ``shards.probe`` for how frames are indexed.
 """
@@ -31,11 +32,72 @@ def read_frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
     Streams with bounded memory: seeks to the keyframe before ``start``, decodes forward and drops frames
     before it. Equal, index for index, to a sequential decode from frame 0 (VFR normalised to ``info.fps``).
     """
+    return (picture.bgr() for picture in read_pictures(info, start, end))
+
+
+def read_pictures(info: VideoInfo, start: int, end: int) -> Iterator[Picture]:
+    """The frames of :func:`read_frames` as decoded pictures, converted only when asked (:class:`Picture`)."""
     if not (0 <= start <= end <= info.frame_count):
         raise ValueError(f"frame range [{start}, {end}) is outside [0, {info.frame_count}] for {info.path}")
     if info.mode == "decode order":
         return _frames_in_decode_order(info, start, end)
     return _frames(info, start, end)
+
+
+def shrunk_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is ``max_side`` (each at least 1); unchanged if it is
+    already at most that."""
+    if max(height, width) <= max_side:
+        return width, height
+    ratio = max_side / max(height, width)
+    return max(1, round(width * ratio)), max(1, round(height * ratio))
+
+
+class Picture:
+    """Source frame ``index`` as the decoder gave it, converted on demand: :meth:`bgr` (the frame of
+    :func:`read_frames`, a new array each call) or :meth:`shrunk` (a small copy for face detection,
+    scaled straight from the decoder's YUV by swscale's area filter: a tenth of the work of converting
+    the whole frame and shrinking it). The decoder's picture is reference-counted: it stays valid after the
+    decoder moves on or closes."""
+
+    __slots__ = ("_frame", "_info", "_small", "index")
+
+    def __init__(self, info: VideoInfo, frame: av.VideoFrame, index: int) -> None:
+        self._info, self._frame, self.index = info, frame, index
+        self._small: tuple[int, np.ndarray] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The shape of :meth:`bgr` (rotation applied)."""
+        return self._info.height, self._info.width, 3
+
+    def bgr(self) -> np.ndarray:
+        """(H, W, 3) uint8 BGR, C-contiguous, rotation applied: a new array each call."""
+        return _image(self._info, self._frame, self.index)
+
+    def shrunk(self, max_side: int) -> np.ndarray:
+        """(h, w, 3) uint8 BGR with the longer side at most ``max_side`` (:func:`shrunk_size`; the frame
+        itself when it is no larger), rotation applied. Kept: a second call returns the same array."""
+        if self._small is not None and self._small[0] == max_side:
+            return self._small[1]
+        info, frame = self._info, self._frame
+        width, height = shrunk_size(info.width, info.height, max_side)
+        if (width, height) == (info.width, info.height):
+            image = self.bgr()
+        else:
+            _check_size(info, frame, self.index)
+            turned = info.rotation in (90, 270)  # the decoder's picture is not rotated yet
+            image = frame.to_ndarray(
+                width=height if turned else width,
+                height=width if turned else height,
+                format="bgr24",
+                interpolation="AREA",
+                src_color_range=frame.color_range,
+            )
+            if info.rotation:
+                image = np.ascontiguousarray(np.rot90(image, k=-(info.rotation // 90)))
+        self._small = (max_side, image)
+        return image
 
 
 class FrameStreams:
@@ -48,18 +110,22 @@ class FrameStreams:
     def __init__(self, keep: int = 2) -> None:
         self._keep = keep
         self._lock = threading.Lock()
-        self._idle: OrderedDict[tuple, Iterator[np.ndarray]] = OrderedDict()
+        self._idle: OrderedDict[tuple, Iterator[Picture]] = OrderedDict()
         self.opened = 0  # decoders opened (each a seek and its pre-roll); continued reads open none
 
     def read(self, info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
         """Frames ``[start, end)`` as :func:`read_frames` gives them."""
+        return (picture.bgr() for picture in self.pictures(info, start, end))
+
+    def pictures(self, info: VideoInfo, start: int, end: int) -> Iterator[Picture]:
+        """Frames ``[start, end)`` as :func:`read_pictures` gives them."""
         if not (0 <= start <= end <= info.frame_count):
             raise ValueError(
                 f"frame range [{start}, {end}) is outside [0, {info.frame_count}] for {info.path}"
             )
         return self._read(info, start, end)
 
-    def _read(self, info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
+    def _read(self, info: VideoInfo, start: int, end: int) -> Iterator[Picture]:
         if start == end:
             return
         st = os.stat(info.path)
@@ -69,7 +135,7 @@ class FrameStreams:
             if stream is None:
                 self.opened += 1
         if stream is None:
-            stream = read_frames(info, start, info.frame_count)
+            stream = read_pictures(info, start, info.frame_count)
         done = False
         try:
             for _ in range(end - start):
@@ -81,7 +147,7 @@ class FrameStreams:
             else:  # the end of the file, or a reader that stopped early or failed
                 stream.close()
 
-    def _park(self, key: tuple, stream: Iterator[np.ndarray]) -> None:
+    def _park(self, key: tuple, stream: Iterator[Picture]) -> None:
         with self._lock:
             closing = [self._idle.pop(key)] if key in self._idle else []
             self._idle[key] = stream
@@ -105,14 +171,19 @@ def _to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _image(info: VideoInfo, frame: av.VideoFrame, index: int) -> np.ndarray:
-    image = _to_bgr(frame, info.rotation)
-    if image.shape != (info.height, info.width, 3):
+def _check_size(info: VideoInfo, frame: av.VideoFrame, index: int) -> None:
+    turned = info.rotation in (90, 270)
+    width, height = (frame.height, frame.width) if turned else (frame.width, frame.height)
+    if (width, height) != (info.width, info.height):
         raise InputError(
-            f"video input changes size mid-stream at frame {index} ({image.shape[1]}x{image.shape[0]}, "
+            f"video input changes size mid-stream at frame {index} ({width}x{height}, "
             f"expected {info.width}x{info.height}): {info.path}; re-encode it to one size"
         )
-    return image
+
+
+def _image(info: VideoInfo, frame: av.VideoFrame, index: int) -> np.ndarray:
+    _check_size(info, frame, index)
+    return _to_bgr(frame, info.rotation)
 
 
 def _open_at(info: VideoInfo, target_pts: int | None):
@@ -147,7 +218,7 @@ def _open_at(info: VideoInfo, target_pts: int | None):
         )
 
 
-def _frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
+def _frames(info: VideoInfo, start: int, end: int) -> Iterator[Picture]:
     if start == end:
         return
     fps, time_base = info.fps, info.time_base
@@ -172,15 +243,10 @@ def _frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
                 f"{info.path}: first decoded frame shows index {prev_slot}, after the requested {start}"
             )
 
-        def emit(frame: av.VideoFrame, upto: int) -> Iterator[np.ndarray]:
+        def emit(frame: av.VideoFrame, upto: int) -> Iterator[Picture]:
             nonlocal emitted
-            if emitted >= upto:
-                return
-            image = _image(info, frame, emitted)
-            yield image
-            emitted += 1
-            while emitted < upto:
-                yield image.copy()
+            while emitted < upto:  # a frame shown for several indices (VFR) is one picture
+                yield Picture(info, frame, emitted)
                 emitted += 1
 
         try:
@@ -198,7 +264,7 @@ def _frames(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
             raise FFmpegError(f"{info.path}: decoding ended at frame {emitted}, expected {end} frames")
 
 
-def _frames_in_decode_order(info: VideoInfo, start: int, end: int) -> Iterator[np.ndarray]:
+def _frames_in_decode_order(info: VideoInfo, start: int, end: int) -> Iterator[Picture]:
     """Mode "decode order": frame ``k`` is the ``k``-th decoded frame.
 
     To start mid-file it seeks to the keyframe two keyframes before ``start`` (the frames just after a seek
@@ -228,7 +294,7 @@ class _Landed(Exception):
     """A seek in decode-order mode landed somewhere its frames cannot be placed."""
 
 
-def _decoded_from(info: VideoInfo, seek_index: int | None, start: int, end: int) -> Iterator[np.ndarray]:
+def _decoded_from(info: VideoInfo, seek_index: int | None, start: int, end: int) -> Iterator[Picture]:
     """Frames [start, end) decoding from the keyframe ``seek_index`` (None: from the start of the file).
 
     Raises _Landed before yielding anything when the seek cannot be placed on the probe's frame list.
@@ -260,7 +326,7 @@ def _decoded_from(info: VideoInfo, seek_index: int | None, start: int, end: int)
                         f"{info.frame_pts[index]}; the file changed since it was probed, probe it again"
                     )
                 if index >= start:
-                    yield _image(info, frame, index)
+                    yield Picture(info, frame, index)
                 index += 1
                 if index >= end:
                     return

@@ -14,7 +14,7 @@ import numpy as np
 from musetalk.audio import audio_span, frame_windows, positional_encoding
 from musetalk.boxes import crop_box, crop_face, smooth_boxes
 from musetalk.pipeline import FramePipeline
-from shards.decode import read_frames
+from shards.decode import read_frames, read_pictures
 from shards.plan import Plan, Shard
 from shards.probe import VideoInfo
 from shards.segment import EncodeSettings, SegmentWriter
@@ -38,7 +38,7 @@ def render_shard_serial(
     lo, hi = max(0, shown[0] - r), min(plan.source_frames, shown[-1] + 1 + r)
     frames = list(read_frames(video, lo, hi))
     height, width = frames[0].shape[:2]
-    detections = m.analyzer.detect(frames)
+    detections = m.analyzer.detect(list(read_pictures(video, lo, hi)))  # decoded pictures, as the units
     raw = [crop_box(d, (height, width), cfg.face) for d in detections]
     boxes = smooth_boxes(raw, r)
     face_src = [s for s in shown if boxes[s - lo] is not None]

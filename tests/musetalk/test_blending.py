@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -15,7 +16,6 @@ from torch import nn
 from musetalk.blending import (
     Blender,
     BlendMaterial,
-    _enough,
     _place,
     blend_square,
     blur_kernel_size,
@@ -24,7 +24,6 @@ from musetalk.blending import (
     fit_face,
     make_material,
     parsing_mask,
-    region_to_square,
     upstream_mask,
 )
 from musetalk.config import BlendConfig
@@ -447,21 +446,28 @@ def test_ellipse_off_without_parsing_is_a_config_error():
         Blender(None, BlendConfig(ellipse=False, parsing=False))
 
 
-def whole_square_material(region, box, square, cfg: BlendConfig) -> np.ndarray:
-    """The ellipse-on mask computed over the whole blend square (the maths before the box-window speed-up):
-    upstream's mask steps on the square, times the ellipse placed in a square of zeros."""
+def whole_square_material(region, box, square, cfg: BlendConfig) -> tuple[np.ndarray, bool]:
+    """The ellipse-on mask and its ``parsed`` flag computed over the whole blend square (the maths before
+    the window speed-ups): Pillow's bicubic resize of the whole mask, upstream's mask steps on the square,
+    times the ellipse placed in a square of zeros."""
     side = square[2] - square[0]
-    in_square = region_to_square(region, side)
-    if not _enough(in_square, box, square, cfg.upper_boundary_ratio):
+    in_square = np.asarray(Image.fromarray(region).resize((side, side), Image.Resampling.BICUBIC))
+    area = np.zeros((side, side), dtype=bool)  # the box inside the square, below the top cut
+    bx1, by1, bx2, by2 = box[0] - square[0], box[1] - square[1], box[2] - square[0], box[3] - square[1]
+    area[max(by1, 0) : max(by2, 0), max(bx1, 0) : max(bx2, 0)] = True
+    area[: int(side * cfg.upper_boundary_ratio)] = False
+    total = int(area.sum())
+    parsed = total > 0 and int((in_square[area] >= 128).sum()) >= 0.02 * total
+    if not parsed:
         in_square = np.full((side, side), 255, dtype=np.uint8)
     blurred = upstream_mask(in_square, box, square, cfg.upper_boundary_ratio)
     ellipse = np.zeros((side, side), dtype=np.float32)
     x1, y1, x2, y2 = box
     _place(ellipse, ellipse_mask(y2 - y1, x2 - x1, cfg.ellipse_feather), x1 - square[0], y1 - square[1])
-    return np.rint(blurred.astype(np.float32) * ellipse).astype(np.uint8)
+    return np.rint(blurred.astype(np.float32) * ellipse).astype(np.uint8), parsed
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_box_window_mask_is_bit_identical_to_the_whole_square_maths(seed):
     """Blur and ellipse over the face box alone equal the whole square's, for boxes at 1080p sizes too,
     narrow squares (expand 1: the box touches the square's edges), any top cut and the parsing fallback."""
@@ -479,7 +485,73 @@ def test_box_window_mask_is_bit_identical_to_the_whole_square_maths(seed):
         square = blend_square(box, cfg.expand)[0]
         region = parsing_mask(labels, "jaw") if rng.random() < 0.7 else np.zeros((512, 512), np.uint8)
         material = make_material(region, box, square, cfg)
-        np.testing.assert_array_equal(material.mask, whole_square_material(region, box, square, cfg))
+        mask, parsed = whole_square_material(region, box, square, cfg)
+        np.testing.assert_array_equal(material.mask, mask)
+        assert material.parsed == parsed
         fallback = make_material(None, box, square, cfg)
         full = np.full((512, 512), 255, dtype=np.uint8)
-        np.testing.assert_array_equal(fallback.mask, whole_square_material(full, box, square, cfg))
+        np.testing.assert_array_equal(fallback.mask, whole_square_material(full, box, square, cfg)[0])
+
+
+def noisy_labels(rng: np.random.Generator) -> np.ndarray:
+    """:func:`face_labels` with random blobs of skin, nose and lips, so the morphology has edges everywhere."""
+    labels = face_labels()
+    for _ in range(40):
+        y, x = (int(v) for v in rng.integers(0, 500, 2))
+        labels[y : y + int(rng.integers(2, 30)), x : x + int(rng.integers(2, 30))] = rng.choice(
+            [0, 1, 10, 12, 14]
+        )
+    return labels
+
+
+@pytest.mark.parametrize("mode", ["jaw", "raw", "neck"])
+def test_parsing_mask_over_a_window_is_the_whole_maps_pixels(mode):
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        labels, cheek = noisy_labels(rng), int(rng.choice([20, 90, 200]))
+        whole = parsing_mask(labels, mode, cheek_width=cheek)
+        x1, x2 = sorted(int(v) for v in rng.choice(513, 2, replace=False))
+        y1, y2 = sorted(int(v) for v in rng.choice(513, 2, replace=False))
+        part = parsing_mask(labels, mode, cheek_width=cheek, window=(x1, y1, x2, y2))
+        np.testing.assert_array_equal(part[y1:y2, x1:x2], whole[y1:y2, x1:x2])
+        assert not part[:y1].any() and not part[y2:].any()
+        assert not part[:, :x1].any() and not part[:, x2:].any()
+
+
+def test_blender_material_from_class_ids_is_the_whole_region_maths():
+    """The blender computes the parsing region only where the mask can survive: the same material as from
+    the whole region, for random boxes, cuts and modes (ellipse on and off)."""
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        w, h = int(rng.integers(9, 700)), int(rng.integers(9, 700))
+        x1, y1 = int(rng.integers(-50, 1300)), int(rng.integers(-50, 500))
+        box = (x1, y1, x1 + w, y1 + h)
+        cfg = BlendConfig(
+            mode=str(rng.choice(["jaw", "raw", "neck"])),
+            ellipse=bool(rng.random() < 0.8),
+            expand=float(rng.choice([1.0, 1.2, 1.5])),
+            upper_boundary_ratio=float(rng.choice([0.0, 0.3, 0.5, 0.8])),
+        )
+        labels = noisy_labels(rng)
+        square = blend_square(box, cfg.expand)[0]
+        got = Blender(None, replace(cfg, parsing=True)).material(labels, box)
+        expected = make_material(parsing_mask(labels, cfg.mode), box, square, cfg)
+        np.testing.assert_array_equal(got.mask, expected.mask)
+        assert got.parsed == expected.parsed
+
+
+def test_ellipse_is_the_numpy_formula_value_for_value():
+    """The compiled ellipse against the formula in numpy, for every feather kind and many sizes."""
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(1, 800, 2))
+        feather = float(rng.choice([0.0, 0.1, 0.15, 0.5, 1.0, rng.random()]))
+        ys = (np.arange(h, dtype=np.float64) + 0.5 - h / 2) / (h / 2)
+        xs = (np.arange(w, dtype=np.float64) + 0.5 - w / 2) / (w / 2)
+        r = np.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
+        if feather == 0.0:
+            expected = (r <= 1.0).astype(np.float32)
+        else:
+            t = np.clip((1.0 - r) / feather, 0.0, 1.0)
+            expected = (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+        np.testing.assert_array_equal(ellipse_mask(h, w, feather), expected)

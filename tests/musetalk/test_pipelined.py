@@ -103,7 +103,7 @@ def _fail_in(where: str, monkeypatch, pipe):
         raise ValueError(f"boom in {where}")
 
     if where == "decode":
-        real = decode_module.read_frames
+        real = decode_module.read_pictures  # every decoder of the pipeline reads through it
 
         def frames(*args):
             it = real(*args)
@@ -111,7 +111,7 @@ def _fail_in(where: str, monkeypatch, pipe):
             yield next(it)
             boom()
 
-        monkeypatch.setattr(decode_module, "read_frames", frames)
+        monkeypatch.setattr(decode_module, "read_pictures", frames)
     elif where == "detect":
         monkeypatch.setattr(pipe.models.analyzer, "detect_all", boom)  # what detect_range calls
     elif where == "generate":
@@ -160,18 +160,18 @@ def _frames_alive_at(monkeypatch, model, method: str) -> tuple[list, list[int]]:
     """Track every decoded frame (weak references) and count those still alive at each call of
     ``model.method``: (the references, the counts)."""
     decoded, alive = [], []
-    real_read, real_call = decode_module.read_frames, getattr(model, method)
+    real_bgr, real_call = decode_module.Picture.bgr, getattr(model, method)
 
-    def read(*args):
-        for frame in real_read(*args):
-            decoded.append(weakref.ref(frame))
-            yield frame
+    def bgr(picture):  # every decoded frame the pipeline converts
+        frame = real_bgr(picture)
+        decoded.append(weakref.ref(frame))
+        return frame
 
     def call(*args):
         alive.append(sum(ref() is not None for ref in decoded))
         return real_call(*args)
 
-    monkeypatch.setattr(decode_module, "read_frames", read)
+    monkeypatch.setattr(decode_module.Picture, "bgr", bgr)
     monkeypatch.setattr(model, method, call)
     return decoded, alive
 
