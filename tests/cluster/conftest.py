@@ -35,10 +35,10 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def short_job(tiny_models, demo_media, tmp_path_factory):
     """A 40-frame job (1.6 s of audio) and its single-process render, the reference every run must equal
-    (the multi-node and autoscaling tests)."""
+    (the multi-node and autoscaling tests: rendered once for both modules, which only read it)."""
     tmp = tmp_path_factory.mktemp("multinode")
     audio = trimmed_audio(demo_media.audio, tmp / "short.wav", 1.6)
     base = job_for(tiny_models, demo_media.video, audio, tmp / "ref.mp4")

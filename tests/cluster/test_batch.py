@@ -261,8 +261,8 @@ def test_ctrl_c_during_a_batch_prints_what_finished(tiny_models, demo_media, tmp
     from cluster.faults import HOLD_ENV
     from tests.helpers import cli_tmp, error_lines, held, wait_for
 
-    short = trimmed_audio(demo_media.audio, tmp_path / "short.wav", 0.4)  # 10 frames: 1 shard
-    long = trimmed_audio(demo_media.audio, tmp_path / "long.wav", 1.6)  # 40 frames: 4 shards
+    short = trimmed_audio(demo_media.audio, tmp_path / "short.wav", 0.2)  # 5 frames: 1 shard
+    long = trimmed_audio(demo_media.audio, tmp_path / "long.wav", 0.8)  # 20 frames: 4 shards
     tasks = _write(
         tmp_path / "tasks.csv",
         f"video,audio,output,bbox_shift\n{demo_media.video},{short},a.mp4,\n{demo_media.video},{long},b.mp4,\n",
@@ -272,7 +272,7 @@ def test_ctrl_c_during_a_batch_prints_what_finished(tiny_models, demo_media, tmp
     (hold / "release-shard_00000").touch()  # every job's first shard runs; b's later ones are held
     env = {**os.environ, "TMPDIR": str(cli_tmp()), HOLD_ENV: str(hold)}
     cmd = [sys.executable, "-m", "cluster.batch", str(tasks), "--output-dir", str(out)]
-    cmd += ["models=tiny", f"models.dir={tiny_models}", "face.crop=box", "shards.length=10"]
+    cmd += ["models=tiny", f"models.dir={tiny_models}", "face.crop=box", "shards.length=5"]
     cmd += ["cluster.workers=1", "cluster.max_in_flight=1"]
     proc = subprocess.Popen(
         cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

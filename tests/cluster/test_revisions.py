@@ -17,7 +17,9 @@ from musetalk.testing.demo_media import make_demo_media
 from shards.probe import load_audio
 from tests.helpers import decode_all, job_for
 
-FPS, SECONDS, RATE = Fraction(2), 65, 16000
+FPS, SECONDS, RATE = Fraction(1), 65, 16000
+# 14 shards of 5 s (the split at a range's end included): each spans what it did at 2 fps in 10 frames.
+SHARD_FRAMES = 5
 RANGES = [(5, 20), (40, 62)]  # seconds: two lines of dialogue
 CHANGED = (45, 50)  # seconds of audio re-recorded, inside the second range and the second 30 s segment
 
@@ -52,7 +54,7 @@ def _job(tiny_models, media, audio, out, segments, *overrides):
         "task.mode=dub",
         f"task.segments={segments}",
         "face.detector=haar",
-        "shards.length=10",
+        f"shards.length={SHARD_FRAMES}",
         "cluster.workers=1",
         *overrides,
     )
@@ -123,5 +125,7 @@ def _plan_shards(tiny_models, media, audio, out, segments) -> list[tuple[int, in
 
     job = _job(tiny_models, media, audio, out, segments)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _, _, plan = plan_job(job.video, job.audio, shard_frames=10, dub=job.dub, track=out.with_suffix(".wav"))
+    _, _, plan = plan_job(
+        job.video, job.audio, shard_frames=SHARD_FRAMES, dub=job.dub, track=out.with_suffix(".wav")
+    )
     return [(s.start, s.end) for s in plan.shards]
