@@ -205,7 +205,14 @@ def _dispatch(pool: Pool, broker: Broker, runs: dict[int, JobRun], progress, rep
                         end(i)
                 unstarted = {}
             for a in broker.assignments():
-                in_flight[runs[a.job].submit(pool.actor(a.slot), a.shard)] = a
+                try:
+                    ref = runs[a.job].submit(pool.actor(a.slot), a.shard)
+                except FarmError as err:  # the job's own input (a face track the video lacks): it alone fails
+                    broker.failed(a, Failure.FATAL, err)
+                    if a.job not in ended and broker.job_finished(a.job):
+                        end(a.job)
+                    continue
+                in_flight[ref] = a
             ready, _ = ray.wait([*in_flight, *pool.starting], num_returns=1, timeout=1.0)
             show()
             for ref in ready:

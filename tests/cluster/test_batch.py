@@ -296,3 +296,46 @@ def test_ctrl_c_during_a_batch_prints_what_finished(tiny_models, demo_media, tmp
     # Outputs named in a manifest are relative to it; the table goes to --output-dir.
     assert "interrupted" in stdout and (tmp_path / "a.mp4").exists() and not (tmp_path / "b.mp4").exists()
     assert (tmp_path / ".b.mp4.run").is_dir(), "b's finished shards are kept for a resume"
+
+
+def test_a_face_track_the_video_lacks_fails_its_job_alone(local_ray, tiny_models, demo_media, tmp_path):
+    """A track id is checked once the video's tracks are linked, when the driver plans the job's next
+    unit: that job fails with the one-line reason and the batch goes on (the other job lands)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    trimmed_audio(demo_media.audio, media / "one.wav", 1.0)
+    video = os.path.relpath(demo_media.video, tmp_path)
+    task_file = _write(
+        tmp_path / "tasks.yaml",
+        yaml.safe_dump(
+            {
+                "task_0": {"video_path": video, "audio_path": "media/one.wav"},
+                "task_1": {
+                    "video_path": video,
+                    "audio_path": "media/one.wav",
+                    "face": 7,
+                    "result_name": "t.mp4",
+                },
+            }
+        ),
+    )
+    rows = run_batch(
+        task_file,
+        None,
+        [
+            "models=tiny",
+            f"models.dir={tiny_models}",
+            "output.lossless=true",
+            "render.batch_size=4",
+            "render.threads=1",
+            "face.crop=box",
+            "shards.length=13",
+            "cluster.workers=2",
+        ],
+    )
+    by_job = {r.job: r for r in rows}
+    assert by_job["task_0"].status == "ok" and by_job["task_0"].frames == 25
+    assert by_job["task_1"].status == "failed", by_job["task_1"]
+    assert "no track 7" in by_job["task_1"].error and "\n" not in by_job["task_1"].error
+    results = tmp_path / "results"
+    assert not [p for p in results.iterdir() if p.name.endswith(".lock")], "a lock was left"
