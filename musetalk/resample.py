@@ -169,12 +169,12 @@ def _lanczos_axis(src, dst, cs, first, weights):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _lanczos_sums(src, first, weights, out):  # pragma: no cover - compiled
-    """out[d] = sum_j weights[d, j] * src[clamp(first[d] + j)]: int sums along the first axis, unrounded."""
+def _lanczos_sums(src, first, weights, start, out):  # pragma: no cover - compiled
+    """out[d] = start + sum_j weights[d, j] * src[clamp(first[d] + j)]: int32 sums along the first axis."""
     n, length = out.shape
     last = src.shape[0] - 1
     for d in range(n):
-        out[d, :] = 0
+        out[d, :] = start
         for j in range(8):
             r = first[d] + j
             r = 0 if r < 0 else (last if r > last else r)
@@ -182,26 +182,6 @@ def _lanczos_sums(src, first, weights, out):  # pragma: no cover - compiled
             row = src[r]
             for x in range(length):
                 out[d, x] += np.int32(row[x]) * w
-
-
-@numba.njit(cache=True, nogil=True)
-def _lanczos_round(src, first, weights, out):  # pragma: no cover - compiled
-    """The last pass: out[d] = saturate((sum_j weights[d, j] * src[clamp(first[d] + j)] + 2^21) >> 22)."""
-    n, length = out.shape
-    last = src.shape[0] - 1
-    acc = np.empty(length, np.int32)
-    for d in range(n):
-        acc[:] = 1 << 21
-        for j in range(8):
-            r = first[d] + j
-            r = 0 if r < 0 else (last if r > last else r)
-            w = weights[d, j]
-            row = src[r]
-            for x in range(length):
-                acc[x] += row[x] * w
-        for x in range(length):
-            v = acc[x] >> 22
-            out[d, x] = 0 if v < 0 else (255 if v > 255 else v)
 
 
 @functools.lru_cache(maxsize=256)
@@ -228,8 +208,9 @@ def resize_lanczos4(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     # on the order, so the vertical sums go first here (fewer rows to carry), each pass along the first
     # axis of an array
     sums = np.empty((oh, w * channels), np.int32)
-    _lanczos_sums(np.ascontiguousarray(image).reshape(h, w * channels), y_first, y_weights, sums)
+    _lanczos_sums(np.ascontiguousarray(image).reshape(h, w * channels), y_first, y_weights, 0, sums)
     columns = cv2.transpose(sums.reshape(oh, w, channels)).reshape(w, oh * channels)
-    out = np.empty((ow, oh * channels), np.uint8)
-    _lanczos_round(columns, x_first, x_weights, out)
+    totals = np.empty((ow, oh * channels), np.int32)
+    _lanczos_sums(columns, x_first, x_weights, 1 << 21, totals)  # with the rounding term
+    out = np.clip(totals >> 22, 0, 255).astype(np.uint8)  # OpenCV's FixedPtCast, saturated
     return cv2.transpose(out.reshape(ow, oh, channels)).reshape(oh, ow, channels)

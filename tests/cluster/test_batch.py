@@ -158,6 +158,20 @@ def test_gfpgan_model_path_must_be_the_loaded_weights(tiny_models, tmp_path):
         build_jobs(load_tasks(_write(tmp_path / "t.yaml", off)), tmp_path, ["enhance.upscale=2"])
 
 
+def _warm_pool_settings(tiny_models) -> list[str]:
+    """The batch settings of the warm-pool tests (the same pool serves both)."""
+    return [
+        "models=tiny",
+        f"models.dir={tiny_models}",
+        "output.lossless=true",
+        "render.batch_size=4",
+        "render.threads=1",
+        "face.crop=box",
+        "shards.length=13",
+        "cluster.workers=2",
+    ]
+
+
 def test_three_jobs_on_one_warm_pool(
     local_ray, tiny_models, demo_media, short_audio, reference_frames, tmp_path
 ):
@@ -192,16 +206,7 @@ def test_three_jobs_on_one_warm_pool(
     rows = run_batch(
         task_file,
         None,
-        [
-            "models=tiny",
-            f"models.dir={tiny_models}",
-            "output.lossless=true",
-            "render.batch_size=4",
-            "render.threads=1",
-            "face.crop=box",
-            "shards.length=13",
-            "cluster.workers=2",
-        ],
+        _warm_pool_settings(tiny_models),
     )
     assert warm_pools().built == built + 1, "one pool for the whole batch"
     info = warm_pools().pool.worker_info()
@@ -322,16 +327,7 @@ def test_a_face_track_the_video_lacks_fails_its_job_alone(local_ray, tiny_models
     rows = run_batch(
         task_file,
         None,
-        [
-            "models=tiny",
-            f"models.dir={tiny_models}",
-            "output.lossless=true",
-            "render.batch_size=4",
-            "render.threads=1",
-            "face.crop=box",
-            "shards.length=13",
-            "cluster.workers=2",
-        ],
+        _warm_pool_settings(tiny_models),
     )
     by_job = {r.job: r for r in rows}
     assert by_job["task_0"].status == "ok" and by_job["task_0"].frames == 25
